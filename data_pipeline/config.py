@@ -1,0 +1,64 @@
+"""Typed schema of a data-preparation config (`configs/pipeline/*.yaml`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+from omegaconf import MISSING
+
+from pretrain.config import ConfigError
+
+
+@dataclass
+class SourceConfig:
+    """One source: a name and its JSONL documents (globs allowed; .gz and .zst too)."""
+
+    name: str = MISSING
+    files: List[str] = field(default_factory=list)
+    text_field: str = "text"
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """Where the SentencePiece model goes and how big it is (the rest is LLaMA's spec)."""
+
+    path: str = "data/tokenizer/tokenizer.model"
+    vocab_size: int = 32000
+    max_sentences: int = 10_000_000  # lines sampled by the trainer
+
+
+@dataclass
+class TokenizeConfig:
+    """Where token shards go and how documents are written."""
+
+    output: str = "data/tokens/default"  # one sub-folder per source
+    val_fraction: float = 0.01  # documents held out for validation, by a hash of their id
+    bos: bool = True
+    eos: bool = True
+    strict: bool = False  # stop at the first bad record instead of counting it
+
+
+@dataclass
+class PipelineConfig:
+    """Sources -> tokenizer -> token shards."""
+
+    sources: List[SourceConfig] = field(default_factory=list)
+    tokenizer: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+
+
+def validate_pipeline(cfg: PipelineConfig) -> None:
+    """Check values the types cannot; raise ConfigError naming the key."""
+    if not cfg.sources:
+        raise ConfigError("sources: at least one source is needed")
+    names = [s.name for s in cfg.sources]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"sources: duplicate source names in {names}")
+    for i, s in enumerate(cfg.sources):
+        if not s.files:
+            raise ConfigError(f"sources[{i}].files: no input files for source '{s.name}'")
+    if cfg.tokenizer.vocab_size < 259 + 3:  # 256 byte-fallback pieces + unk/bos/eos
+        raise ConfigError(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is too small (byte fallback needs 259+)")
+    if not 0.0 <= cfg.tokenize.val_fraction < 1.0:
+        raise ConfigError(f"tokenize.val_fraction must be in [0, 1), got {cfg.tokenize.val_fraction}")

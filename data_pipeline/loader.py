@@ -1,0 +1,144 @@
+"""Packed training samples: which sample sits at global index i is a pure function of (seed, i).
+
+A sample is `seq_len + 1` consecutive tokens of one source's stream (documents concatenated, crossing
+their boundaries, as LLaMA-1 did); windows start every `seq_len` tokens, so the last token of one
+window is the first of the next and no target is lost. The windows of all sources form one index
+space, visited in a seeded random order that is reshuffled each epoch. A global batch is a contiguous
+range of that order, the same for any world size; each data-parallel rank takes its slice.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from data_pipeline.shards import ShardError, SourceShards
+
+
+def list_sources(root: str | os.PathLike) -> list[str]:
+    """Source folders (those holding a manifest.json) under a token root."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ShardError(f"{root}: data folder not found (run `python -m data_pipeline prepare`?)")
+    sources = sorted(p.name for p in root.iterdir() if (p / "manifest.json").is_file())
+    if not sources:
+        raise ShardError(f"{root}: no source folder with a manifest.json inside")
+    return sources
+
+
+class PackedSamples:
+    """All `seq_len + 1` windows of the chosen sources and split, in a seeded order per epoch."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        seq_len: int,
+        split: str = "train",
+        sources: Sequence[str] = (),
+        seed: int = 0,
+        tokenizer_sha256: Optional[str] = None,
+    ):
+        self.seq_len, self.seed = seq_len, seed
+        self.sources = list(sources) or list_sources(root)
+        self.streams = [SourceShards(Path(root) / s, split, tokenizer_sha256) for s in self.sources]
+        self.windows = np.array([max(st.n_tokens - 1, 0) // seq_len for st in self.streams], dtype=np.int64)
+        self.window_starts = np.concatenate([[0], np.cumsum(self.windows)])
+        self.n_windows = int(self.window_starts[-1])
+        if self.n_windows == 0:
+            raise ShardError(
+                f"{root}: the '{split}' split of {self.sources} has fewer than seq_len + 1 = {seq_len + 1} tokens"
+            )
+        self._epoch, self._order = -1, np.zeros(0, dtype=np.int64)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The permutation of all windows used in `epoch` (cached for the current epoch)."""
+        if epoch != self._epoch:
+            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+            self._epoch, self._order = epoch, rng.permutation(self.n_windows)
+        return self._order
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """Global sample index -> (source number, window number inside that source)."""
+        epoch, position = divmod(index, self.n_windows)
+        window = int(self.order(epoch)[position])
+        source = int(np.searchsorted(self.window_starts, window, side="right")) - 1
+        return source, window - int(self.window_starts[source])
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        """(tokens of sample `index`, shape (seq_len + 1,), its source number)."""
+        source, window = self.locate(index)
+        return self.streams[source].read(window * self.seq_len, self.seq_len + 1), source
+
+
+class BatchLoader:
+    """Global batches of packed samples, this rank's slice split into micro-batches; resumable.
+
+    Step s uses global samples [s * B, (s + 1) * B) with B = `global_batch_size` samples; rank r of
+    W takes [r * B / W, (r + 1) * B / W) of those. `state_dict()` holds the next global sample index.
+    """
+
+    def __init__(
+        self,
+        samples: PackedSamples,
+        global_batch_size: int,
+        micro_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start_index: int = 0,
+    ):
+        if global_batch_size % (micro_batch_size * world_size):
+            raise ValueError(
+                f"global batch of {global_batch_size} samples does not split into micro-batches of "
+                f"{micro_batch_size} on {world_size} ranks"
+            )
+        self.samples, self.global_batch_size, self.micro_batch_size = samples, global_batch_size, micro_batch_size
+        self.rank, self.world_size = rank, world_size
+        self.index = start_index
+        self.tokens_per_source = np.zeros(len(samples.sources), dtype=np.int64)  # seen by this rank
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches per optimizer step on each rank."""
+        return self.global_batch_size // (self.micro_batch_size * self.world_size)
+
+    def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches of the next global batch, as (inputs, targets) int64 pairs."""
+        per_rank = self.global_batch_size // self.world_size
+        first = self.index + self.rank * per_rank
+        micro_batches = []
+        for m in range(0, per_rank, self.micro_batch_size):
+            rows = []
+            for i in range(first + m, first + m + self.micro_batch_size):
+                tokens, source = self.samples[i]
+                rows.append(tokens)
+                self.tokens_per_source[source] += self.samples.seq_len
+            batch = torch.from_numpy(np.stack(rows))
+            micro_batches.append((batch[:, :-1], batch[:, 1:]))
+        self.index += self.global_batch_size
+        return micro_batches
+
+    def state_dict(self) -> dict:
+        """The position: next global sample index, and what is needed to check it on load."""
+        return {
+            "index": self.index,
+            "seed": self.samples.seed,
+            "n_windows": self.samples.n_windows,
+            "global_batch_size": self.global_batch_size,
+            "sources": self.samples.sources,
+            "tokens_per_source": self.tokens_per_source.tolist(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the position; refuse one taken over different data or a different order."""
+        mine = self.state_dict()
+        for key in ("seed", "n_windows", "sources"):
+            if state[key] != mine[key]:
+                raise ValueError(
+                    f"data loader state was saved with {key}={state[key]!r}, but this run has {mine[key]!r}"
+                )
+        self.index = state["index"]
+        self.tokens_per_source = np.array(state["tokens_per_source"], dtype=np.int64)

@@ -1,0 +1,202 @@
+"""Token shard format: write, read and verify.
+
+One folder per source holds, for each shard `<name>`:
+- `<name>.bin`: a flat little-endian token stream (`uint16` when the vocabulary fits, else `uint32`);
+  each document is written as `[BOS] tokens [EOS]` (the policy is recorded in the manifest);
+- `<name>.idx`: `uint64` token offsets of the documents, n_docs + 1 of them (first 0, last n_tokens);
+and one `manifest.json` describing every shard: format version, dtype, tokenizer path and sha256,
+per-shard split, token and document counts, byte sizes and sha256 checksums, the input files and the
+config that made them. Files are written under a temporary name then renamed, so a crash never leaves
+a half-written shard under its final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class ShardError(ValueError):
+    """Token shards that disagree with their manifest or with the tokenizer; names the file."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+@dataclass
+class ShardInfo:
+    """One shard's entry in the manifest."""
+
+    name: str
+    split: str  # "train" or "val"
+    tokens: int
+    documents: int
+    bin_bytes: int
+    bin_sha256: str
+    idx_sha256: str
+    inputs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    """What a source folder of token shards holds and how it was made."""
+
+    source: str
+    dtype: str
+    tokenizer_path: str
+    tokenizer_sha256: str
+    vocab_size: int
+    bos: bool
+    eos: bool
+    shards: list[ShardInfo] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write manifest.json atomically."""
+        atomic_write_bytes(Path(folder) / MANIFEST, json.dumps(asdict(self), indent=2).encode())
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "Manifest":
+        """Read manifest.json of a source folder, with a clear error when missing or malformed."""
+        path = Path(folder) / MANIFEST
+        if not path.is_file():
+            raise ShardError(f"{path}: no manifest; run `python -m data_pipeline tokenize` for this source")
+        try:
+            raw = json.loads(path.read_text())
+            raw["shards"] = [ShardInfo(**s) for s in raw["shards"]]
+            manifest = cls(**raw)
+        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            raise ShardError(f"{path}: malformed manifest ({e})") from None
+        if manifest.format_version != FORMAT_VERSION:
+            raise ShardError(f"{path}: format version {manifest.format_version}, this code reads {FORMAT_VERSION}")
+        return manifest
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard(
+    folder: Path, name: str, split: str, docs: list[list[int]], dtype: np.dtype, inputs: list[str]
+) -> ShardInfo:
+    """Write one shard's token stream and document index atomically; return its manifest entry."""
+    lengths = np.fromiter((len(d) for d in docs), dtype=np.uint64, count=len(docs))
+    offsets = np.zeros(len(docs) + 1, dtype=np.uint64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.fromiter((t for d in docs for t in d), dtype=dtype, count=int(offsets[-1]))
+    bin_bytes = tokens.astype(dtype.newbyteorder("<"), copy=False).tobytes()
+    idx_bytes = offsets.astype("<u8", copy=False).tobytes()
+    atomic_write_bytes(folder / f"{name}.idx", idx_bytes)
+    atomic_write_bytes(folder / f"{name}.bin", bin_bytes)
+    return ShardInfo(
+        name=name,
+        split=split,
+        tokens=int(offsets[-1]),
+        documents=len(docs),
+        bin_bytes=len(bin_bytes),
+        bin_sha256=hashlib.sha256(bin_bytes).hexdigest(),
+        idx_sha256=hashlib.sha256(idx_bytes).hexdigest(),
+        inputs=inputs,
+    )
+
+
+class ShardReader:
+    """Memory-mapped tokens and document offsets of one shard, checked against its manifest entry."""
+
+    def __init__(self, folder: Path, info: ShardInfo, dtype: np.dtype, verify_checksum: bool = False):
+        self.info = info
+        bin_path, idx_path = folder / f"{info.name}.bin", folder / f"{info.name}.idx"
+        for path in (bin_path, idx_path):
+            if not path.is_file():
+                raise ShardError(f"{path}: missing, but listed in {folder / MANIFEST}")
+        expected = info.tokens * dtype.itemsize
+        if bin_path.stat().st_size != expected:
+            raise ShardError(
+                f"{bin_path}: {bin_path.stat().st_size} bytes, but the manifest says {info.tokens} "
+                f"tokens of {dtype.name} = {expected} bytes (truncated or from another run?)"
+            )
+        if idx_path.stat().st_size != (info.documents + 1) * 8:
+            raise ShardError(f"{idx_path}: size disagrees with the manifest's {info.documents} documents")
+        if verify_checksum:
+            from data_pipeline.tokenizer import file_sha256
+
+            for path, want in ((bin_path, info.bin_sha256), (idx_path, info.idx_sha256)):
+                if file_sha256(path) != want:
+                    raise ShardError(f"{path}: sha256 differs from the manifest (corrupted?)")
+        little = dtype.newbyteorder("<")
+        self.tokens = np.memmap(bin_path, dtype=little, mode="r") if info.tokens else np.zeros(0, little)
+        self.offsets = np.fromfile(idx_path, dtype="<u8")
+        if self.offsets[-1] != info.tokens:
+            raise ShardError(f"{idx_path}: last offset {self.offsets[-1]} != {info.tokens} tokens")
+
+
+class SourceShards:
+    """All shards of one source and split, read as one token stream."""
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        split: str,
+        tokenizer_sha256: Optional[str] = None,
+        verify_checksum: bool = False,
+    ):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise ShardError(f"{self.folder}: data folder not found (run `python -m data_pipeline prepare`?)")
+        self.manifest = Manifest.load(self.folder)
+        if tokenizer_sha256 is not None and tokenizer_sha256 != self.manifest.tokenizer_sha256:
+            raise ShardError(
+                f"{self.folder / MANIFEST}: shards were made with tokenizer sha256 "
+                f"{self.manifest.tokenizer_sha256[:12]}... ({self.manifest.tokenizer_path}), but the "
+                f"configured tokenizer has {tokenizer_sha256[:12]}...; retokenize or fix data.tokenizer"
+            )
+        dtype = np.dtype(self.manifest.dtype)
+        self.shards = [
+            ShardReader(self.folder, s, dtype, verify_checksum) for s in self.manifest.shards if s.split == split
+        ]
+        self.starts = np.cumsum([0] + [s.info.tokens for s in self.shards])
+        self.n_tokens = int(self.starts[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """`length` tokens from global position `start` of the concatenated stream (crossing shards)."""
+        out = np.empty(length, dtype=np.int64)
+        filled = 0
+        i = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while filled < length:
+            shard, offset = self.shards[i], start + filled - int(self.starts[i])
+            take = min(length - filled, shard.info.tokens - offset)
+            out[filled : filled + take] = shard.tokens[offset : offset + take]
+            filled += take
+            i += 1
+        return out
+
+    def doc_starts(self, start: int, length: int) -> np.ndarray:
+        """Positions (relative to `start`) where a document begins inside [start, start + length)."""
+        found = []
+        for i, shard in enumerate(self.shards):
+            base = int(self.starts[i])
+            lo, hi = max(start - base, 0), min(start + length - base, shard.info.tokens)
+            if lo >= hi:
+                continue
+            offs = shard.offsets[np.searchsorted(shard.offsets, lo) : np.searchsorted(shard.offsets, hi)]
+            found.append(offs.astype(np.int64) + base - start)
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)

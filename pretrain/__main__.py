@@ -1,0 +1,108 @@
+"""Command line: `python -m pretrain {train,info,plot} ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from data_pipeline.shards import ShardError
+from pretrain.config import ConfigError, load_config
+
+
+def cmd_info(config: str, overrides: list[str], as_json: bool) -> None:
+    """Print what a config means: parameters, FLOPs per token, batch and total compute."""
+    from pretrain.model import count_params, flops_per_token
+
+    cfg = load_config(config, overrides)
+    m, seq = cfg.model, cfg.data.seq_len
+    total, non_embedding = count_params(m)
+    fpt = flops_per_token(m, seq)
+    info = {
+        "config": config,
+        "params": total,
+        "non_embedding_params": non_embedding,
+        "flops_per_token": fpt,
+        "seq_len": seq,
+        "dim": m.dim,
+        "n_layers": m.n_layers,
+        "n_heads": m.n_heads,
+        "n_kv_heads": m.kv_heads,
+        "head_dim": m.head_dim,
+        "ffn_hidden_dim": m.hidden_dim,
+        "vocab_size": m.vocab_size,
+        "global_batch_tokens": cfg.train.global_batch_tokens,
+        "steps": cfg.train.steps,
+        "total_tokens": cfg.train.steps * cfg.train.global_batch_tokens,
+        "total_flops": fpt * cfg.train.steps * cfg.train.global_batch_tokens,
+    }
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    print(
+        f"{config}: dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads ({m.kv_heads} kv), head dim "
+        f"{m.head_dim}, ffn {m.hidden_dim}, vocab {m.vocab_size}"
+    )
+    print(f"parameters:               {total:>20,}")
+    print(f"  without input embedding:{non_embedding:>20,}")
+    print(f"FLOPs per token (T={seq}): {fpt:>19,}  (6N + 12·L·H·Q·T)")
+    print(f"tokens per step:          {info['global_batch_tokens']:>20,}")
+    print(f"training tokens:          {info['total_tokens']:>20,}  ({cfg.train.steps:,} steps)")
+    print(f"training FLOPs:           {info['total_flops']:>20.3e}")
+
+
+def cmd_train(config: str, overrides: list[str]) -> None:
+    """Train, then draw the plot and say where everything went."""
+    from pretrain.plot import plot_metrics
+    from pretrain.trainer import train
+
+    summary = train(load_config(config, overrides))
+    if summary["metrics"] and Path(summary["metrics"]).is_file():
+        plot = plot_metrics(Path(summary["metrics"]), Path(summary["run_dir"]) / "plot.png")
+        tps, mfu = summary["tokens_per_sec_per_gpu"], summary["mfu"]
+        print(
+            f"\ndone: step {summary['step']}, loss {summary['loss']:.4f}"
+            + (f", {tps:,.0f} tokens/sec/GPU" if tps else "")
+            + (f", MFU {100 * mfu:.1f}%" if mfu is not None else ", MFU n/a (no known peak for this device)")
+        )
+        print(f"run folder:  {summary['run_dir']}")
+        print(f"checkpoint:  {summary['checkpoint']}")
+        print(f"metrics:     {summary['metrics']}")
+        print(f"plot:        {plot}")
+        print(f"wandb:       {summary['wandb']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m pretrain` and `llama-pretrain`."""
+    parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train (or resume) an experiment")
+    p.add_argument("config", help="an experiment YAML, e.g. configs/experiments/debug.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
+    p = sub.add_parser("info", help="parameters and FLOPs of a config")
+    p.add_argument("config", help="a YAML or a model preset name such as llama1-7b")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("plot", help="draw loss and throughput of a run to a PNG")
+    p.add_argument("run", type=Path, help="a run folder or its metrics.jsonl")
+    p.add_argument("-o", "--output", type=Path, help="PNG path (default: <run>/plot.png)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "info":
+            cmd_info(args.config, args.overrides, args.json)
+        elif args.command == "train":
+            cmd_train(args.config, args.overrides)
+        else:
+            from pretrain.plot import plot_metrics
+
+            metrics = args.run if args.run.suffix == ".jsonl" else args.run / "metrics.jsonl"
+            print(plot_metrics(metrics, args.output or metrics.parent / "plot.png"))
+    except (ConfigError, ShardError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

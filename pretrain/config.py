@@ -1,0 +1,240 @@
+"""Typed experiment configuration: dataclasses as the OmegaConf schema, YAML on top, then overrides.
+
+An experiment YAML may list `defaults:` (other YAML files, relative to `configs/`, merged first in
+order); its own keys come next, then `key=value` overrides from the command line. Every YAML in
+`configs/` is a partial `ExperimentConfig`, so a model preset alone is a valid config too.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pretrain.model import ModelArgs
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or an override; the message names the key."""
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 autocast on GPU, fp32 on CPU
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Checkpointing(str, Enum):
+    none = "none"
+    full = "full"  # recompute each transformer block in the backward pass
+
+
+@dataclass
+class DataConfig:
+    """Where the token shards are and how they are packed into samples."""
+
+    root: str = "data/tokens/sample"  # a folder with one sub-folder of token shards per source
+    sources: List[str] = field(default_factory=list)  # empty: every source folder under root
+    tokenizer: str = "data/tokenizer/sample.model"  # must be the one the shards were made with
+    seq_len: int = 2048
+    seed: int = 1234  # the sample order is a pure function of (seed, sample index)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay (LLaMA-1 defaults)."""
+
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of lr
+    warmup_steps: int = 2000
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-5  # LLaMA-2 paper
+    weight_decay: float = 0.1  # on matrices only; not on norms
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: how long, how big a batch, where it runs and what it writes."""
+
+    steps: int = 250_000  # optimizer steps (1T tokens at 4M tokens a step)
+    global_batch_tokens: int = 4_194_304  # tokens per optimizer step, all micro-batches and ranks
+    micro_batch_size: int = 1  # sequences per forward pass per device
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Precision = Precision.auto
+    strategy: str = "single"
+    activation_checkpointing: Checkpointing = Checkpointing.none
+    seed: int = 0  # model initialisation
+    run_dir: str = "runs/${name}"
+    log_every: int = 10
+    eval_every: int = 1000  # 0: never
+    eval_batches: int = 20
+    save_every: int = 1000  # 0: only at the end
+    keep_last: int = 3  # checkpoints kept; older ones are deleted
+    resume: str = "auto"  # auto (latest checkpoint of run_dir if any) | never | a checkpoint folder
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases: online with WANDB_API_KEY, offline without, unless `mode` says otherwise."""
+
+    mode: str = "auto"  # auto | online | offline | disabled
+    project: str = "llama-pretrain"
+    entity: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class MetricsConfig:
+    """How throughput and MFU are computed."""
+
+    peak_flops: Optional[float] = None  # per device; None: from the device table (none on CPU)
+    skip_steps: int = 3  # first steps left out of throughput averages (warm-up)
+
+
+@dataclass
+class ExperimentConfig:
+    """One training run: model + data + optimizer + loop + logging."""
+
+    name: str = "default"
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+def resolve_config_path(name: str | os.PathLike) -> Path:
+    """A YAML path as given, or relative to `configs/`, or a model preset name like `llama1-7b`."""
+    path = Path(name)
+    candidates = [path, CONFIGS_DIR / path, CONFIGS_DIR / f"{path}.yaml", CONFIGS_DIR / "model" / f"{path}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file not found: {name} (looked in . and {CONFIGS_DIR})")
+
+
+def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """The YAML at `path` preceded by its `defaults`, each paired with the file it came from."""
+    if path in seen:
+        raise ConfigError(f"{path}: circular defaults through {' -> '.join(map(str, seen))}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and friends
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    layers: list[tuple[str, DictConfig]] = []
+    defaults = node.pop("defaults", [])
+    for entry in defaults:
+        layers += _load_yaml(resolve_config_path(str(entry)), seen + (path,))
+    layers.append((str(path), node))
+    return layers
+
+
+def _merge(base: DictConfig, layer: DictConfig, origin: str) -> DictConfig:
+    """Merge `layer` into the typed `base`, turning OmegaConf's errors into one line naming the key."""
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        reason = str(e).splitlines()[0]
+        if "not in" in reason or "Key" in type(e).__name__:
+            raise ConfigError(f"{origin}: unknown config key '{key}'") from None
+        raise ConfigError(f"{origin}: bad value for '{key}': {reason}") from None
+
+
+def load_structured(schema: type, path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Any:
+    """An instance of the dataclass `schema`: its defaults <- YAML (with its defaults) <- overrides."""
+    cfg = OmegaConf.structured(schema)
+    if path is not None:
+        for origin, layer in _load_yaml(resolve_config_path(path)):
+            cfg = _merge(cfg, layer, origin)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+    try:
+        OmegaConf.resolve(cfg)
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Schema defaults <- YAML (with its defaults) <- `key=value` overrides, then validated."""
+    config: ExperimentConfig = load_structured(ExperimentConfig, path, overrides)
+    validate(config)
+    return config
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Check the values that the schema's types cannot; raise ConfigError naming the key."""
+    m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
+    positive = {
+        "model.dim": m.dim,
+        "model.n_layers": m.n_layers,
+        "model.n_heads": m.n_heads,
+        "model.vocab_size": m.vocab_size,
+        "model.multiple_of": m.multiple_of,
+        "model.max_seq_len": m.max_seq_len,
+        "data.seq_len": d.seq_len,
+        "train.steps": t.steps,
+        "train.global_batch_tokens": t.global_batch_tokens,
+        "train.micro_batch_size": t.micro_batch_size,
+        "train.log_every": t.log_every,
+        "train.keep_last": t.keep_last,
+        "optim.lr": o.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if m.dim % m.n_heads:
+        raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
+    if m.head_dim % 2:
+        raise ConfigError(f"model.dim / model.n_heads = {m.head_dim} must be even for RoPE")
+    if m.n_kv_heads is not None and (m.n_kv_heads <= 0 or m.n_heads % m.n_kv_heads):
+        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    per_pass = t.micro_batch_size * d.seq_len
+    if t.global_batch_tokens % per_pass:
+        raise ConfigError(
+            f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
+            f"train.micro_batch_size * data.seq_len = {per_pass}"
+        )
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    for key, value in {
+        "optim.warmup_steps": o.warmup_steps,
+        "train.eval_every": t.eval_every,
+        "train.save_every": t.save_every,
+        "optim.grad_clip": o.grad_clip,
+    }.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if t.strategy != "single":
+        raise ConfigError(f"train.strategy='{t.strategy}' is not available; choose from: single")
+    if cfg.wandb.mode not in ("auto", "online", "offline", "disabled"):
+        raise ConfigError(f"wandb.mode='{cfg.wandb.mode}' must be auto, online, offline or disabled")
+    if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
+        raise ConfigError(f"train.device='{t.device}' must be auto, cpu, cuda or cuda:N")
+
+
+def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The resolved config as plain Python containers (for logging and checkpoints)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML text."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

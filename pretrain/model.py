@@ -1,0 +1,230 @@
+"""The LLaMA model: a plain, single-process PyTorch module.
+
+Pre-norm RMSNorm, SwiGLU feed-forward, rotary position embeddings (RoPE) on queries and keys,
+grouped-query attention and untied input/output embeddings, with Meta's parameter names
+(`tok_embeddings`, `layers.N.attention.wq|wk|wv|wo`, `layers.N.feed_forward.w1|w2|w3`,
+`attention_norm`, `ffn_norm`, `norm`, `output`) so Meta's checkpoints map one to one.
+
+Everything distributed (sharding, activation checkpointing, compilation) is applied from outside.
+Build on the `meta` device, move to a real device with `to_empty`, then call `init_weights()`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    """Shape of a LLaMA model; the `model` section of the config."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None: same as n_heads (multi-head attention)
+    vocab_size: int = 32000
+    multiple_of: int = 256  # the SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None  # LLaMA-2 70B: 1.3
+    ffn_hidden_dim: Optional[int] = None  # given explicitly, overrides the two above
+    norm_eps: float = 1e-6  # LLaMA-1: 1e-6, LLaMA-2: 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        """Dimension of one attention head."""
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU hidden size: int(2/3 * 4 * dim), times the multiplier, rounded up to multiple_of."""
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+def count_params(args: ModelArgs) -> tuple[int, int]:
+    """(total parameters, parameters without the input embedding), from the shapes alone."""
+    d, q, kv = args.dim, args.head_dim, args.kv_heads
+    attention = d * args.n_heads * q + 2 * d * kv * q + args.n_heads * q * d
+    ffn = 3 * d * args.hidden_dim
+    per_layer = attention + ffn + 2 * d  # + attention_norm, ffn_norm
+    embedding = args.vocab_size * d
+    non_embedding = args.n_layers * per_layer + d + args.vocab_size * d  # + norm, output
+    return embedding + non_embedding, non_embedding
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> int:
+    """Training FLOPs per token: 6 * N + 12 * L * H * Q * T (PaLM appendix B, as torchtitan).
+
+    N is the parameter count without the input embedding (a lookup costs no matmul FLOPs).
+    Each parameter takes 2 FLOPs (multiply, add) per token forward and 4 backward: 6 * N.
+    Attention adds QK^T and scores @ V: 2 matmuls of 2 * H * Q * T FLOPs per token per layer
+    forward, times 3 for forward + backward: 12 * L * H * Q * T. Causal masking is not
+    discounted and activation recomputation is not counted.
+    """
+    _, n = count_params(args)
+    return 6 * n + 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm with a learned scale, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+    def reset_parameters(self) -> None:
+        """Scale of one."""
+        nn.init.ones_(self.weight)
+
+
+def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
+    """cos and sin of the rotary angles, shape (max_seq_len, head_dim // 2, 2), fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, device=device).float(), inv_freq)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of each head by the position's angle (Meta's layout).
+
+    x: (batch, seq, heads, head_dim); cos_sin: (seq, head_dim // 2, 2).
+    """
+    xf = x.float().unflatten(-1, (-1, 2))  # (batch, seq, heads, head_dim // 2, 2)
+    x0, x1 = xf.unbind(-1)
+    cos, sin = cos_sin[:, None, :, 0], cos_sin[:, None, :, 1]  # (seq, 1, head_dim // 2)
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention through scaled_dot_product_attention."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
+        if self.n_kv_heads != self.n_heads:  # each kv head serves n_heads // n_kv_heads query heads
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attention(norm(x)), then h + feed_forward(norm(h))."""
+
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos_sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """LLaMA: token embedding, n_layers blocks, final RMSNorm, untied output projection."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        cos_sin = rope_cos_sin(args.head_dim, args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos_sin", cos_sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter and buffer in place (after `to_empty` from `meta`).
+
+        Normal(0, init_std) for embeddings and linear layers; the two projections that write into
+        the residual stream (wo, w2) are scaled by 1/sqrt(2 * n_layers) (GPT-2); norms start at 1.
+        """
+        std = self.args.init_std
+        self.rope_cos_sin.copy_(rope_cos_sin(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta))
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        nn.init.normal_(self.output.weight, std=std)
+        self.norm.reset_parameters()
+        residual_std = std / math.sqrt(2 * self.args.n_layers)
+        for layer in self.layers:
+            for lin in (layer.attention.wq, layer.attention.wk, layer.attention.wv):
+                nn.init.normal_(lin.weight, std=std)
+            nn.init.normal_(layer.feed_forward.w1.weight, std=std)
+            nn.init.normal_(layer.feed_forward.w3.weight, std=std)
+            nn.init.normal_(layer.attention.wo.weight, std=residual_std)
+            nn.init.normal_(layer.feed_forward.w2.weight, std=residual_std)
+            layer.attention_norm.reset_parameters()
+            layer.ffn_norm.reset_parameters()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (batch, seq) -> logits (batch, seq, vocab)."""
+        seqlen = tokens.shape[1]
+        if seqlen > self.args.max_seq_len:
+            raise ValueError(f"sequence of {seqlen} tokens exceeds model.max_seq_len={self.args.max_seq_len}")
+        h = self.tok_embeddings(tokens)  # (batch, seq, dim)
+        cos_sin = self.rope_cos_sin[:seqlen]
+        for layer in self.layers:
+            h = layer(h, cos_sin)
+        return self.output(self.norm(h))
+
+
+def build_model(args: ModelArgs, device: torch.device | str = "cpu") -> Transformer:
+    """Build on `meta`, materialise on `device`, initialise. No weights are allocated twice."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model

@@ -1,0 +1,15 @@
+"""Parallelism strategies behind one interface (`Strategy`), chosen by `train.strategy`."""
+
+from pretrain.config import ExperimentConfig
+from pretrain.parallel.base import Strategy
+from pretrain.parallel.single import SingleDevice
+
+STRATEGIES = {"single": SingleDevice}
+
+
+def build_strategy(cfg: ExperimentConfig) -> Strategy:
+    """The strategy named by `train.strategy`."""
+    return STRATEGIES[cfg.train.strategy](cfg)
+
+
+__all__ = ["STRATEGIES", "Strategy", "build_strategy"]

@@ -1,0 +1,62 @@
+"""`single`: one CPU or GPU, no wrapper around the model."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pretrain.config import ExperimentConfig, Precision
+from pretrain.model import build_model
+from pretrain.optim import build_optimizer
+from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
+from pretrain.parallel.base import Strategy
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the first GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name} but no CUDA device is available; use train.device=cpu")
+    return device
+
+
+class SingleDevice(Strategy):
+    """The whole model on one device; bf16 autocast on GPU unless fp32 is asked for."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.device = resolve_device(cfg.train.device)
+        precision = cfg.train.precision
+        if precision == Precision.auto:
+            precision = Precision.bf16 if self.device.type == "cuda" else Precision.fp32
+        self.precision = precision
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    def setup_model(self, cfg: ExperimentConfig) -> nn.Module:
+        model = build_model(cfg.model, self.device)
+        apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+        return model
+
+    def setup_optimizer(self, model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
+        return build_optimizer(model, cfg.optim, fused=self.device.type == "cuda")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == Precision.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+
+    def save(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        torch.save(model.state_dict(), folder / "model.pt")
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+
+    def load(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        model.load_state_dict(torch.load(folder / "model.pt", map_location=self.device, weights_only=True))
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True))

@@ -1,0 +1,167 @@
+"""The training loop: build everything from the config, resume if asked, step, log, evaluate, save."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data_pipeline.loader import BatchLoader, PackedSamples
+from data_pipeline.tokenizer import file_sha256
+from pretrain.checkpoint import CheckpointManager
+from pretrain.config import ConfigError, ExperimentConfig, to_dict, to_yaml
+from pretrain.metrics import MetricLogger, ThroughputMeter, device_peak_flops, perplexity
+from pretrain.model import flops_per_token
+from pretrain.optim import build_scheduler
+from pretrain.parallel import Strategy, build_strategy
+
+
+def train_step(
+    model: nn.Module,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    strategy: Strategy,
+    grad_clip: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over this rank's micro-batches; returns (mean loss, global grad norm).
+
+    Every micro-batch holds the same number of tokens, so the mean of the micro-batch means is the
+    mean over the whole batch. Nothing here waits for the device.
+    """
+    loss_sum = torch.zeros((), device=strategy.device)
+    for inputs, targets in micro_batches:
+        inputs = inputs.to(strategy.device, non_blocking=True)
+        targets = targets.to(strategy.device, non_blocking=True)
+        with strategy.autocast():
+            logits = model(inputs)  # (batch, seq, vocab)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()) / len(micro_batches)
+        strategy.backward(loss)
+        loss_sum += loss.detach()
+    grad_norm = strategy.clip_grad_norm(model, grad_clip)
+    strategy.optimizer_step(optimizer)
+    scheduler.step()
+    return strategy.reduce_mean(loss_sum), grad_norm
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, samples: PackedSamples, strategy: Strategy, batches: int, batch_size: int) -> float:
+    """Mean loss over the first `batches` x `batch_size` held-out samples (the same every time)."""
+    model.eval()
+    total = torch.zeros((), device=strategy.device)
+    for b in range(batches):
+        rows = torch.stack([torch.from_numpy(samples[b * batch_size + i][0]) for i in range(batch_size)])
+        rows = rows.to(strategy.device)
+        with strategy.autocast():
+            logits = model(rows[:, :-1])
+        total += F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten())
+    model.train()
+    return strategy.reduce_mean(total / batches).item()
+
+
+def load_data(cfg: ExperimentConfig, split: str) -> PackedSamples:
+    """Packed samples of one split, checked against the configured tokenizer."""
+    tokenizer = Path(cfg.data.tokenizer)
+    if not tokenizer.is_file():
+        raise ConfigError(f"data.tokenizer: {tokenizer} not found (run `python -m data_pipeline prepare`?)")
+    samples = PackedSamples(
+        cfg.data.root, cfg.data.seq_len, split, cfg.data.sources, cfg.data.seed, file_sha256(tokenizer)
+    )
+    vocab = max(s.manifest.vocab_size for s in samples.streams)
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab}")
+    return samples
+
+
+def train(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Run (or resume) the experiment; return a summary with the final loss and where things went."""
+    t, run_dir = cfg.train, Path(cfg.train.run_dir)
+    strategy = build_strategy(cfg)
+    train_data = load_data(cfg, "train")
+    val_data = load_data(cfg, "val") if t.eval_every else None
+    global_batch = t.global_batch_tokens // cfg.data.seq_len
+    loader = BatchLoader(train_data, global_batch, t.micro_batch_size, strategy.rank, strategy.world_size)
+
+    torch.manual_seed(t.seed)
+    model = strategy.setup_model(cfg)
+    optimizer = strategy.setup_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
+    checkpoints = CheckpointManager(run_dir, strategy, t.keep_last)
+
+    resume_from = checkpoints.latest() if t.resume == "auto" else None if t.resume == "never" else Path(t.resume)
+    step, run_id = 0, uuid.uuid4().hex[:12]
+    if resume_from is not None:
+        state = checkpoints.load(resume_from, model, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        loader.load_state_dict(state["data"])
+        step, run_id = state["step"], state["wandb_run_id"]
+        if strategy.is_main:
+            print(f"resumed from {resume_from} at step {step}")
+    if strategy.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    logger = MetricLogger(run_dir, cfg, run_id, step, enabled=strategy.is_main)
+    meter = ThroughputMeter(
+        t.global_batch_tokens,
+        flops_per_token(cfg.model, cfg.data.seq_len),
+        strategy.world_size,
+        device_peak_flops(strategy.device, cfg.metrics.peak_flops),
+        cfg.metrics.skip_steps,
+    )
+
+    def save() -> Path:
+        state = {
+            "scheduler": scheduler.state_dict(),
+            "data": loader.state_dict(),
+            "config": to_dict(cfg),
+            "wandb_run_id": run_id,
+        }
+        return checkpoints.save(step, model, optimizer, state)
+
+    model.train()
+    last_loss, last_ckpt = float("nan"), resume_from
+    while step < t.steps:
+        t0 = time.perf_counter()
+        micro_batches = loader.next_batch()
+        meter.step(time.perf_counter() - t0)
+        loss, grad_norm = train_step(model, micro_batches, optimizer, scheduler, strategy, cfg.optim.grad_clip)
+        step += 1
+        if step % t.log_every == 0 or step == t.steps:
+            last_loss = loss.item()
+            logger.log(
+                {
+                    "step": step,
+                    "loss": last_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm.item(),
+                    **meter.window(),
+                    "peak_mem_gb": strategy.peak_memory_gb(),
+                    "tokens_seen": step * t.global_batch_tokens,
+                    **{f"tokens_seen/{s}": int(n) for s, n in zip(train_data.sources, loader.tokens_per_source)},
+                }
+            )
+            meter.reset()
+        if val_data is not None and (step % t.eval_every == 0 or step == t.steps):
+            val_loss = evaluate(model, val_data, strategy, t.eval_batches, t.micro_batch_size)
+            logger.log({"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
+            meter.reset()
+        if (t.save_every and step % t.save_every == 0) or step == t.steps:
+            last_ckpt = save()
+            meter.reset()
+
+    summary = {
+        "step": step,
+        "loss": last_loss,
+        "run_dir": str(run_dir),
+        "checkpoint": str(last_ckpt),
+        "metrics": str(logger.path),
+        "wandb": logger.wandb_location(),
+        **meter.average(),
+    }
+    logger.close()
+    return summary

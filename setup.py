@@ -1,0 +1,31 @@
+"""llama-pretrain: pretrain LLaMA-family models the way Meta did, end to end."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="llama-pretrain",
+    version="0.1.0",
+    description="Pretrain LLaMA-family language models: data pipeline, model, trainer, launchers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pretrain", "pretrain.*", "data_pipeline", "data_pipeline.*"]),
+    package_data={"data_pipeline": ["sample_corpus/*.jsonl", "sample_corpus/*.md"]},
+    # torch is installed first, pinned, by scripts/setup.sh (a CPU build from local disk in CI);
+    # a range here keeps pip from replacing it with a multi-GB CUDA build.
+    install_requires=[
+        "torch>=2.4",
+        "numpy>=1.24",
+        "omegaconf>=2.3",
+        "sentencepiece>=0.2",
+        "wandb>=0.17",
+        "matplotlib>=3.7",
+    ],
+    extras_require={"dev": ["pytest>=8", "transformers>=4.45", "ruff>=0.5"]},
+    entry_points={
+        "console_scripts": [
+            "llama-pretrain=pretrain.__main__:main",
+            "llama-data=data_pipeline.__main__:main",
+        ]
+    },
+)

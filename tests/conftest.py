@@ -1,0 +1,77 @@
+"""Shared fixtures: a small tokenizer and token shards made from the bundled sample corpus."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.tokenize import read_jsonl, tokenize_source
+from data_pipeline.tokenizer import Tokenizer, document_lines, train_tokenizer
+from pretrain.config import ExperimentConfig, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT / "data_pipeline" / "sample_corpus"
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def corpus_docs(per_source: int) -> dict[str, list[dict]]:
+    """The first `per_source` documents of each bundled source."""
+    files = sorted(CORPUS.glob("*.jsonl"))
+    assert files, f"no sample corpus in {CORPUS}"
+    out = {}
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            out[path.stem] = [json.loads(line) for line in itertools.islice(f, per_source)]
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict:
+    """Two sources of real text, a 512-piece tokenizer, and their token shards (train + val)."""
+    base = tmp_path_factory.mktemp("tiny_data")
+    docs = corpus_docs(120)
+    inputs = {}
+    for name, records in itertools.islice(docs.items(), 2):
+        inputs[name] = base / "docs" / f"{name}.jsonl"
+        inputs[name].parent.mkdir(parents=True, exist_ok=True)
+        inputs[name].write_text("".join(json.dumps(r) + "\n" for r in records))
+    texts = (d.text for p in inputs.values() for d in read_jsonl(p) if d.text)
+    tokenizer_path = base / "tokenizer.model"
+    train_tokenizer(document_lines(texts), tokenizer_path, vocab_size=512)
+    tokenizer = Tokenizer(tokenizer_path)
+    for name, path in inputs.items():
+        tokenize_source(name, [path], base / "tokens" / name, tokenizer, val_fraction=0.1)
+    return {"root": base / "tokens", "tokenizer": tokenizer_path, "inputs": inputs, "sources": list(inputs)}
+
+
+def tiny_config(tiny_data: dict, run_dir: Path, *overrides: str) -> ExperimentConfig:
+    """The debug experiment shrunk to seconds on CPU, on the tiny shards, writing into `run_dir`."""
+    return load_config(
+        ROOT / "configs" / "experiments" / "debug.yaml",
+        [
+            f"data.root={tiny_data['root']}",
+            f"data.tokenizer={tiny_data['tokenizer']}",
+            "model.dim=64",
+            "model.n_layers=2",
+            "model.n_heads=4",
+            "model.n_kv_heads=2",
+            "model.vocab_size=512",
+            "model.multiple_of=16",
+            "data.seq_len=32",
+            "train.global_batch_tokens=256",
+            "train.micro_batch_size=4",
+            "train.device=cpu",
+            "train.log_every=1",
+            "train.eval_every=0",
+            "train.save_every=0",
+            "train.steps=6",
+            "optim.warmup_steps=2",
+            "wandb.mode=disabled",
+            f"train.run_dir={run_dir}",
+            *overrides,
+        ],
+    )
