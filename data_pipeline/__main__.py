@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tokenizer: {cfg.tokenizer.path} exists, kept (--force to retrain)")
         if args.command in ("prepare", "tokenize"):
             cmd_tokenize(cfg, args.force)
-    except (ConfigError, ShardError, DataError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # ConfigError, ShardError, DataError included
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -58,18 +58,21 @@ def train_tokenizer(
     spm.set_random_generator_seed(seed)
     prefix = output.with_suffix("")
     tmp_prefix = prefix.with_name(prefix.name + ".tmp")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_prefix=str(tmp_prefix),
-        vocab_size=vocab_size,
-        input_sentence_size=max_sentences,
-        shuffle_input_sentence=True,
-        seed_sentencepiece_size=seed_sentencepiece_size,
-        max_sentence_length=1 << 16,
-        num_threads=num_threads,
-        minloglevel=2,
-        **LLAMA_TRAINER_SPEC,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_prefix=str(tmp_prefix),
+            vocab_size=vocab_size,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            seed_sentencepiece_size=seed_sentencepiece_size,
+            max_sentence_length=1 << 16,
+            num_threads=num_threads,
+            minloglevel=2,
+            **LLAMA_TRAINER_SPEC,
+        )
+    except RuntimeError as e:  # SentencePiece reports bad settings this way; keep its one-line reason
+        raise ValueError(f"tokenizer training for {output} failed: {str(e).splitlines()[0]}") from None
     os.replace(f"{tmp_prefix}.vocab", prefix.with_suffix(".vocab"))
     os.replace(f"{tmp_prefix}.model", prefix.with_suffix(".model"))
     return file_sha256(prefix.with_suffix(".model"))

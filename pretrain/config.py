@@ -79,6 +79,7 @@ class TrainConfig:
     eval_batches: int = 20
     save_every: int = 1000  # 0: only at the end
     keep_last: int = 3  # checkpoints kept; older ones are deleted
+    stop_at: Optional[int] = None  # end this job after this step (checkpointed); the schedule still spans `steps`
     resume: str = "auto"  # auto (latest checkpoint of run_dir if any) | never | a checkpoint folder
 
 
@@ -151,6 +152,8 @@ def _merge(base: DictConfig, layer: DictConfig, origin: str) -> DictConfig:
         if "not in" in reason or "Key" in type(e).__name__:
             raise ConfigError(f"{origin}: unknown config key '{key}'") from None
         raise ConfigError(f"{origin}: bad value for '{key}': {reason}") from None
+    except TypeError as e:  # e.g. a scalar merged onto a list
+        raise ConfigError(f"{origin}: {e}") from None
 
 
 def load_structured(schema: type, path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Any:

@@ -125,13 +125,14 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 
     model.train()
     last_loss, last_ckpt = float("nan"), resume_from
-    while step < t.steps:
+    last_step = min(t.steps, t.stop_at or t.steps)
+    while step < last_step:
         t0 = time.perf_counter()
         micro_batches = loader.next_batch()
         meter.step(time.perf_counter() - t0)
         loss, grad_norm = train_step(model, micro_batches, optimizer, scheduler, strategy, cfg.optim.grad_clip)
         step += 1
-        if step % t.log_every == 0 or step == t.steps:
+        if step % t.log_every == 0 or step == last_step:
             last_loss = loss.item()
             logger.log(
                 {
@@ -146,11 +147,11 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                 }
             )
             meter.reset()
-        if val_data is not None and (step % t.eval_every == 0 or step == t.steps):
+        if val_data is not None and (step % t.eval_every == 0 or step == last_step):
             val_loss = evaluate(model, val_data, strategy, t.eval_batches, t.micro_batch_size)
             logger.log({"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
             meter.reset()
-        if (t.save_every and step % t.save_every == 0) or step == t.steps:
+        if (t.save_every and step % t.save_every == 0) or step == last_step:
             last_ckpt = save()
             meter.reset()
 

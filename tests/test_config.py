@@ -26,7 +26,7 @@ def test_experiment_composes_model_data_and_train():
     cfg = load_config("configs/experiments/debug.yaml")
     assert (cfg.model.dim, cfg.model.n_kv_heads) == (256, 4)  # model/debug
     assert cfg.data.root == "data/tokens/sample"  # data/sample
-    assert cfg.train.steps == 150 and cfg.data.seq_len == 256  # train/debug
+    assert cfg.train.steps == 120 and cfg.data.seq_len == 256  # train/debug
     assert cfg.train.run_dir == "runs/debug"  # ${name} interpolated
 
 

@@ -1,0 +1,132 @@
+"""The trainer: exact resume, checkpoints, metrics, evaluation, plot, wandb."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from pretrain.checkpoint import CheckpointManager
+from pretrain.metrics import ThroughputMeter, device_peak_flops
+from pretrain.optim import lr_factor
+from pretrain.plot import plot_metrics
+from pretrain.trainer import train
+
+
+def losses(run_dir):
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_resume_reproduces_the_unbroken_run_exactly(tiny_data, tmp_path):
+    straight = tmp_path / "straight"
+    train(tiny_config(tiny_data, straight, "train.steps=8"))
+    broken = tmp_path / "broken"
+    summary = train(tiny_config(tiny_data, broken, "train.steps=8", "train.stop_at=4"))  # the job ends at step 4
+    assert summary["step"] == 4
+    state = torch.load(broken / "checkpoints" / "step-00000004" / "trainer.pt", weights_only=False)
+    assert state["step"] == 4 and state["data"]["index"] == 4 * 8
+    resumed = train(tiny_config(tiny_data, broken, "train.steps=8"))  # the next job picks up `latest`
+    assert resumed["step"] == 8
+    a, b = losses(straight), losses(broken)
+    assert len(a) == len(b) == 8
+    assert a == b  # bit-identical on CPU in fp32, data order included
+
+
+def test_loss_falls_and_metrics_are_logged(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    summary = train(tiny_config(tiny_data, run, "train.steps=30", "optim.lr=3e-3", "train.eval_every=15",
+                                "train.eval_batches=2", "metrics.skip_steps=2"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 31))
+    assert [r["step"] for r in evals] == [15, 30]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_sec_per_gpu", "mfu", "step_time_s", "tokens_seen",
+                "tflops_per_gpu", "data_wait_frac", "peak_mem_gb"):
+        assert key in steps[0], key
+    assert steps[0]["mfu"] is None  # no known peak on a CPU, never a guess
+    assert steps[-1]["tokens_seen"] == 30 * 256
+    assert sum(v for k, v in steps[-1].items() if k.startswith("tokens_seen/")) == 30 * 256
+    assert steps[-1]["loss"] < steps[0]["loss"] - 1.0
+    assert evals[1]["val_loss"] < evals[0]["val_loss"] + 0.5 and evals[1]["val_ppl"] == pytest.approx(
+        math.exp(evals[1]["val_loss"]))
+    assert summary["tokens_per_sec_per_gpu"] > 0
+    png = plot_metrics(run / "metrics.jsonl", tmp_path / "plot.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoints_are_atomic_pointed_to_and_pruned(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(tiny_data, run, "train.steps=6", "train.save_every=2", "train.keep_last=2"))
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000004", "step-00000006"]
+    assert (ckpts / "latest").read_text() == "step-00000006"
+    state = torch.load(ckpts / "step-00000006" / "trainer.pt", weights_only=False)
+    assert {"scheduler", "data", "config", "wandb_run_id", "step", "code_version"} <= set(state)
+    assert state["config"]["train"]["steps"] == 6
+    # a save that died half-way leaves a .tmp folder that resume ignores
+    (ckpts / "step-00000008.tmp").mkdir()
+    manager = CheckpointManager(run, strategy=None, keep_last=2)
+    assert manager.latest() == ckpts / "step-00000006"
+
+
+def test_resume_never_starts_over(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(tiny_data, run, "train.steps=2", "train.save_every=2"))
+    again = train(tiny_config(tiny_data, run, "train.steps=2", "train.resume=never"))
+    assert again["step"] == 2 and len(losses(run)) == 2  # metrics of the old run replaced, not appended
+
+
+def test_full_activation_checkpointing_gives_the_same_losses(tiny_data, tmp_path):
+    train(tiny_config(tiny_data, tmp_path / "a", "train.steps=3"))
+    train(tiny_config(tiny_data, tmp_path / "b", "train.steps=3", "train.activation_checkpointing=full"))
+    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), abs=1e-6)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_data, tmp_path):
+    train(tiny_config(tiny_data, tmp_path / "a", "train.steps=3", "train.micro_batch_size=8"))
+    train(tiny_config(tiny_data, tmp_path / "b", "train.steps=3", "train.micro_batch_size=2"))
+    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), abs=1e-5)
+
+
+def test_wandb_offline_run_id_is_kept_on_resume(tiny_data, tmp_path):
+    pytest.importorskip("wandb")
+    run = tmp_path / "run"
+    train(tiny_config(tiny_data, run, "train.steps=2", "train.save_every=2", "wandb.mode=offline"))
+    first = torch.load(run / "checkpoints" / "step-00000002" / "trainer.pt", weights_only=False)["wandb_run_id"]
+    summary = train(tiny_config(tiny_data, run, "train.steps=4", "wandb.mode=offline"))
+    second = torch.load(run / "checkpoints" / "step-00000004" / "trainer.pt", weights_only=False)["wandb_run_id"]
+    assert first == second and "offline" in summary["wandb"]
+    assert any(first in p.name for p in (run / "wandb").iterdir())
+
+
+def test_missing_tokenizer_and_wrong_vocab_are_named(tiny_data, tmp_path):
+    from pretrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.tokenizer: .*nope.model not found"):
+        train(tiny_config(tiny_data, tmp_path / "r", f"data.tokenizer={tmp_path}/nope.model"))
+    with pytest.raises(ConfigError, match="model.vocab_size=100 is smaller than the tokenizer's 512"):
+        train(tiny_config(tiny_data, tmp_path / "r", "model.vocab_size=100"))
+
+
+def test_schedule_warms_up_then_decays_to_ten_percent():
+    assert lr_factor(0, 2000, 10000, 0.1) == pytest.approx(1 / 2000)
+    assert lr_factor(1999, 2000, 10000, 0.1) == pytest.approx(1.0)
+    assert lr_factor(6000, 2000, 10000, 0.1) == pytest.approx(0.55)
+    assert lr_factor(10000, 2000, 10000, 0.1) == pytest.approx(0.1)
+    assert lr_factor(12000, 2000, 10000, 0.1) == pytest.approx(0.1)
+
+
+def test_mfu_uses_the_device_peak_and_skips_warmup_steps():
+    assert device_peak_flops(torch.device("cpu")) is None
+    assert device_peak_flops(torch.device("cpu"), 1e12) == 1e12
+    meter = ThroughputMeter(tokens_per_step=1000, flops_per_token=10**9, world_size=2, peak_flops=1e12, skip_steps=2)
+    meter.window_start -= 1.0  # pretend two steps took one second
+    meter.step(0.1)
+    meter.step(0.1)
+    w = meter.window()
+    assert w["tokens_per_sec_per_gpu"] == pytest.approx(1000, rel=0.05)  # 2000 tokens / 1 s / 2 GPUs
+    assert w["mfu"] == pytest.approx(1000 * 1e9 / 1e12, rel=0.05)
+    assert w["data_wait_frac"] == pytest.approx(0.2, rel=0.05)
+    assert meter.average()["tokens_per_sec_per_gpu"] is None  # both steps were warm-up
