@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from data_pipeline.config import PipelineConfig, SourceConfig, validate_pipeline
-from data_pipeline.shards import Manifest, ShardError, SourceShards
-from data_pipeline.tokenize import DataError, read_jsonl, tokenize_source
+from data_pipeline.shards import Manifest, SourceShards
+from data_pipeline.tokenize import read_jsonl, tokenize_source
 from data_pipeline.tokenizer import Tokenizer, document_lines, file_sha256, train_tokenizer
 from pretrain.config import ConfigError, load_structured
 

@@ -12,10 +12,21 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 def tiny_overrides(tiny_data, run_dir) -> list[str]:
     return [
-        f"data.root={tiny_data['root']}", f"data.tokenizer={tiny_data['tokenizer']}", "model.dim=64",
-        "model.n_layers=2", "model.n_heads=4", "model.vocab_size=512", "data.seq_len=32",
-        "train.global_batch_tokens=128", "train.micro_batch_size=2", "train.steps=4", "train.log_every=2",
-        "train.eval_every=2", "train.save_every=2", "train.device=cpu", "wandb.mode=disabled",
+        f"data.root={tiny_data['root']}",
+        f"data.tokenizer={tiny_data['tokenizer']}",
+        "model.dim=64",
+        "model.n_layers=2",
+        "model.n_heads=4",
+        "model.vocab_size=512",
+        "data.seq_len=32",
+        "train.global_batch_tokens=128",
+        "train.micro_batch_size=2",
+        "train.steps=4",
+        "train.log_every=2",
+        "train.eval_every=2",
+        "train.save_every=2",
+        "train.device=cpu",
+        "wandb.mode=disabled",
         f"train.run_dir={run_dir}",
     ]
 
@@ -25,8 +36,11 @@ def test_train_prints_where_checkpoint_metrics_plot_and_wandb_are(tiny_data, tmp
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "tok/s/gpu" in out and "MFU n/a" in out and "val loss" in out
-    for label, path in (("checkpoint:", tmp_path / "r" / "checkpoints" / "step-00000004"),
-                        ("metrics:", tmp_path / "r" / "metrics.jsonl"), ("plot:", tmp_path / "r" / "plot.png")):
+    for label, path in (
+        ("checkpoint:", tmp_path / "r" / "checkpoints" / "step-00000004"),
+        ("metrics:", tmp_path / "r" / "metrics.jsonl"),
+        ("plot:", tmp_path / "r" / "plot.png"),
+    ):
         assert f"{label}" in out and str(path) in out
         assert path.exists()
     assert "wandb:       disabled" in out
@@ -38,8 +52,16 @@ def test_user_mistakes_are_one_line_errors(tiny_data, tmp_path):
     cases = [
         (["pretrain", "train", "configs/experiments/debug.yaml", "train.stepz=1"], "unknown config key 'train.stepz'"),
         (["pretrain", "info", "debug", "model.dim=250"], "model.dim=250 is not divisible by model.n_heads=8"),
-        (["pretrain", "train", "configs/experiments/debug.yaml", f"data.root={tmp_path}/none",
-          f"data.tokenizer={tiny_data['tokenizer']}"], f"{tmp_path}/none: data folder not found"),
+        (
+            [
+                "pretrain",
+                "train",
+                "configs/experiments/debug.yaml",
+                f"data.root={tmp_path}/none",
+                f"data.tokenizer={tiny_data['tokenizer']}",
+            ],
+            f"{tmp_path}/none: data folder not found",
+        ),
     ]
     for args, message in cases:
         result = run(*args)

@@ -59,8 +59,9 @@ def test_bad_records_are_counted_with_their_line_or_stop_strict(tiny_data, tmp_p
     src = tmp_path / "bad.jsonl"
     good = json.dumps({"id": "a", "text": "fine text"})
     src.write_bytes(
-        (good + "\n{broken\n" + json.dumps({"id": "b", "body": "x"}) + "\n" + json.dumps({"text": "  "}) + "\n").encode()
-        + b'{"text": "\xff\xfe"}\n' + (good + "\n").encode()
+        "\n".join([good, "{broken", json.dumps({"id": "b", "body": "x"}), json.dumps({"text": "  "})]).encode()
+        + b'\n{"text": "\xff\xfe"}\n'
+        + (good + "\n").encode()
     )
     tok = Tokenizer(tiny_data["tokenizer"])
     stats = tokenize_source("bad", [src], tmp_path / "out", tok, val_fraction=0.0)
@@ -112,8 +113,10 @@ def test_global_batch_is_the_same_for_any_world_size(tiny_data):
     samples = PackedSamples(tiny_data["root"], seq_len=32, seed=3)
     one = BatchLoader(samples, 8, 2).next_batch()
     whole = np.concatenate([x.numpy() for x, _ in one])
-    parts = [np.concatenate([x.numpy() for x, _ in BatchLoader(samples, 8, 2, rank=r, world_size=2).next_batch()])
-             for r in range(2)]
+    parts = [
+        np.concatenate([x.numpy() for x, _ in BatchLoader(samples, 8, 2, rank=r, world_size=2).next_batch()])
+        for r in range(2)
+    ]
     assert np.array_equal(np.concatenate(parts), whole)
 
 

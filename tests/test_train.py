@@ -35,22 +35,43 @@ def test_resume_reproduces_the_unbroken_run_exactly(tiny_data, tmp_path):
 
 def test_loss_falls_and_metrics_are_logged(tiny_data, tmp_path):
     run = tmp_path / "run"
-    summary = train(tiny_config(tiny_data, run, "train.steps=30", "optim.lr=3e-3", "train.eval_every=15",
-                                "train.eval_batches=2", "metrics.skip_steps=2"))
+    summary = train(
+        tiny_config(
+            tiny_data,
+            run,
+            "train.steps=30",
+            "optim.lr=3e-3",
+            "train.eval_every=15",
+            "train.eval_batches=2",
+            "metrics.skip_steps=2",
+        )
+    )
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 31))
     assert [r["step"] for r in evals] == [15, 30]
-    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_sec_per_gpu", "mfu", "step_time_s", "tokens_seen",
-                "tflops_per_gpu", "data_wait_frac", "peak_mem_gb"):
+    for key in (
+        "step",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_sec_per_gpu",
+        "mfu",
+        "step_time_s",
+        "tokens_seen",
+        "tflops_per_gpu",
+        "data_wait_frac",
+        "peak_mem_gb",
+    ):
         assert key in steps[0], key
     assert steps[0]["mfu"] is None  # no known peak on a CPU, never a guess
     assert steps[-1]["tokens_seen"] == 30 * 256
     assert sum(v for k, v in steps[-1].items() if k.startswith("tokens_seen/")) == 30 * 256
     assert steps[-1]["loss"] < steps[0]["loss"] - 1.0
     assert evals[1]["val_loss"] < evals[0]["val_loss"] + 0.5 and evals[1]["val_ppl"] == pytest.approx(
-        math.exp(evals[1]["val_loss"]))
+        math.exp(evals[1]["val_loss"])
+    )
     assert summary["tokens_per_sec_per_gpu"] > 0
     png = plot_metrics(run / "metrics.jsonl", tmp_path / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
