@@ -160,8 +160,16 @@ def format_record(r: dict[str, Any]) -> str:
         f"step {r['step']:>6} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad norm {r['grad_norm']:.3f} | "
         f"{r['tokens_per_sec_per_gpu']:,.0f} tok/s/gpu | MFU {mfu} | {r['tflops_per_gpu']:.2f} TFLOP/s | "
         f"{r['step_time_s'] * 1000:.0f} ms/step | data {100 * r['data_wait_frac']:.1f}% | "
-        f"mem {r['peak_mem_gb']:.2f} GB | {r['tokens_seen'] / 1e6:.2f}M tokens"
+        f"mem {r['peak_mem_gb']:.2f} GB | {human_count(r['tokens_seen'])} tokens"
     )
+
+
+def human_count(n: float) -> str:
+    """1234 -> '1.2k', 5_600_000 -> '5.60M', 3.1e9 -> '3.10B'."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M")):
+        if n >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return f"{n / 1e3:.1f}k" if n >= 1e3 else str(int(n))
 
 
 def perplexity(loss: float) -> float:

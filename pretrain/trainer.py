@@ -132,7 +132,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         meter.step(time.perf_counter() - t0)
         loss, grad_norm = train_step(model, micro_batches, optimizer, scheduler, strategy, cfg.optim.grad_clip)
         step += 1
-        if step % t.log_every == 0 or step == last_step:
+        if step % t.log_every == 0 or step in (1, last_step):
             last_loss = loss.item()
             logger.log(
                 {

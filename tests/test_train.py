@@ -49,7 +49,7 @@ def test_loss_falls_and_metrics_are_logged(tiny_data, tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
-    assert [r["step"] for r in steps] == list(range(1, 31))
+    assert [r["step"] for r in steps] == list(range(1, 31))  # log_every=1
     assert [r["step"] for r in evals] == [15, 30]
     for key in (
         "step",
@@ -151,3 +151,14 @@ def test_mfu_uses_the_device_peak_and_skips_warmup_steps():
     assert w["mfu"] == pytest.approx(1000 * 1e9 / 1e12, rel=0.05)
     assert w["data_wait_frac"] == pytest.approx(0.2, rel=0.05)
     assert meter.average()["tokens_per_sec_per_gpu"] is None  # both steps were warm-up
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_on_gpu_trains_and_reports_mfu(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(tiny_data, run, "train.device=cuda", "train.steps=20", "optim.lr=3e-3"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5
+    if device_peak_flops(torch.device("cuda")) is not None:
+        assert 0 < records[-1]["mfu"] < 1
