@@ -7,8 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from data_pipeline.shards import ShardError
-from pretrain.config import ConfigError, load_config
+from pretrain.config import load_config
 
 
 def cmd_info(config: str, overrides: list[str], as_json: bool) -> None:
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
             metrics = args.run if args.run.suffix == ".jsonl" else args.run / "metrics.jsonl"
             print(plot_metrics(metrics, args.output or metrics.parent / "plot.png"))
-    except (ConfigError, ShardError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # ConfigError, ShardError and bad data are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from pretrain.config import ConfigError
 from pretrain.parallel.base import Strategy
 
 LATEST = "latest"
@@ -61,6 +62,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of `folder` and the folder itself to disk, so the rename publishes whole files."""
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class CheckpointManager:
     """Saves, finds and loads the checkpoints of one run; each stateful part saves itself."""
 
@@ -90,6 +104,7 @@ class CheckpointManager:
         torch.save(rng_state(), tmp / f"rng-rank{self.strategy.rank:05d}.pt")
         if self.strategy.is_main:
             torch.save({**state, "step": step, "code_version": code_version()}, tmp / "trainer.pt")
+        _fsync_tree(tmp)
         self.strategy.barrier()
         if self.strategy.is_main:
             shutil.rmtree(final, ignore_errors=True)
@@ -101,14 +116,29 @@ class CheckpointManager:
         self.strategy.barrier()
         return final
 
-    def load(self, path: str | os.PathLike, model, optimizer) -> dict[str, Any]:
-        """Restore model, optimizer and this rank's RNG from `path`; return the common state."""
+    def load(self, path: str | os.PathLike, model, optimizer, expect_model: Optional[dict] = None) -> dict[str, Any]:
+        """Restore model, optimizer and this rank's RNG from `path`; return the common state.
+
+        With `expect_model` (the `model` section of the config), a checkpoint of another shape is
+        refused with the keys that differ, before any tensor is loaded.
+        """
         path = Path(path)
         if not (path / "trainer.pt").is_file():
             raise FileNotFoundError(f"{path}: not a checkpoint folder (no trainer.pt)")
+        state = torch.load(path / "trainer.pt", weights_only=False)
+        if expect_model is not None:
+            saved = state["config"]["model"]
+            diff = [
+                f"model.{k}: {saved.get(k)!r} there, {v!r} here" for k, v in expect_model.items() if saved.get(k) != v
+            ]
+            if diff:
+                raise ConfigError(
+                    f"{path} holds a different model ({'; '.join(diff)}); "
+                    "set train.resume=never or another train.run_dir to start a new run"
+                )
         self.strategy.load(path, model, optimizer)
         set_rng_state(torch.load(path / f"rng-rank{self.strategy.rank:05d}.pt", weights_only=False))
-        return torch.load(path / "trainer.pt", weights_only=False)
+        return state
 
     def _prune(self) -> None:
         """Delete all but the newest `keep_last` complete checkpoints."""

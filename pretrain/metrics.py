@@ -122,9 +122,19 @@ class MetricLogger:
         """Drop lines of steps after `step` (left by a run that died after its last checkpoint)."""
         if not self.path.is_file():
             return
-        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+        kept = []
+        for n, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if n == len(lines):  # half-written by a process that died mid-line
+                    break
+                raise ValueError(f"{self.path}:{n}: not a JSON object; fix or move the file to resume") from None
+            if record["step"] <= step:
+                kept.append(line)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in lines))
+        tmp.write_text("".join(ln + "\n" for ln in kept))
         os.replace(tmp, self.path)
 
     def log(self, record: dict[str, Any]) -> None:

@@ -21,6 +21,13 @@ from pretrain.optim import build_scheduler
 from pretrain.parallel import Strategy, build_strategy
 
 
+def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, strategy: Strategy) -> torch.Tensor:
+    """Mean next-token cross-entropy of a micro-batch, computed in fp32."""
+    with strategy.autocast():
+        logits = model(inputs)  # (batch, seq, vocab)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
 def train_step(
     model: nn.Module,
     micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -38,9 +45,7 @@ def train_step(
     for inputs, targets in micro_batches:
         inputs = inputs.to(strategy.device, non_blocking=True)
         targets = targets.to(strategy.device, non_blocking=True)
-        with strategy.autocast():
-            logits = model(inputs)  # (batch, seq, vocab)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()) / len(micro_batches)
+        loss = lm_loss(model, inputs, targets, strategy) / len(micro_batches)
         strategy.backward(loss)
         loss_sum += loss.detach()
     grad_norm = strategy.clip_grad_norm(model, grad_clip)
@@ -57,9 +62,7 @@ def evaluate(model: nn.Module, samples: PackedSamples, strategy: Strategy, batch
     for b in range(batches):
         rows = torch.stack([torch.from_numpy(samples[b * batch_size + i][0]) for i in range(batch_size)])
         rows = rows.to(strategy.device)
-        with strategy.autocast():
-            logits = model(rows[:, :-1])
-        total += F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten())
+        total += lm_loss(model, rows[:, :-1], rows[:, 1:], strategy)
     model.train()
     return strategy.reduce_mean(total / batches).item()
 
@@ -96,7 +99,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     resume_from = checkpoints.latest() if t.resume == "auto" else None if t.resume == "never" else Path(t.resume)
     step, run_id = 0, uuid.uuid4().hex[:12]
     if resume_from is not None:
-        state = checkpoints.load(resume_from, model, optimizer)
+        state = checkpoints.load(resume_from, model, optimizer, expect_model=to_dict(cfg)["model"])
         scheduler.load_state_dict(state["scheduler"])
         loader.load_state_dict(state["data"])
         step, run_id = state["step"], state["wandb_run_id"]

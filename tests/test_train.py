@@ -162,3 +162,21 @@ def test_bf16_on_gpu_trains_and_reports_mfu(tiny_data, tmp_path):
     assert records[-1]["loss"] < records[0]["loss"] - 0.5
     if device_peak_flops(torch.device("cuda")) is not None:
         assert 0 < records[-1]["mfu"] < 1
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tiny_data, tmp_path):
+    from pretrain.config import ConfigError
+
+    run = tmp_path / "run"
+    train(tiny_config(tiny_data, run, "train.steps=2"))
+    with pytest.raises(ConfigError, match=r"step-00000002 holds a different model \(model.n_layers: 2 there, 3 here\)"):
+        train(tiny_config(tiny_data, run, "train.steps=4", "model.n_layers=3"))
+
+
+def test_resume_survives_a_half_written_metrics_line(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(tiny_data, run, "train.steps=4", "train.stop_at=2"))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.')  # the process died while writing step 3
+    train(tiny_config(tiny_data, run, "train.steps=4"))
+    assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4]

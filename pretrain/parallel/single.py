@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pretrain.config import ExperimentConfig, Precision
+from pretrain.config import ConfigError, ExperimentConfig, Precision
 from pretrain.model import build_model
 from pretrain.optim import build_optimizer
 from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
@@ -21,7 +21,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name} but no CUDA device is available; use train.device=cpu")
+        raise ConfigError(f"train.device={name} but no CUDA device is available; use train.device=cpu")
     return device
 
 
