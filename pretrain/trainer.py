@@ -133,6 +133,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         micro_batches = loader.next_batch()
         meter.step(time.perf_counter() - t0)
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
         loss, grad_norm = train_step(model, micro_batches, optimizer, scheduler, strategy, cfg.optim.grad_clip)
         step += 1
         if step % t.log_every == 0 or step in (1, last_step):
@@ -141,7 +142,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                 {
                     "step": step,
                     "loss": last_loss,
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": lr,
                     "grad_norm": grad_norm.item(),
                     **meter.window(),
                     "peak_mem_gb": strategy.peak_memory_gb(),

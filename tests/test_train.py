@@ -180,3 +180,11 @@ def test_resume_survives_a_half_written_metrics_line(tiny_data, tmp_path):
         f.write('{"step": 3, "loss": 1.')  # the process died while writing step 3
     train(tiny_config(tiny_data, run, "train.steps=4"))
     assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4]
+
+
+def test_logged_lr_is_the_rate_each_step_used(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(tiny_data, run, "train.steps=6", "optim.warmup_steps=2", "optim.lr=1e-3"))
+    logged = [r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    assert logged == pytest.approx([1e-3 * lr_factor(s, 2, 6, 0.1) for s in range(6)])
+    assert logged[0] == pytest.approx(0.5e-3)  # step 1 of a 2-step warmup
