@@ -56,37 +56,40 @@ _LAYER_NAMES = {
 }
 
 
+def _name_pairs(args: ModelArgs) -> list[tuple[str, str]]:
+    """(our name, Hugging Face name) of every parameter."""
+    pairs = [
+        ("tok_embeddings.weight", "model.embed_tokens.weight"),
+        ("norm.weight", "model.norm.weight"),
+        ("output.weight", "lm_head.weight"),
+    ]
+    for i in range(args.n_layers):
+        pairs += [
+            (f"layers.{i}.{ours}.weight", f"model.layers.{i}.{theirs}.weight") for ours, theirs in _LAYER_NAMES.items()
+        ]
+    return pairs
+
+
+def _convert(state: dict[str, torch.Tensor], args: ModelArgs, to_hf: bool) -> dict[str, torch.Tensor]:
+    """Rename every tensor, and permute the rows of wq/wk between the two rotary layouts."""
+    permute = _to_halves if to_hf else _to_pairs
+    heads = {".attention.wq.": args.n_heads, ".attention.wk.": args.kv_heads}
+    out = {}
+    for ours, theirs in _name_pairs(args):
+        src, dst = (ours, theirs) if to_hf else (theirs, ours)
+        w = state[src]
+        for key, n_heads in heads.items():
+            if key in f".{ours}":
+                w = permute(w, n_heads)
+        out[dst] = w
+    return out
+
+
 def to_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """Our state dict -> `LlamaForCausalLM`'s."""
-    out = {
-        "model.embed_tokens.weight": state["tok_embeddings.weight"],
-        "model.norm.weight": state["norm.weight"],
-        "lm_head.weight": state["output.weight"],
-    }
-    for i in range(args.n_layers):
-        for ours, theirs in _LAYER_NAMES.items():
-            w = state[f"layers.{i}.{ours}.weight"]
-            if ours == "attention.wq":
-                w = _to_halves(w, args.n_heads)
-            elif ours == "attention.wk":
-                w = _to_halves(w, args.kv_heads)
-            out[f"model.layers.{i}.{theirs}.weight"] = w
-    return out
+    return _convert(state, args, to_hf=True)
 
 
 def from_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """`LlamaForCausalLM`'s state dict -> ours."""
-    out = {
-        "tok_embeddings.weight": state["model.embed_tokens.weight"],
-        "norm.weight": state["model.norm.weight"],
-        "output.weight": state["lm_head.weight"],
-    }
-    for i in range(args.n_layers):
-        for ours, theirs in _LAYER_NAMES.items():
-            w = state[f"model.layers.{i}.{theirs}.weight"]
-            if ours == "attention.wq":
-                w = _to_pairs(w, args.n_heads)
-            elif ours == "attention.wk":
-                w = _to_pairs(w, args.kv_heads)
-            out[f"layers.{i}.{ours}.weight"] = w
-    return out
+    return _convert(state, args, to_hf=False)
