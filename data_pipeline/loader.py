@@ -2,20 +2,22 @@
 
 A sample is `seq_len + 1` consecutive tokens of one source's stream (documents concatenated, crossing
 their boundaries, as LLaMA-1 did); windows start every `seq_len` tokens, so the last token of one
-window is the first of the next and no target is lost. The windows of all sources form one index
-space, visited in a seeded random order that is reshuffled each epoch. A global batch is a contiguous
-range of that order, the same for any world size; each data-parallel rank takes its slice.
+window is the first of the next and no target is lost. Sources are blended by sampling weight, each
+visited without replacement within its epoch and reshuffled each epoch (`data_pipeline.mixture`).
+A global batch is a contiguous range of that order, the same for any world size; each data-parallel
+rank takes its slice.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
+from data_pipeline.mixture import Mixture
 from data_pipeline.shards import ShardError, SourceShards
 
 
@@ -31,7 +33,7 @@ def list_sources(root: str | os.PathLike) -> list[str]:
 
 
 class PackedSamples:
-    """All `seq_len + 1` windows of the chosen sources and split, in a seeded order per epoch."""
+    """All `seq_len + 1` windows of the chosen sources and split, blended by weight (see `mixture`)."""
 
     def __init__(
         self,
@@ -41,32 +43,38 @@ class PackedSamples:
         sources: Sequence[str] = (),
         seed: int = 0,
         tokenizer_sha256: Optional[str] = None,
+        weights: Optional[Mapping[str, float]] = None,
     ):
         self.seq_len, self.seed = seq_len, seed
-        self.sources = list(sources) or list_sources(root)
+        weights = dict(weights or {})
+        self.sources = list(sources) or list(weights) or list_sources(root)
+        unknown = [s for s in weights if s not in self.sources]
+        if unknown:
+            raise ShardError(f"data.weights names {unknown}, which are not among the sources {self.sources}")
         self.streams = [SourceShards(Path(root) / s, split, tokenizer_sha256) for s in self.sources]
-        self.windows = np.array([max(st.n_tokens - 1, 0) // seq_len for st in self.streams], dtype=np.int64)
-        self.window_starts = np.concatenate([[0], np.cumsum(self.windows)])
-        self.n_windows = int(self.window_starts[-1])
-        if self.n_windows == 0:
+        self.windows = [max(st.n_tokens - 1, 0) // seq_len for st in self.streams]
+        empty = [s for s, w in zip(self.sources, self.windows) if w == 0]
+        if empty:
             raise ShardError(
-                f"{root}: the '{split}' split of {self.sources} has fewer than seq_len + 1 = {seq_len + 1} tokens"
+                f"{root}: the '{split}' split of {empty} has fewer than seq_len + 1 = {seq_len + 1} tokens"
             )
-        self._epoch, self._order = -1, np.zeros(0, dtype=np.int64)
+        # without weights, each source in proportion to its size (one pass over everything per epoch)
+        self.weights = [float(weights.get(s, 0.0)) for s in self.sources] if weights else list(map(float, self.windows))
+        if weights and any(w <= 0 for w in self.weights):
+            raise ShardError(
+                f"data.weights: every source needs a positive weight, got {dict(zip(self.sources, self.weights))}"
+            )
+        self.mixture = Mixture(self.windows, self.weights, seed)
 
-    def order(self, epoch: int) -> np.ndarray:
-        """The permutation of all windows used in `epoch` (cached for the current epoch)."""
-        if epoch != self._epoch:
-            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
-            self._epoch, self._order = epoch, rng.permutation(self.n_windows)
-        return self._order
+    @property
+    def n_windows(self) -> int:
+        """Windows over all sources (one natural epoch)."""
+        return int(sum(self.windows))
 
     def locate(self, index: int) -> tuple[int, int]:
         """Global sample index -> (source number, window number inside that source)."""
-        epoch, position = divmod(index, self.n_windows)
-        window = int(self.order(epoch)[position])
-        source = int(np.searchsorted(self.window_starts, window, side="right")) - 1
-        return source, window - int(self.window_starts[source])
+        source, window, _ = self.mixture.locate(index)
+        return source, window
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         """(tokens of sample `index`, shape (seq_len + 1,), its source number)."""
@@ -129,13 +137,14 @@ class BatchLoader:
             "n_windows": self.samples.n_windows,
             "global_batch_size": self.global_batch_size,
             "sources": self.samples.sources,
+            "weights": self.samples.weights,
             "tokens_per_source": self.tokens_per_source.tolist(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the position; refuse one taken over different data or a different order."""
         mine = self.state_dict()
-        for key in ("seed", "n_windows", "sources"):
+        for key in ("seed", "n_windows", "sources", "weights"):
             if state[key] != mine[key]:
                 raise ValueError(
                     f"data loader state was saved with {key}={state[key]!r}, but this run has {mine[key]!r}"

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from pretrain.config import load_config
+from pretrain.config import ConfigError, load_config
 
 
 def cmd_info(config: str, overrides: list[str], as_json: bool) -> None:
@@ -51,6 +51,34 @@ def cmd_info(config: str, overrides: list[str], as_json: bool) -> None:
     print(f"training FLOPs:           {info['total_flops']:>20.3e}")
 
 
+def cmd_plan(config: str, overrides: list[str], tokens: list[str], total: float | None) -> None:
+    """Print the blending plan: per source, weight, tokens available, tokens drawn and epochs."""
+    from data_pipeline.loader import list_sources
+    from data_pipeline.mixture import format_plan, plan
+    from data_pipeline.shards import Manifest
+
+    cfg = load_config(config, overrides)
+    given = {}
+    for item in tokens:
+        name, _, value = item.partition("=")
+        try:
+            given[name] = int(float(value))
+        except ValueError:
+            raise ConfigError(f"--tokens {item}: expected SOURCE=COUNT, e.g. commoncrawl=852.7e9") from None
+    sources = list(cfg.data.sources) or list(cfg.data.weights) or list(given) or list_sources(cfg.data.root)
+    available = []
+    for source in sources:
+        if source in given:
+            available.append(given[source])
+        else:  # from the manifest of the source's token shards (training split)
+            manifest = Manifest.load(Path(cfg.data.root) / source)
+            available.append(sum(s.tokens for s in manifest.shards if s.split == "train"))
+    weights = [cfg.data.weights[s] for s in sources] if cfg.data.weights else [float(a) for a in available]
+    budget = int(total) if total else cfg.train.steps * cfg.train.global_batch_tokens
+    print(f"{config}: {budget:,} training tokens\n")
+    print(format_plan(plan(sources, weights, available, budget)))
+
+
 def cmd_train(config: str, overrides: list[str]) -> None:
     """Train, then draw the plot and say where everything went."""
     from pretrain.plot import plot_metrics
@@ -83,6 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="a YAML or a model preset name such as llama1-7b")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("plan", help="tokens drawn and epochs per source for the training budget")
+    p.add_argument("config", help="an experiment YAML")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument(
+        "--tokens",
+        nargs="*",
+        default=[],
+        metavar="SOURCE=COUNT",
+        help="tokens available per source (default: from the shards' manifests)",
+    )
+    p.add_argument("--total", type=float, help="token budget (default: train.steps x train.global_batch_tokens)")
     p = sub.add_parser("plot", help="draw loss and throughput of a run to a PNG")
     p.add_argument("run", type=Path, help="a run folder or its metrics.jsonl")
     p.add_argument("-o", "--output", type=Path, help="PNG path (default: <run>/plot.png)")
@@ -90,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "info":
             cmd_info(args.config, args.overrides, args.json)
+        elif args.command == "plan":
+            cmd_plan(args.config, args.overrides, args.tokens, args.total)
         elif args.command == "train":
             cmd_train(args.config, args.overrides)
         else:

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -41,7 +41,8 @@ class DataConfig:
     """Where the token shards are and how they are packed into samples."""
 
     root: str = "data/tokens/sample"  # a folder with one sub-folder of token shards per source
-    sources: List[str] = field(default_factory=list)  # empty: every source folder under root
+    sources: List[str] = field(default_factory=list)  # empty: the keys of `weights`, else every folder under root
+    weights: Dict[str, float] = field(default_factory=dict)  # sampling proportions; empty: by size
     tokenizer: str = "data/tokenizer/sample.model"  # must be the one the shards were made with
     seq_len: int = 2048
     seed: int = 1234  # the sample order is a pure function of (seed, sample index)
@@ -225,6 +226,11 @@ def validate(cfg: ExperimentConfig) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    bad = {k: v for k, v in d.weights.items() if not v > 0}
+    if bad:
+        raise ConfigError(f"data.weights must be positive, got {bad}")
+    if d.sources and d.weights and sorted(d.sources) != sorted(d.weights):
+        raise ConfigError(f"data.sources {list(d.sources)} and the keys of data.weights {list(d.weights)} differ")
     if t.strategy != "single":
         raise ConfigError(f"train.strategy='{t.strategy}' is not available; choose from: single")
     if cfg.wandb.mode not in ("auto", "online", "offline", "disabled"):

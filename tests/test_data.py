@@ -81,9 +81,15 @@ def test_loader_is_a_pure_function_of_seed_and_index(tiny_data):
         assert np.array_equal(a[i][0], b[i][0]) and a[i][1] == b[i][1]
         assert a[i][0].shape == (33,)
     assert any(not np.array_equal(a[i][0], c[i][0]) for i in range(10))
-    # one epoch visits every window exactly once
-    seen = {a.locate(i) for i in range(a.n_windows)}
-    assert len(seen) == a.n_windows
+    # each source's first epoch visits every one of its windows exactly once, the next is reshuffled
+    draws = {s: [] for s in range(len(a.sources))}
+    for i in range(2 * a.n_windows + 10):
+        source, window = a.locate(i)
+        draws[source].append(window)
+    for source, windows in draws.items():
+        w = a.windows[source]
+        assert sorted(windows[:w]) == list(range(w)) and sorted(windows[w : 2 * w]) == list(range(w))
+        assert windows[:w] != windows[w : 2 * w]
     # consecutive windows share one token: the last of one is the first of the next
     stream = a.streams[0]
     assert np.array_equal(stream.read(32, 33)[0], stream.read(0, 33)[32])
