@@ -20,6 +20,7 @@ setup(
         "sentencepiece>=0.2",
         "wandb>=0.17",
         "matplotlib>=3.7",
+        "tqdm>=4.60",
     ],
     extras_require={"dev": ["pytest>=8", "transformers>=4.45", "ruff>=0.5"]},
     entry_points={

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 from data_pipeline.config import PipelineConfig, SourceConfig, validate_pipeline
-from data_pipeline.shards import Manifest, SourceShards
-from data_pipeline.tokenize import read_jsonl, tokenize_source
-from data_pipeline.tokenizer import Tokenizer, document_lines, file_sha256, train_tokenizer
+from data_pipeline.shards import SourceShards
+from data_pipeline.tokenize import TokenizeSettings, part_path, read_jsonl, tokenize_source
+from data_pipeline.tokenizer import document_lines, file_sha256, train_tokenizer
 from pretrain.config import ConfigError, load_structured
 
 
@@ -47,67 +47,63 @@ def cmd_train_tokenizer(cfg: PipelineConfig) -> None:
     )
 
 
-def cmd_tokenize(cfg: PipelineConfig, force: bool = False) -> None:
-    """Tokenize every source into shards; a source whose manifest matches the tokenizer is skipped."""
-    tokenizer = Tokenizer(cfg.tokenizer.path)
+def cmd_tokenize(cfg: PipelineConfig, force: bool = False, machine: tuple[int, int] = (0, 1)) -> None:
+    """Tokenize every source into shards; files already done are skipped, so a rerun resumes."""
     rows = []
     for source in cfg.sources:
         out = Path(cfg.tokenize.output) / source.name
         inputs = source_files(source)
-        if not force and (out / "manifest.json").is_file():
-            manifest = Manifest.load(out)
-            done_inputs = [i for s in manifest.shards for i in s.inputs]
-            if manifest.tokenizer_sha256 == tokenizer.sha256 and set(done_inputs) == set(map(str, inputs)):
-                print(f"{source.name}: already tokenized in {out}, skipped (--force to redo)")
-                st = manifest.stats
-                rows.append(
-                    (
-                        source.name,
-                        st["documents_in"],
-                        st["documents_written"],
-                        st["tokens_written"],
-                        st["bytes_in"],
-                        st["dropped"],
-                        0.0,
-                    )
-                )
-                continue
+        if force:
+            for i in range(machine[0], len(inputs), machine[1]):
+                part_path(out, i).unlink(missing_ok=True)
+            (out / "manifest.json").unlink(missing_ok=True)
+        settings = TokenizeSettings(
+            source=source.name,
+            tokenizer_path=cfg.tokenizer.path,
+            val_fraction=cfg.tokenize.val_fraction,
+            bos=cfg.tokenize.bos,
+            eos=cfg.tokenize.eos,
+            strict=cfg.tokenize.strict,
+            text_field=source.text_field,
+        )
         t0 = time.time()
         stats = tokenize_source(
-            source.name,
             inputs,
             out,
-            tokenizer,
-            cfg.tokenize.val_fraction,
-            cfg.tokenize.bos,
-            cfg.tokenize.eos,
-            cfg.tokenize.strict,
-            source.text_field,
+            settings,
+            cfg.tokenize.workers,
+            machine,
+            progress=sys.stderr.isatty(),
             config={"source": source.name, "files": source.files, "tokenize": vars(cfg.tokenize)},
         )
-        rows.append(
-            (
-                source.name,
-                stats.documents_in,
-                stats.documents_written,
-                stats.tokens_written,
-                stats.bytes_in,
-                dict(stats.dropped),
-                time.time() - t0,
-            )
-        )
+        if stats is None:
+            print(f"{source.name}: this machine's files are done; other machines' are not yet (no manifest)")
+            continue
+        rows.append((source.name, stats, time.time() - t0))
         for reason, examples in stats.examples.items():
             print(f"{source.name}: dropped {stats.dropped[reason]} ({reason}), e.g. {', '.join(examples)}")
     print(
         f"\n{'source':<16}{'docs in':>9}{'train docs':>11}{'val docs':>9}{'train tokens':>14}"
-        f"{'val tokens':>12}{'MB in':>8}{'dropped':>9}{'s':>6}"
+        f"{'val tokens':>12}{'MB in':>8}{'dropped':>9}{'s':>7}"
     )
-    for name, n_in, docs, tokens, nbytes, dropped, secs in rows:
+    for name, st, secs in rows:
+        docs, tokens = st.documents_written, st.tokens_written
         print(
-            f"{name:<16}{n_in:>9}{docs['train']:>11}{docs['val']:>9}{tokens['train']:>14}{tokens['val']:>12}"
-            f"{nbytes / 1e6:>8.2f}{sum(dropped.values()):>9}{secs:>6.1f}"
+            f"{name:<16}{st.documents_in:>9}{docs['train']:>11}{docs['val']:>9}{tokens['train']:>14}"
+            f"{tokens['val']:>12}{st.bytes_in / 1e6:>8.2f}{sum(st.dropped.values()):>9}{secs:>7.1f}"
         )
     print(f"\ntoken shards: {cfg.tokenize.output}")
+
+
+def parse_machine(text: str) -> tuple[int, int]:
+    """`k/K` -> (k, K), machine k of K (0-based)."""
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--machine {text}: expected k/K, e.g. 0/4") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"--machine {text}: need 0 <= k < K")
+    return k, n
 
 
 def cmd_verify(root: Path, tokenizer: str | None) -> None:
@@ -132,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("config", help="a pipeline YAML, e.g. configs/pipeline/sample.yaml")
         p.add_argument("overrides", nargs="*", help="key=value overrides")
         p.add_argument("--force", action="store_true", help="redo work that is already done")
+        p.add_argument(
+            "--machine",
+            type=parse_machine,
+            default=(0, 1),
+            metavar="k/K",
+            help="tokenize only input files i with i %% K == k (machine k of K)",
+        )
     p = sub.add_parser("verify", help="check token shards against their manifests")
     p.add_argument("root", type=Path)
     p.add_argument("--tokenizer", help="also check the shards were made with this tokenizer")
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "prepare":
             print(f"tokenizer: {cfg.tokenizer.path} exists, kept (--force to retrain)")
         if args.command in ("prepare", "tokenize"):
-            cmd_tokenize(cfg, args.force)
+            cmd_tokenize(cfg, args.force, args.machine)
     except (ValueError, FileNotFoundError) as e:  # ConfigError, ShardError, DataError included
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -37,6 +37,7 @@ class TokenizeConfig:
     bos: bool = True
     eos: bool = True
     strict: bool = False  # stop at the first bad record instead of counting it
+    workers: int = 1  # processes, each tokenizing whole input files
 
 
 @dataclass
@@ -60,5 +61,7 @@ def validate_pipeline(cfg: PipelineConfig) -> None:
             raise ConfigError(f"sources[{i}].files: no input files for source '{s.name}'")
     if cfg.tokenizer.vocab_size < 259 + 3:  # 256 byte-fallback pieces + unk/bos/eos
         raise ConfigError(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is too small (byte fallback needs 259+)")
+    if cfg.tokenize.workers < 1:
+        raise ConfigError(f"tokenize.workers must be >= 1, got {cfg.tokenize.workers}")
     if not 0.0 <= cfg.tokenize.val_fraction < 1.0:
         raise ConfigError(f"tokenize.val_fraction must be in [0, 1), got {cfg.tokenize.val_fraction}")

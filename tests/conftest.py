@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.tokenize import read_jsonl, tokenize_source
-from data_pipeline.tokenizer import Tokenizer, document_lines, train_tokenizer
+from data_pipeline.tokenize import TokenizeSettings, read_jsonl, tokenize_source
+from data_pipeline.tokenizer import document_lines, train_tokenizer
 from pretrain.config import ExperimentConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,9 +42,9 @@ def tiny_data(tmp_path_factory) -> dict:
     texts = (d.text for p in inputs.values() for d in read_jsonl(p) if d.text)
     tokenizer_path = base / "tokenizer.model"
     train_tokenizer(document_lines(texts), tokenizer_path, vocab_size=512)
-    tokenizer = Tokenizer(tokenizer_path)
     for name, path in inputs.items():
-        tokenize_source(name, [path], base / "tokens" / name, tokenizer, val_fraction=0.1)
+        settings = TokenizeSettings(source=name, tokenizer_path=str(tokenizer_path), val_fraction=0.1)
+        tokenize_source([path], base / "tokens" / name, settings)
     return {"root": base / "tokens", "tokenizer": tokenizer_path, "inputs": inputs, "sources": list(inputs)}
 
 

@@ -2,13 +2,14 @@
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from data_pipeline.loader import BatchLoader, PackedSamples
 from data_pipeline.shards import Manifest, ShardError, SourceShards
-from data_pipeline.tokenize import DataError, is_validation, read_jsonl, tokenize_source
+from data_pipeline.tokenize import DataError, TokenizeSettings, is_validation, read_jsonl, tokenize_source
 from data_pipeline.tokenizer import Tokenizer, file_sha256, train_tokenizer
 
 
@@ -63,13 +64,13 @@ def test_bad_records_are_counted_with_their_line_or_stop_strict(tiny_data, tmp_p
         + b'\n{"text": "\xff\xfe"}\n'
         + (good + "\n").encode()
     )
-    tok = Tokenizer(tiny_data["tokenizer"])
-    stats = tokenize_source("bad", [src], tmp_path / "out", tok, val_fraction=0.0)
+    settings = TokenizeSettings(source="bad", tokenizer_path=str(tiny_data["tokenizer"]), val_fraction=0.0)
+    stats = tokenize_source([src], tmp_path / "out", settings)
     assert stats.documents_in == 6 and stats.documents_written["train"] == 2
     assert dict(stats.dropped) == {"bad_json": 1, "missing_text": 1, "empty_text": 1, "not_utf8": 1}
     assert stats.examples["bad_json"] == [f"{src}:2"]
     with pytest.raises(DataError, match=rf"{src}:2: bad json"):
-        tokenize_source("bad", [src], tmp_path / "strict", tok, strict=True)
+        tokenize_source([src], tmp_path / "strict", replace(settings, strict=True))
 
 
 def test_loader_is_a_pure_function_of_seed_and_index(tiny_data):

@@ -1,0 +1,88 @@
+"""Tokenization at scale: per-file shards, resume after a kill, machines and workers splitting a source."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import data_pipeline.tokenize as tok_mod
+from data_pipeline.shards import Manifest
+from data_pipeline.tokenize import TokenizeSettings, tokenize_source
+
+
+@pytest.fixture(scope="module")
+def four_files(tiny_data, tmp_path_factory) -> list[Path]:
+    """One source in four input files."""
+    base = tmp_path_factory.mktemp("four")
+    lines = [ln for p in tiny_data["inputs"].values() for ln in p.read_text().splitlines()]
+    files = []
+    for k in range(4):
+        path = base / f"part{k}.jsonl"
+        path.write_text("".join(line + "\n" for line in lines[k::4]))
+        files.append(path)
+    return files
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def settings(tiny_data) -> TokenizeSettings:
+    return TokenizeSettings(source="src", tokenizer_path=str(tiny_data["tokenizer"]), val_fraction=0.1)
+
+
+def test_one_shard_pair_per_input_and_counts_add_up(tiny_data, four_files, tmp_path):
+    stats = tokenize_source(four_files, tmp_path / "out", settings(tiny_data))
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert [n for n in names if n.endswith(".bin")] == [f"{s}-{i:05d}.bin" for s in ("train", "val") for i in range(4)]
+    lines = sum(len(p.read_text().splitlines()) for p in four_files)
+    assert stats.documents_in == lines == sum(stats.documents_written.values()) + sum(stats.dropped.values())
+    manifest = Manifest.load(tmp_path / "out")
+    assert manifest.stats["documents_in"] == lines and len(manifest.shards) == 8
+
+
+def test_killed_run_resumes_to_byte_identical_shards(tiny_data, four_files, tmp_path, monkeypatch):
+    tokenize_source(four_files, tmp_path / "whole", settings(tiny_data))
+    real = tok_mod.tokenize_file
+
+    def dies_on_third_file(index, path, output, s):
+        if index == 2:
+            (output / "train-00002.bin.tmp").write_bytes(b"half a shard")  # killed mid-write
+            raise KeyboardInterrupt
+        return real(index, path, output, s)
+
+    monkeypatch.setattr(tok_mod, "tokenize_file", dies_on_third_file)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_source(four_files, tmp_path / "broken", settings(tiny_data))
+    assert not (tmp_path / "broken" / "manifest.json").exists()
+    done = sorted(p.name for p in (tmp_path / "broken").glob("part-*.json"))
+    assert done == ["part-00000.json", "part-00001.json"]
+    monkeypatch.setattr(tok_mod, "tokenize_file", real)
+    calls = []
+    monkeypatch.setattr(tok_mod, "tokenize_file", lambda *a: calls.append(a[0]) or real(*a))
+    tokenize_source(four_files, tmp_path / "broken", settings(tiny_data))
+    assert calls == [2, 3]  # finished files are skipped
+    assert folder_bytes(tmp_path / "broken") == folder_bytes(tmp_path / "whole")
+
+
+def test_two_machines_and_two_workers_give_the_shards_of_one(tiny_data, four_files, tmp_path):
+    tokenize_source(four_files, tmp_path / "one", settings(tiny_data))
+    first = tokenize_source(four_files, tmp_path / "split", settings(tiny_data), machine=(1, 2))
+    assert first is None and not (tmp_path / "split" / "manifest.json").exists()
+    assert sorted(p.name for p in (tmp_path / "split").glob("part-*")) == ["part-00001.json", "part-00003.json"]
+    tokenize_source(four_files, tmp_path / "split", settings(tiny_data), machine=(0, 2))
+    assert folder_bytes(tmp_path / "split") == folder_bytes(tmp_path / "one")
+    tokenize_source(four_files, tmp_path / "workers", settings(tiny_data), workers=2)
+    assert folder_bytes(tmp_path / "workers") == folder_bytes(tmp_path / "one")
+
+
+def test_a_changed_tokenizer_redoes_the_files(tiny_data, four_files, tmp_path):
+    out = tmp_path / "out"
+    tokenize_source(four_files, out, settings(tiny_data))
+    part = json.loads((out / "part-00000.json").read_text())
+    part["tokenizer_sha256"] = "0" * 64
+    (out / "part-00000.json").write_text(json.dumps(part))
+    before = (out / "train-00001.bin").stat().st_mtime_ns
+    tokenize_source(four_files, out, settings(tiny_data))
+    assert json.loads((out / "part-00000.json").read_text())["tokenizer_sha256"] != "0" * 64
+    assert (out / "train-00001.bin").stat().st_mtime_ns == before
