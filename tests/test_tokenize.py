@@ -14,7 +14,7 @@ from data_pipeline.tokenize import TokenizeSettings, tokenize_source
 def four_files(tiny_data, tmp_path_factory) -> list[Path]:
     """One source in four input files."""
     base = tmp_path_factory.mktemp("four")
-    lines = [ln for p in tiny_data["inputs"].values() for ln in p.read_text().splitlines()]
+    lines = [ln for p in tiny_data["inputs"].values() for ln in p.read_text().split("\n") if ln]
     files = []
     for k in range(4):
         path = base / f"part{k}.jsonl"
