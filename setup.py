@@ -21,8 +21,12 @@ setup(
         "wandb>=0.17",
         "matplotlib>=3.7",
         "tqdm>=4.60",
+        "zstandard>=0.22",
     ],
-    extras_require={"dev": ["pytest>=8", "transformers>=4.45", "ruff>=0.5"]},
+    extras_require={
+        "data": ["datasets>=2.19"],  # Parquet inputs
+        "dev": ["pytest>=8", "transformers>=4.45", "ruff>=0.5", "datasets>=2.19"],
+    },
     entry_points={
         "console_scripts": [
             "llama-pretrain=pretrain.__main__:main",

@@ -22,7 +22,8 @@ from pathlib import Path
 import sentencepiece as spm
 
 from data_pipeline.loader import BatchLoader, PackedSamples
-from data_pipeline.tokenize import TokenizeSettings, read_jsonl, tokenize_source
+from data_pipeline.sources import read_jsonl
+from data_pipeline.tokenize import TokenizeSettings, tokenize_source
 from data_pipeline.tokenizer import document_lines, train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

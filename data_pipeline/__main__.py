@@ -10,7 +10,8 @@ from pathlib import Path
 
 from data_pipeline.config import PipelineConfig, SourceConfig, validate_pipeline
 from data_pipeline.shards import SourceShards
-from data_pipeline.tokenize import TokenizeSettings, part_path, read_jsonl, tokenize_source
+from data_pipeline.sources import read_documents
+from data_pipeline.tokenize import TokenizeSettings, part_path, tokenize_source
 from data_pipeline.tokenizer import document_lines, file_sha256, train_tokenizer
 from pretrain.config import ConfigError, load_structured
 
@@ -33,7 +34,7 @@ def cmd_train_tokenizer(cfg: PipelineConfig) -> None:
     def texts():
         for source in cfg.sources:
             for path in source_files(source):
-                for doc in read_jsonl(path, source.text_field):
+                for doc in read_documents(path, source.text_field, source.id_field):
                     if doc.text is not None:
                         yield doc.text
 
@@ -65,6 +66,7 @@ def cmd_tokenize(cfg: PipelineConfig, force: bool = False, machine: tuple[int, i
             eos=cfg.tokenize.eos,
             strict=cfg.tokenize.strict,
             text_field=source.text_field,
+            id_field=source.id_field,
         )
         t0 = time.time()
         stats = tokenize_source(
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("config", help="a pipeline YAML, e.g. configs/pipeline/sample.yaml")
         p.add_argument("overrides", nargs="*", help="key=value overrides")
         p.add_argument("--force", action="store_true", help="redo work that is already done")
+        p.add_argument("--strict", action="store_true", help="stop at the first bad record (tokenize.strict=true)")
         p.add_argument(
             "--machine",
             type=parse_machine,
@@ -143,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             cmd_verify(args.root, args.tokenizer)
             return 0
-        cfg: PipelineConfig = load_structured(PipelineConfig, args.config, args.overrides)
+        overrides = args.overrides + (["tokenize.strict=true"] if args.strict else [])
+        cfg: PipelineConfig = load_structured(PipelineConfig, args.config, overrides)
         validate_pipeline(cfg)
         if args.command == "train-tokenizer" or (
             args.command == "prepare" and (args.force or not Path(cfg.tokenizer.path).is_file())

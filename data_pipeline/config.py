@@ -12,11 +12,12 @@ from pretrain.config import ConfigError
 
 @dataclass
 class SourceConfig:
-    """One source: a name and its JSONL documents (globs allowed; .gz and .zst too)."""
+    """One source: a name and its files (globs allowed): .jsonl[.gz|.zst], .parquet or .txt (one book)."""
 
     name: str = MISSING
     files: List[str] = field(default_factory=list)
     text_field: str = "text"
+    id_field: str = "id"  # records without it are named by file:line
 
 
 @dataclass

@@ -12,32 +12,17 @@ the same bytes as an unbroken one.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
 import multiprocessing
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterator, Optional
+from typing import Any, Optional
 
 from data_pipeline.shards import Manifest, ShardInfo, atomic_write_bytes, token_dtype, write_shard
+from data_pipeline.sources import DataError, Document, read_documents
 from data_pipeline.tokenizer import Tokenizer
-
-
-class DataError(ValueError):
-    """A bad input record in strict mode; names the file and line."""
-
-
-@dataclass
-class Document:
-    """A document read from an input file, or the reason it cannot be used."""
-
-    origin: str  # file:line
-    id: Optional[str] = None
-    text: Optional[str] = None
-    dropped: Optional[str] = None  # reason: bad_json | not_utf8 | missing_text | empty_text
 
 
 @dataclass
@@ -94,43 +79,6 @@ class TokenizeStats:
         )
 
 
-def open_text(path: Path) -> IO[bytes]:
-    """Open a plain, .gz or .zst file for reading bytes."""
-    if path.suffix == ".gz":
-        return gzip.open(path, "rb")
-    if path.suffix == ".zst":
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
-    return open(path, "rb")
-
-
-def read_jsonl(path: Path, text_field: str = "text", id_field: str = "id") -> Iterator[Document]:
-    """Every line of a JSONL file as a Document (usable, or with the reason it is not)."""
-    with open_text(path) as f:
-        for line_no, raw in enumerate(f, start=1):
-            origin = f"{path}:{line_no}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                yield Document(origin, dropped="not_utf8")
-                continue
-            if not line.strip():
-                continue  # blank separator lines are not documents
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                yield Document(origin, dropped="bad_json")
-                continue
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                yield Document(origin, dropped="missing_text")
-            elif not text.strip():
-                yield Document(origin, dropped="empty_text")
-            else:
-                yield Document(origin, id=str(record.get(id_field, origin)), text=text)
-
-
 def is_validation(source: str, doc_id: str, val_fraction: float) -> bool:
     """Whether a document is held out: a stable hash of (source, id) below the fraction."""
     h = int.from_bytes(hashlib.sha256(f"{source}/{doc_id}".encode()).digest()[:8], "little")
@@ -148,6 +96,7 @@ class TokenizeSettings:
     eos: bool = True
     strict: bool = False
     text_field: str = "text"
+    id_field: str = "id"
     batch_docs: int = 512
     threads: int = 1  # SentencePiece threads per worker
 
@@ -167,7 +116,7 @@ def tokenize_file(index: int, path: Path, output: Path, settings: TokenizeSettin
     stats = TokenizeStats()
     docs: dict[str, list[list[int]]] = {"train": [], "val": []}
     pending: list[Document] = []
-    for doc in read_jsonl(path, settings.text_field):
+    for doc in read_documents(path, settings.text_field, settings.id_field):
         stats.documents_in += 1
         if doc.dropped:
             if settings.strict:

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipeline.loader import BatchLoader, PackedSamples
+from data_pipeline.loader import BatchLoader, PackedSamples, list_sources
+from data_pipeline.shards import SourceShards
 from data_pipeline.tokenizer import file_sha256
 from pretrain.checkpoint import CheckpointManager
 from pretrain.config import ConfigError, ExperimentConfig, to_dict, to_yaml
@@ -67,13 +68,28 @@ def evaluate(model: nn.Module, samples: PackedSamples, strategy: Strategy, batch
     return strategy.reduce_mean(total / batches).item()
 
 
-def load_data(cfg: ExperimentConfig, split: str) -> PackedSamples:
-    """Packed samples of one split, checked against the configured tokenizer."""
+def load_data(cfg: ExperimentConfig, split: str) -> PackedSamples | None:
+    """Packed samples of one split, checked against the configured tokenizer.
+
+    For validation, sources with too few held-out tokens for one sample are left out (and said so);
+    None when no source has any.
+    """
     tokenizer = Path(cfg.data.tokenizer)
     if not tokenizer.is_file():
         raise ConfigError(f"data.tokenizer: {tokenizer} not found (run `python -m data_pipeline prepare`?)")
+    sources, weights = list(cfg.data.sources) or list(cfg.data.weights) or list_sources(cfg.data.root), cfg.data.weights
+    if split != "train":
+        usable = [s for s in sources if SourceShards(Path(cfg.data.root) / s, split).n_tokens > cfg.data.seq_len]
+        if usable != sources:
+            print(
+                f"{split}: no held-out sample of {cfg.data.seq_len + 1} tokens in "
+                f"{[s for s in sources if s not in usable]}; evaluating on {usable or 'nothing'}"
+            )
+        if not usable:
+            return None
+        sources, weights = usable, {s: w for s, w in weights.items() if s in usable}
     samples = PackedSamples(
-        cfg.data.root, cfg.data.seq_len, split, cfg.data.sources, cfg.data.seed, file_sha256(tokenizer)
+        cfg.data.root, cfg.data.seq_len, split, sources, cfg.data.seed, file_sha256(tokenizer), weights
     )
     vocab = max(s.manifest.vocab_size for s in samples.streams)
     if vocab > cfg.model.vocab_size:

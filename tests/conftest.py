@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.tokenize import TokenizeSettings, read_jsonl, tokenize_source
+from data_pipeline.sources import read_jsonl
+from data_pipeline.tokenize import TokenizeSettings, tokenize_source
 from data_pipeline.tokenizer import document_lines, train_tokenizer
 from pretrain.config import ExperimentConfig, load_config
 

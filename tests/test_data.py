@@ -9,7 +9,8 @@ import pytest
 
 from data_pipeline.loader import BatchLoader, PackedSamples
 from data_pipeline.shards import Manifest, ShardError, SourceShards
-from data_pipeline.tokenize import DataError, TokenizeSettings, is_validation, read_jsonl, tokenize_source
+from data_pipeline.sources import DataError, read_jsonl
+from data_pipeline.tokenize import TokenizeSettings, is_validation, tokenize_source
 from data_pipeline.tokenizer import Tokenizer, file_sha256, train_tokenizer
 
 

@@ -188,3 +188,24 @@ def test_logged_lr_is_the_rate_each_step_used(tiny_data, tmp_path):
     logged = [r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
     assert logged == pytest.approx([1e-3 * lr_factor(s, 2, 6, 0.1) for s in range(6)])
     assert logged[0] == pytest.approx(0.5e-3)  # step 1 of a 2-step warmup
+
+
+def test_validation_leaves_out_sources_without_a_held_out_sample(tiny_data, tmp_path, capsys):
+    from data_pipeline.shards import SourceShards
+    from pretrain.trainer import load_data
+
+    val_tokens = {s: SourceShards(tiny_data["root"] / s, "val").n_tokens for s in tiny_data["sources"]}
+    small, big = sorted(val_tokens, key=val_tokens.get)
+    assert val_tokens[small] < val_tokens[big]
+    seq = val_tokens[small]  # the small source cannot fill one sample of seq + 1 tokens
+    cfg = tiny_config(
+        tiny_data,
+        tmp_path,
+        f"data.seq_len={seq}",
+        f"model.max_seq_len={seq}",
+        f"train.global_batch_tokens={seq}",
+        "train.micro_batch_size=1",
+    )
+    val = load_data(cfg, "val")
+    assert val.sources == [big]
+    assert f"no held-out sample of {seq + 1} tokens in ['{small}']" in capsys.readouterr().out
