@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 from data_pipeline.config import PipelineConfig, SourceConfig, validate_pipeline
-from data_pipeline.shards import SourceShards
+from data_pipeline.shards import SourceShards, atomic_write_bytes
 from data_pipeline.sources import read_documents
 from data_pipeline.tokenize import TokenizeSettings, part_path, tokenize_source
-from data_pipeline.tokenizer import document_lines, file_sha256, train_tokenizer
+from data_pipeline.tokenizer import LLAMA_TRAINER_SPEC, document_lines, file_sha256, train_tokenizer
 from pretrain.config import ConfigError, load_structured
 
 
@@ -28,23 +30,48 @@ def source_files(source: SourceConfig) -> list[Path]:
     return files
 
 
+def tokenizer_sample(cfg: PipelineConfig, taken: dict[str, int]) -> Iterator[str]:
+    """Text for tokenizer training: each source's share (`weight`) of `tokenizer.sample_bytes`, read
+    evenly from its files (a file stops contributing at its part of the quota). Bytes taken per source
+    are counted into `taken`."""
+    total_weight = sum(s.weight for s in cfg.sources)
+    for source in cfg.sources:
+        files = source_files(source)
+        per_file = cfg.tokenizer.sample_bytes * source.weight / total_weight / len(files)
+        taken[source.name] = 0
+        for path in files:
+            used = 0
+            for doc in read_documents(path, source.text_field, source.id_field):
+                if used >= per_file:
+                    break
+                if doc.text is not None:
+                    used += len(doc.text.encode())
+                    yield doc.text
+            taken[source.name] += used
+
+
 def cmd_train_tokenizer(cfg: PipelineConfig) -> None:
-    """Train the tokenizer on the lines of every source's documents."""
-
-    def texts():
-        for source in cfg.sources:
-            for path in source_files(source):
-                for doc in read_documents(path, source.text_field, source.id_field):
-                    if doc.text is not None:
-                        yield doc.text
-
+    """Train the tokenizer on a weighted sample of every source; record its sha256 and sample beside it."""
     t0 = time.time()
+    taken: dict[str, int] = {}
     sha = train_tokenizer(
-        document_lines(texts()), cfg.tokenizer.path, cfg.tokenizer.vocab_size, cfg.tokenizer.max_sentences
+        document_lines(tokenizer_sample(cfg, taken)),
+        cfg.tokenizer.path,
+        cfg.tokenizer.vocab_size,
+        cfg.tokenizer.max_sentences,
     )
+    record = {
+        "sha256": sha,
+        "vocab_size": cfg.tokenizer.vocab_size,
+        "trainer_spec": LLAMA_TRAINER_SPEC,
+        "sample_bytes": taken,
+        "sources": {s.name: s.files for s in cfg.sources},
+    }
+    atomic_write_bytes(Path(cfg.tokenizer.path).with_suffix(".json"), json.dumps(record, indent=2).encode())
+    mb = ", ".join(f"{name} {n / 1e6:.1f} MB" for name, n in taken.items())
     print(
         f"tokenizer: {cfg.tokenizer.path} (vocab {cfg.tokenizer.vocab_size}, sha256 {sha[:12]}...) "
-        f"in {time.time() - t0:.1f}s"
+        f"from {mb} in {time.time() - t0:.1f}s"
     )
 
 

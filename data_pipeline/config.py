@@ -18,6 +18,7 @@ class SourceConfig:
     files: List[str] = field(default_factory=list)
     text_field: str = "text"
     id_field: str = "id"  # records without it are named by file:line
+    weight: float = 1.0  # share of the tokenizer's training sample
 
 
 @dataclass
@@ -26,6 +27,7 @@ class TokenizerTrainConfig:
 
     path: str = "data/tokenizer/tokenizer.model"
     vocab_size: int = 32000
+    sample_bytes: int = 1_000_000_000  # text read for training, split across sources by `weight`
     max_sentences: int = 10_000_000  # lines sampled by the trainer
 
 
@@ -62,6 +64,9 @@ def validate_pipeline(cfg: PipelineConfig) -> None:
             raise ConfigError(f"sources[{i}].files: no input files for source '{s.name}'")
     if cfg.tokenizer.vocab_size < 259 + 3:  # 256 byte-fallback pieces + unk/bos/eos
         raise ConfigError(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is too small (byte fallback needs 259+)")
+    bad = [s.name for s in cfg.sources if not s.weight > 0]
+    if bad:
+        raise ConfigError(f"sources: weight must be positive for {bad}")
     if cfg.tokenize.workers < 1:
         raise ConfigError(f"tokenize.workers must be >= 1, got {cfg.tokenize.workers}")
     if not 0.0 <= cfg.tokenize.val_fraction < 1.0:

@@ -180,3 +180,21 @@ def test_prepare_cli_runs_and_skips_finished_work(tmp_path, tiny_data, capsys):
     assert main(["verify", str(tmp_path / "tokens"), "--tokenizer", str(tmp_path / "tok.model")]) == 0
     assert main(["prepare", str(cfg), "sources=[{name: two, files: [nowhere.jsonl]}]"]) == 2
     assert "input file not found: nowhere.jsonl" in capsys.readouterr().err
+
+
+def test_tokenizer_sample_is_weighted_by_source_and_recorded(tiny_data, tmp_path):
+    from data_pipeline.__main__ import main
+
+    a, b = (tiny_data["inputs"][s] for s in tiny_data["sources"])
+    cfg = tmp_path / "pipe.yaml"
+    cfg.write_text(
+        f"sources:\n  - name: a\n    files: [{a}]\n    weight: 3\n  - name: b\n    files: [{b}]\n    weight: 1\n"
+        f"tokenizer:\n  path: {tmp_path}/tok.model\n  vocab_size: 400\n  sample_bytes: 40000\n"
+    )
+    assert main(["train-tokenizer", str(cfg)]) == 0
+    record = json.loads((tmp_path / "tok.json").read_text())
+    assert record["sha256"] == file_sha256(tmp_path / "tok.model")
+    taken = record["sample_bytes"]
+    assert 30000 <= taken["a"] < 30000 + 20000 and 10000 <= taken["b"] < 10000 + 20000
+    assert taken["a"] > 2 * taken["b"]
+    assert record["trainer_spec"]["byte_fallback"] is True
