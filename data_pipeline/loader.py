@@ -11,6 +11,8 @@ rank takes its slice.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -151,3 +153,63 @@ class BatchLoader:
                 )
         self.index = state["index"]
         self.tokens_per_source = np.array(state["tokens_per_source"], dtype=np.int64)
+
+
+class PrefetchLoader:
+    """Builds the next `depth` batches of a BatchLoader in a background thread, so a step never waits
+    on reading shards. `state_dict()` is the position of the batches handed out, not of those built."""
+
+    def __init__(self, loader: BatchLoader, depth: int = 2):
+        self.loader, self.depth = loader, depth
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self._state = loader.state_dict()
+
+    def _produce(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = (self.loader.next_batch(), self.loader.state_dict())
+            except Exception as e:  # handed to the consumer, raised there
+                item = (e, None)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[1] is None:
+                return
+
+    def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The next batch, as `BatchLoader.next_batch` would give it."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._produce, name="batch-prefetch", daemon=True)
+            self._thread.start()
+        batch, state = self._queue.get()
+        if state is None:
+            raise batch
+        self._state = state
+        return batch
+
+    @property
+    def tokens_per_source(self) -> np.ndarray:
+        """Tokens per source in the batches handed out."""
+        return np.array(self._state["tokens_per_source"], dtype=np.int64)
+
+    def state_dict(self) -> dict:
+        """The position after the last batch handed out."""
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the position (before the first batch only)."""
+        if self._thread is not None:
+            raise RuntimeError("load_state_dict after prefetching started")
+        self.loader.load_state_dict(state)
+        self._state = self.loader.state_dict()
+
+    def close(self) -> None:
+        """Stop the background thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipeline.loader import BatchLoader, PackedSamples, list_sources
+from data_pipeline.loader import BatchLoader, PackedSamples, PrefetchLoader, list_sources
 from data_pipeline.shards import SourceShards
 from data_pipeline.tokenizer import file_sha256
 from pretrain.checkpoint import CheckpointManager
@@ -104,7 +104,9 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     train_data = load_data(cfg, "train")
     val_data = load_data(cfg, "val") if t.eval_every else None
     global_batch = t.global_batch_tokens // cfg.data.seq_len
-    loader = BatchLoader(train_data, global_batch, t.micro_batch_size, strategy.rank, strategy.world_size)
+    loader = PrefetchLoader(
+        BatchLoader(train_data, global_batch, t.micro_batch_size, strategy.rank, strategy.world_size)
+    )
 
     torch.manual_seed(t.seed)
     model = strategy.setup_model(cfg)
@@ -185,4 +187,5 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         **meter.average(),
     }
     logger.close()
+    loader.close()
     return summary

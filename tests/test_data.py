@@ -198,3 +198,20 @@ def test_tokenizer_sample_is_weighted_by_source_and_recorded(tiny_data, tmp_path
     assert 30000 <= taken["a"] < 30000 + 20000 and 10000 <= taken["b"] < 10000 + 20000
     assert taken["a"] > 2 * taken["b"]
     assert record["trainer_spec"]["byte_fallback"] is True
+
+
+def test_prefetching_gives_the_same_batches_and_positions(tiny_data):
+    from data_pipeline.loader import PrefetchLoader
+
+    samples = PackedSamples(tiny_data["root"], seq_len=32, seed=4)
+    plain = BatchLoader(samples, 8, 4)
+    ahead = PrefetchLoader(BatchLoader(samples, 8, 4), depth=3)
+    for _ in range(5):
+        for (x, y), (px, py) in zip(plain.next_batch(), ahead.next_batch()):
+            assert x.equal(px) and y.equal(py)
+        assert ahead.state_dict() == plain.state_dict()  # handed out, not built ahead
+    ahead.close()
+    resumed = PrefetchLoader(BatchLoader(samples, 8, 4))
+    resumed.load_state_dict(plain.state_dict())
+    assert resumed.next_batch()[0][0].equal(plain.next_batch()[0][0])
+    resumed.close()
