@@ -83,6 +83,30 @@ class PackedSamples:
         source, window = self.locate(index)
         return self.streams[source].read(window * self.seq_len, self.seq_len + 1), source
 
+    def positions(self, index: int) -> np.ndarray:
+        """Position ids of sample `index`'s `seq_len` input tokens, reset at each document start."""
+        source, window = self.locate(index)
+        starts = self.streams[source].doc_starts(window * self.seq_len, self.seq_len)
+        return document_positions(starts, self.seq_len)
+
+
+def document_positions(doc_starts: np.ndarray, length: int) -> np.ndarray:
+    """Position of each of `length` tokens inside its document, restarting at 0 at every start.
+
+    Tokens before the first start belong to a document that began in an earlier sample and count
+    from 0 at the sample's start. This is the "reset position ids" form of document boundaries.
+    """
+    positions = np.arange(length, dtype=np.int64)
+    starts = np.concatenate([[0], doc_starts[(doc_starts > 0) & (doc_starts < length)]]).astype(np.int64)
+    lengths = np.diff(np.concatenate([starts, [length]]))
+    return positions - np.repeat(starts, lengths)
+
+
+def cu_seqlens(positions: np.ndarray) -> np.ndarray:
+    """Cumulative document lengths (flash-attention's varlen form) of one row of position ids."""
+    starts = np.flatnonzero(positions == 0)
+    return np.concatenate([starts, [len(positions)]]).astype(np.int32)
+
 
 class BatchLoader:
     """Global batches of packed samples, this rank's slice split into micro-batches; resumable.

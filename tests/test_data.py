@@ -215,3 +215,21 @@ def test_prefetching_gives_the_same_batches_and_positions(tiny_data):
     resumed.load_state_dict(plain.state_dict())
     assert resumed.next_batch()[0][0].equal(plain.next_batch()[0][0])
     resumed.close()
+
+
+def test_document_boundaries_as_reset_positions_and_cu_seqlens(tiny_data):
+    from data_pipeline.loader import cu_seqlens, document_positions
+
+    assert document_positions(np.array([0, 3, 7]), 10).tolist() == [0, 1, 2, 0, 1, 2, 3, 0, 1, 2]
+    assert document_positions(np.array([4]), 6).tolist() == [0, 1, 2, 3, 0, 1]  # a document began earlier
+    assert cu_seqlens(np.array([0, 1, 2, 0, 1, 0])).tolist() == [0, 3, 5, 6]
+    samples = PackedSamples(tiny_data["root"], seq_len=256, seed=0)
+    found = 0
+    for i in range(20):
+        tokens, _ = samples[i]
+        positions = samples.positions(i)
+        bos = np.flatnonzero(tokens[:-1] == 1)  # every document starts with BOS (id 1)
+        assert set(bos.tolist()) <= set(np.flatnonzero(positions == 0).tolist())
+        assert np.all(positions[bos] == 0) and np.all(np.diff(positions)[positions[1:] != 0] == 1)
+        found += len(bos)
+    assert found > 0
