@@ -123,6 +123,7 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         start_index: int = 0,
+        with_positions: bool = False,
     ):
         if global_batch_size % (micro_batch_size * world_size):
             raise ValueError(
@@ -131,7 +132,7 @@ class BatchLoader:
             )
         self.samples, self.global_batch_size, self.micro_batch_size = samples, global_batch_size, micro_batch_size
         self.rank, self.world_size = rank, world_size
-        self.index = start_index
+        self.index, self.with_positions = start_index, with_positions
         self.tokens_per_source = np.zeros(len(samples.sources), dtype=np.int64)  # seen by this rank
 
     @property
@@ -139,19 +140,23 @@ class BatchLoader:
         """Micro-batches per optimizer step on each rank."""
         return self.global_batch_size // (self.micro_batch_size * self.world_size)
 
-    def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's micro-batches of the next global batch, as (inputs, targets) int64 pairs."""
+    def next_batch(self) -> list[tuple[torch.Tensor, ...]]:
+        """This rank's micro-batches of the next global batch, as (inputs, targets) int64 pairs, or
+        (inputs, targets, positions) with `with_positions` (position ids reset at document starts)."""
         per_rank = self.global_batch_size // self.world_size
         first = self.index + self.rank * per_rank
         micro_batches = []
         for m in range(0, per_rank, self.micro_batch_size):
-            rows = []
+            rows, positions = [], []
             for i in range(first + m, first + m + self.micro_batch_size):
                 tokens, source = self.samples[i]
                 rows.append(tokens)
                 self.tokens_per_source[source] += self.samples.seq_len
+                if self.with_positions:
+                    positions.append(self.samples.positions(i))
             batch = torch.from_numpy(np.stack(rows))
-            micro_batches.append((batch[:, :-1], batch[:, 1:]))
+            extra = (torch.from_numpy(np.stack(positions)),) if self.with_positions else ()
+            micro_batches.append((batch[:, :-1], batch[:, 1:], *extra))
         self.index += self.global_batch_size
         return micro_batches
 

@@ -233,3 +233,5 @@ def test_document_boundaries_as_reset_positions_and_cu_seqlens(tiny_data):
         assert np.all(positions[bos] == 0) and np.all(np.diff(positions)[positions[1:] != 0] == 1)
         found += len(bos)
     assert found > 0
+    inputs, _, positions = BatchLoader(samples, 4, 2, with_positions=True).next_batch()[0]
+    assert positions.shape == inputs.shape and positions[0].tolist() == samples.positions(0).tolist()
