@@ -71,7 +71,7 @@ class TrainConfig:
     micro_batch_size: int = 1  # sequences per forward pass per device
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Precision = Precision.auto
-    strategy: str = "single"
+    strategy: str = "single"  # single | fsdp (launch with torchrun)
     activation_checkpointing: Checkpointing = Checkpointing.none
     seed: int = 0  # model initialisation
     run_dir: str = "runs/${name}"
@@ -231,8 +231,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"data.weights must be positive, got {bad}")
     if d.sources and d.weights and sorted(d.sources) != sorted(d.weights):
         raise ConfigError(f"data.sources {list(d.sources)} and the keys of data.weights {list(d.weights)} differ")
-    if t.strategy != "single":
-        raise ConfigError(f"train.strategy='{t.strategy}' is not available; choose from: single")
+    if t.strategy not in ("single", "fsdp"):
+        raise ConfigError(f"train.strategy='{t.strategy}' is not available; choose from: single, fsdp")
     if cfg.wandb.mode not in ("auto", "online", "offline", "disabled"):
         raise ConfigError(f"wandb.mode='{cfg.wandb.mode}' must be auto, online, offline or disabled")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):

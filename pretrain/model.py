@@ -11,6 +11,7 @@ Build on the `meta` device, move to a real device with `to_empty`, then call `in
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -186,28 +187,30 @@ class Transformer(nn.Module):
         cos_sin = rope_cos_sin(args.head_dim, args.max_seq_len, args.rope_theta)
         self.register_buffer("rope_cos_sin", cos_sin, persistent=False)
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Initialise every parameter and buffer in place (after `to_empty` from `meta`).
+    def initial_value(self, name: str, seed: int) -> torch.Tensor:
+        """The initial value of parameter `name` as a full fp32 CPU tensor, from its own generator.
 
         Normal(0, init_std) for embeddings and linear layers; the two projections that write into
         the residual stream (wo, w2) are scaled by 1/sqrt(2 * n_layers) (GPT-2); norms start at 1.
+        Each parameter draws from a generator seeded by (seed, name), so the model starts the same
+        whatever the order of initialisation, the sharding or the number of ranks.
         """
+        shape = self.get_parameter(name).shape
+        if name.endswith("norm.weight"):
+            return torch.ones(shape)
         std = self.args.init_std
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            std /= math.sqrt(2 * self.args.n_layers)
+        digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        return torch.randn(shape, generator=generator) * std
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Initialise every parameter and buffer in place (after `to_empty` from `meta`)."""
         self.rope_cos_sin.copy_(rope_cos_sin(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta))
-        nn.init.normal_(self.tok_embeddings.weight, std=std)
-        nn.init.normal_(self.output.weight, std=std)
-        self.norm.reset_parameters()
-        residual_std = std / math.sqrt(2 * self.args.n_layers)
-        for layer in self.layers:
-            for lin in (layer.attention.wq, layer.attention.wk, layer.attention.wv):
-                nn.init.normal_(lin.weight, std=std)
-            nn.init.normal_(layer.feed_forward.w1.weight, std=std)
-            nn.init.normal_(layer.feed_forward.w3.weight, std=std)
-            nn.init.normal_(layer.attention.wo.weight, std=residual_std)
-            nn.init.normal_(layer.feed_forward.w2.weight, std=residual_std)
-            layer.attention_norm.reset_parameters()
-            layer.ffn_norm.reset_parameters()
+        for name, param in self.named_parameters():
+            param.copy_(self.initial_value(name, seed))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (batch, seq) -> logits (batch, seq, vocab)."""
@@ -221,10 +224,10 @@ class Transformer(nn.Module):
         return self.output(self.norm(h))
 
 
-def build_model(args: ModelArgs, device: torch.device | str = "cpu") -> Transformer:
-    """Build on `meta`, materialise on `device`, initialise. No weights are allocated twice."""
+def build_model(args: ModelArgs, device: torch.device | str = "cpu", seed: int = 0) -> Transformer:
+    """Build on `meta`, materialise on `device`, initialise."""
     with torch.device("meta"):
         model = Transformer(args)
     model.to_empty(device=device)
-    model.init_weights()
+    model.init_weights(seed)
     return model

@@ -2,9 +2,10 @@
 
 from pretrain.config import ExperimentConfig
 from pretrain.parallel.base import Strategy
+from pretrain.parallel.fsdp import FSDP
 from pretrain.parallel.single import SingleDevice
 
-STRATEGIES = {"single": SingleDevice}
+STRATEGIES = {"single": SingleDevice, "fsdp": FSDP}
 
 
 def build_strategy(cfg: ExperimentConfig) -> Strategy:

@@ -38,7 +38,7 @@ class SingleDevice(Strategy):
             torch.cuda.set_device(self.device)
 
     def setup_model(self, cfg: ExperimentConfig) -> nn.Module:
-        model = build_model(cfg.model, self.device)
+        model = build_model(cfg.model, self.device, cfg.train.seed)
         apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
         return model
 

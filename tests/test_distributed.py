@@ -1,0 +1,65 @@
+"""Distributed strategies against one process: 2 ranks on CPU with gloo."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch.multiprocessing as mp
+
+from conftest import tiny_config
+from pretrain.trainer import train
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, tiny_data: dict, run_dir, overrides: list) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
+    )
+    import torch.distributed as dist
+
+    try:
+        train(tiny_config(tiny_data, run_dir, "train.strategy=fsdp", *overrides))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(tiny_data: dict, run_dir, *overrides: str, world_size: int = 2) -> None:
+    """Train with FSDP on `world_size` CPU processes (gloo)."""
+    mp.spawn(_worker, args=(world_size, free_port(), tiny_data, run_dir, list(overrides)), nprocs=world_size)
+
+
+def losses(run_dir) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.mark.parametrize("extra", [[], ["train.activation_checkpointing=full"]], ids=["plain", "checkpointed"])
+def test_fsdp_two_ranks_match_one_process(tiny_data, tmp_path, extra):
+    # 8 samples a step in micro-batches of 2: 4 micro-batches on one process, 2 per rank on two
+    common = ["train.steps=5", "train.micro_batch_size=2", *extra]
+    train(tiny_config(tiny_data, tmp_path / "single", *common))
+    run_distributed(tiny_data, tmp_path / "fsdp", *common)
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
+    assert len(losses(tmp_path / "fsdp")) == 5
+
+
+def test_fsdp_resume_continues_the_unbroken_run(tiny_data, tmp_path):
+    run_distributed(tiny_data, tmp_path / "straight", "train.steps=6")
+    run_distributed(tiny_data, tmp_path / "broken", "train.steps=6", "train.stop_at=3")
+    assert (tmp_path / "broken" / "checkpoints" / "step-00000003" / "dcp").is_dir()
+    run_distributed(tiny_data, tmp_path / "broken", "train.steps=6")
+    assert losses(tmp_path / "broken") == pytest.approx(losses(tmp_path / "straight"), abs=1e-6)
+
+
+def test_fsdp_without_a_launcher_says_how_to_launch(tiny_data, tmp_path, monkeypatch):
+    from pretrain.config import ConfigError
+
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ConfigError, match="torchrun --nproc_per_node"):
+        train(tiny_config(tiny_data, tmp_path, "train.strategy=fsdp"))
