@@ -85,7 +85,7 @@ def cmd_train(config: str, overrides: list[str]) -> None:
     from pretrain.trainer import train
 
     summary = train(load_config(config, overrides))
-    if summary["metrics"] and Path(summary["metrics"]).is_file():
+    if summary["rank"] == 0 and Path(summary["metrics"]).is_file():
         plot = plot_metrics(Path(summary["metrics"]), Path(summary["run_dir"]) / "plot.png")
         tps, mfu = summary["tokens_per_sec_per_gpu"], summary["mfu"]
         print(
