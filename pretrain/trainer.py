@@ -178,6 +178,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             meter.reset()
 
     summary = {
+        "rank": strategy.rank,
         "step": step,
         "loss": last_loss,
         "run_dir": str(run_dir),
