@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from pretrain.config import ConfigError, load_config
+from pretrain.trainer import NonFiniteLoss
 
 
 def cmd_info(config: str, overrides: list[str], as_json: bool) -> None:
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
             metrics = args.run if args.run.suffix == ".jsonl" else args.run / "metrics.jsonl"
             print(plot_metrics(metrics, args.output or metrics.parent / "plot.png"))
-    except (ValueError, FileNotFoundError) as e:  # ConfigError, ShardError and bad data are ValueErrors
+    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:  # ConfigError, ShardError and bad data are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -80,6 +80,7 @@ class TrainConfig:
     eval_batches: int = 20
     save_every: int = 1000  # 0: only at the end
     keep_last: int = 3  # checkpoints kept; older ones are deleted
+    on_nan: str = "stop"  # a NaN/Inf loss or gradient norm: stop the run, or skip the update
     stop_at: Optional[int] = None  # end this job after this step (checkpointed); the schedule still spans `steps`
     resume: str = "auto"  # auto (latest checkpoint of run_dir if any) | never | a checkpoint folder
 
@@ -233,6 +234,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"data.sources {list(d.sources)} and the keys of data.weights {list(d.weights)} differ")
     if t.strategy not in ("single", "fsdp"):
         raise ConfigError(f"train.strategy='{t.strategy}' is not available; choose from: single, fsdp")
+    if t.on_nan not in ("stop", "skip"):
+        raise ConfigError(f"train.on_nan='{t.on_nan}' must be stop or skip")
     if cfg.wandb.mode not in ("auto", "online", "offline", "disabled"):
         raise ConfigError(f"wandb.mode='{cfg.wandb.mode}' must be auto, online, offline or disabled")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):

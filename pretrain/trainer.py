@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -29,6 +31,10 @@ def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, strat
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
+class NonFiniteLoss(RuntimeError):
+    """The loss or the gradient norm was NaN or Inf and `train.on_nan` is `stop`."""
+
+
 def train_step(
     model: nn.Module,
     micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -36,11 +42,13 @@ def train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     strategy: Strategy,
     grad_clip: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over this rank's micro-batches; returns (mean loss, global grad norm).
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """One optimizer step over this rank's micro-batches; returns (mean loss, global grad norm, applied).
 
     Every micro-batch holds the same number of tokens, so the mean of the micro-batch means is the
-    mean over the whole batch. Nothing here waits for the device.
+    mean over the whole batch. When the loss or the gradient norm is not finite the update is not
+    applied; loss and norm are global, so every rank decides the same. That check is the step's one
+    wait for the device.
     """
     loss_sum = torch.zeros((), device=strategy.device)
     for inputs, targets in micro_batches:
@@ -50,9 +58,14 @@ def train_step(
         strategy.backward(loss)
         loss_sum += loss.detach()
     grad_norm = strategy.clip_grad_norm(model, grad_clip)
-    strategy.optimizer_step(optimizer)
+    loss = strategy.reduce_mean(loss_sum)
+    applied = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+    if applied:
+        strategy.optimizer_step(optimizer)
+    else:
+        optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    return strategy.reduce_mean(loss_sum), grad_norm
+    return loss, grad_norm, applied
 
 
 @torch.no_grad()
@@ -95,6 +108,31 @@ def load_data(cfg: ExperimentConfig, split: str) -> PackedSamples | None:
     if vocab > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab}")
     return samples
+
+
+class PreemptionSignal:
+    """Remembers a SIGTERM or SIGUSR1 (a scheduler's warning) until the step ends."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.name = signal.Signals(signum).name
+
+    @property
+    def received(self) -> bool:
+        """Whether a signal came in."""
+        return self.name is not None
+
+    def restore(self) -> None:
+        """Put the previous handlers back."""
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def train(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -147,13 +185,22 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     model.train()
     last_loss, last_ckpt = float("nan"), resume_from
     last_step = min(t.steps, t.stop_at or t.steps)
+    skipped, preempted = 0, False
+    stop_signal = PreemptionSignal()
     while step < last_step:
         t0 = time.perf_counter()
         micro_batches = loader.next_batch()
         meter.step(time.perf_counter() - t0)
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        loss, grad_norm = train_step(model, micro_batches, optimizer, scheduler, strategy, cfg.optim.grad_clip)
+        loss, grad_norm, applied = train_step(model, micro_batches, optimizer, scheduler, strategy, cfg.optim.grad_clip)
         step += 1
+        if not applied:
+            message = f"step {step}: loss {loss.item()}, grad norm {grad_norm.item()}"
+            if t.on_nan == "stop":
+                raise NonFiniteLoss(f"{message}; stopped (train.on_nan=skip skips such steps)")
+            skipped += 1
+            if strategy.is_main:
+                print(f"{message}; update skipped ({skipped} so far)", flush=True)
         if step % t.log_every == 0 or step in (1, last_step):
             last_loss = loss.item()
             logger.log(
@@ -165,6 +212,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                     **meter.window(),
                     "peak_mem_gb": strategy.peak_memory_gb(),
                     "tokens_seen": step * t.global_batch_tokens,
+                    "skipped_steps": skipped,
                     **{f"tokens_seen/{s}": int(n) for s, n in zip(train_data.sources, loader.tokens_per_source)},
                 }
             )
@@ -173,13 +221,20 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             val_loss = evaluate(model, val_data, strategy, t.eval_batches, t.micro_batch_size)
             logger.log({"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
             meter.reset()
-        if (t.save_every and step % t.save_every == 0) or step == last_step:
+        preempted = strategy.any(stop_signal.received)
+        if (t.save_every and step % t.save_every == 0) or step == last_step or preempted:
             last_ckpt = save()
             meter.reset()
+        if preempted:
+            if strategy.is_main:
+                print(f"preempted by {stop_signal.name} at step {step}: saved {last_ckpt}; the next launch resumes")
+            break
 
     summary = {
         "rank": strategy.rank,
         "step": step,
+        "preempted": preempted,
+        "skipped_steps": skipped,
         "loss": last_loss,
         "run_dir": str(run_dir),
         "checkpoint": str(last_ckpt),
@@ -189,4 +244,5 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     }
     logger.close()
     loader.close()
+    stop_signal.restore()
     return summary

@@ -209,3 +209,63 @@ def test_validation_leaves_out_sources_without_a_held_out_sample(tiny_data, tmp_
     val = load_data(cfg, "val")
     assert val.sources == [big]
     assert f"no held-out sample of {seq + 1} tokens in ['{small}']" in capsys.readouterr().out
+
+
+def _nan_at_step(monkeypatch, bad_step: int) -> None:
+    """Make the loss of optimizer step `bad_step` NaN (through the loss function the step calls)."""
+    import pretrain.trainer as trainer_mod
+
+    real, calls = trainer_mod.lm_loss, {"n": 0}
+
+    def lm_loss(model, inputs, targets, strategy):
+        loss = real(model, inputs, targets, strategy)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == bad_step * 2:  # two micro-batches a step in tiny_config
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(trainer_mod, "lm_loss", lm_loss)
+
+
+def test_nan_loss_stops_the_run_by_default(tiny_data, tmp_path, monkeypatch):
+    from pretrain.trainer import NonFiniteLoss
+
+    _nan_at_step(monkeypatch, 3)
+    with pytest.raises(NonFiniteLoss, match=r"step 3: loss nan.*train.on_nan=skip"):
+        train(tiny_config(tiny_data, tmp_path / "run", "train.steps=5"))
+
+
+def test_nan_loss_skips_the_update_when_asked(tiny_data, tmp_path, monkeypatch):
+    _nan_at_step(monkeypatch, 3)
+    summary = train(tiny_config(tiny_data, tmp_path / "run", "train.steps=5", "train.on_nan=skip"))
+    assert summary["skipped_steps"] == 1 and summary["step"] == 5
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert math.isnan(records[2]["loss"]) and math.isfinite(records[4]["loss"])
+    assert records[4]["skipped_steps"] == 1
+
+
+def test_sigterm_saves_and_the_next_launch_resumes_to_the_same_loss(tiny_data, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import pretrain.trainer as trainer_mod
+
+    before = signal.getsignal(signal.SIGTERM)
+    train(tiny_config(tiny_data, tmp_path / "straight", "train.steps=6"))
+    real, calls = trainer_mod.lm_loss, {"n": 0}
+
+    def lm_loss(model, inputs, targets, strategy):
+        calls["n"] += 1
+        if calls["n"] == 4 * 2:  # during step 4
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, inputs, targets, strategy)
+
+    monkeypatch.setattr(trainer_mod, "lm_loss", lm_loss)
+    summary = train(tiny_config(tiny_data, tmp_path / "run", "train.steps=6"))
+    assert summary["preempted"] and summary["step"] == 4
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-00000004"
+    monkeypatch.setattr(trainer_mod, "lm_loss", real)
+    assert not train(tiny_config(tiny_data, tmp_path / "run", "train.steps=6"))["preempted"]
+    assert losses(tmp_path / "run") == losses(tmp_path / "straight")
+    assert signal.getsignal(signal.SIGTERM) == before  # handlers put back

@@ -53,6 +53,10 @@ class Strategy(ABC):
         """Mean of a metric over ranks (identity on one process)."""
         return value
 
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is true on any rank (the same answer everywhere)."""
+        return flag
+
     def barrier(self) -> None:
         """Wait for every rank (no-op on one process)."""
 

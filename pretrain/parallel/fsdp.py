@@ -84,6 +84,11 @@ class FSDP(Strategy):
         dist.all_reduce(value)
         return value / self.world_size
 
+    def any(self, flag: bool) -> bool:
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
     def barrier(self) -> None:
         dist.barrier()
 
