@@ -182,6 +182,11 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         }
         return checkpoints.save(step, model, optimizer, state)
 
+    def tokens_per_source() -> list[int]:
+        """Tokens seen per source by all ranks together (each rank counts its own slice)."""
+        counts = torch.tensor(loader.tokens_per_source, dtype=torch.float64, device=strategy.device)
+        return (strategy.reduce_mean(counts) * strategy.world_size).round().long().tolist()
+
     model.train()
     last_loss, last_ckpt = float("nan"), resume_from
     last_step = min(t.steps, t.stop_at or t.steps)
@@ -213,7 +218,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                     "peak_mem_gb": strategy.peak_memory_gb(),
                     "tokens_seen": step * t.global_batch_tokens,
                     "skipped_steps": skipped,
-                    **{f"tokens_seen/{s}": int(n) for s, n in zip(train_data.sources, loader.tokens_per_source)},
+                    **{f"tokens_seen/{s}": int(n) for s, n in zip(train_data.sources, tokens_per_source())},
                 }
             )
             meter.reset()

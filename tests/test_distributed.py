@@ -47,6 +47,8 @@ def test_fsdp_two_ranks_match_one_process(tiny_data, tmp_path, extra):
     run_distributed(tiny_data, tmp_path / "fsdp", *common)
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
     assert len(losses(tmp_path / "fsdp")) == 5
+    last = json.loads((tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert sum(v for k, v in last.items() if k.startswith("tokens_seen/")) == last["tokens_seen"]  # all ranks
 
 
 def test_fsdp_resume_continues_the_unbroken_run(tiny_data, tmp_path):
