@@ -17,11 +17,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, tiny_data: dict, run_dir, overrides: list) -> None:
+def _worker(rank: int, world_size: int, port: int, tiny_data: dict, run_dir, overrides: list, sigterm=None) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
     )
     import torch.distributed as dist
+
+    if sigterm is not None and sigterm[0] == rank:  # (rank, call of the loss function) that gets SIGTERM
+        import signal
+
+        import pretrain.trainer as trainer_mod
+
+        real, calls = trainer_mod.lm_loss, {"n": 0}
+
+        def lm_loss(*args):
+            calls["n"] += 1
+            if calls["n"] == sigterm[1]:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(*args)
+
+        trainer_mod.lm_loss = lm_loss
 
     try:
         train(tiny_config(tiny_data, run_dir, "train.strategy=fsdp", *overrides))
@@ -30,9 +45,9 @@ def _worker(rank: int, world_size: int, port: int, tiny_data: dict, run_dir, ove
             dist.destroy_process_group()
 
 
-def run_distributed(tiny_data: dict, run_dir, *overrides: str, world_size: int = 2) -> None:
+def run_distributed(tiny_data: dict, run_dir, *overrides: str, world_size: int = 2, sigterm=None) -> None:
     """Train with FSDP on `world_size` CPU processes (gloo)."""
-    mp.spawn(_worker, args=(world_size, free_port(), tiny_data, run_dir, list(overrides)), nprocs=world_size)
+    mp.spawn(_worker, args=(world_size, free_port(), tiny_data, run_dir, list(overrides), sigterm), nprocs=world_size)
 
 
 def losses(run_dir) -> list[float]:
@@ -57,6 +72,14 @@ def test_fsdp_resume_continues_the_unbroken_run(tiny_data, tmp_path):
     assert (tmp_path / "broken" / "checkpoints" / "step-00000003" / "dcp").is_dir()
     run_distributed(tiny_data, tmp_path / "broken", "train.steps=6")
     assert losses(tmp_path / "broken") == pytest.approx(losses(tmp_path / "straight"), abs=1e-6)
+
+
+def test_sigterm_on_one_rank_stops_all_at_the_same_step_and_resumes(tiny_data, tmp_path):
+    run_distributed(tiny_data, tmp_path / "straight", "train.steps=6")
+    run_distributed(tiny_data, tmp_path / "run", "train.steps=6", sigterm=(1, 3))  # rank 1, in step 3
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-00000003"
+    run_distributed(tiny_data, tmp_path / "run", "train.steps=6")
+    assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "straight"), abs=1e-6)
 
 
 def test_fsdp_without_a_launcher_says_how_to_launch(tiny_data, tmp_path, monkeypatch):
