@@ -72,6 +72,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Precision = Precision.auto
     strategy: str = "single"  # single | fsdp (launch with torchrun)
+    fsdp_shard_size: int = 0  # fsdp: ranks a model is sharded over (0: all; GPUs per node for HSDP)
+    reshard_after_forward: bool = True  # fsdp: free gathered parameters after forward (less memory)
     activation_checkpointing: Checkpointing = Checkpointing.none
     seed: int = 0  # model initialisation
     run_dir: str = "runs/${name}"
@@ -234,6 +236,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"data.sources {list(d.sources)} and the keys of data.weights {list(d.weights)} differ")
     if t.strategy not in ("single", "fsdp"):
         raise ConfigError(f"train.strategy='{t.strategy}' is not available; choose from: single, fsdp")
+    if t.fsdp_shard_size < 0:
+        raise ConfigError(f"train.fsdp_shard_size must be >= 0, got {t.fsdp_shard_size}")
     if t.on_nan not in ("stop", "skip"):
         raise ConfigError(f"train.on_nan='{t.on_nan}' must be stop or skip")
     if cfg.wandb.mode not in ("auto", "online", "offline", "disabled"):

@@ -54,7 +54,11 @@ def losses(run_dir) -> list[float]:
     return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-@pytest.mark.parametrize("extra", [[], ["train.activation_checkpointing=full"]], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["train.activation_checkpointing=full"], ["train.fsdp_shard_size=1", "train.reshard_after_forward=false"]],
+    ids=["plain", "checkpointed", "hsdp"],
+)
 def test_fsdp_two_ranks_match_one_process(tiny_data, tmp_path, extra):
     # 8 samples a step in micro-batches of 2: 4 micro-batches on one process, 2 per rank on two
     common = ["train.steps=5", "train.micro_batch_size=2", *extra]

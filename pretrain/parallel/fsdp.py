@@ -1,4 +1,5 @@
-"""`fsdp`: PyTorch FSDP2 (`fully_shard`) over all ranks, one transformer block at a time.
+"""`fsdp`: PyTorch FSDP2 (`fully_shard`) one transformer block at a time, over all ranks or, with
+`train.fsdp_shard_size`, HSDP: sharded within groups of that many ranks (a node) and replicated across.
 
 The model is built on `meta`, checkpointed and sharded from outside (each block, then the root), then
 materialised shard by shard: each rank only ever allocates its own slice of every parameter, and
@@ -44,7 +45,16 @@ class FSDP(Strategy):
         if not dist.is_initialized():
             dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        shard = cfg.train.fsdp_shard_size or self.world_size
+        if self.world_size % shard:
+            raise ConfigError(f"train.fsdp_shard_size={shard} does not divide the world size {self.world_size}")
+        if shard == self.world_size:  # FSDP: shard over every rank
+            self.mesh = init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=("shard",))
+        else:  # HSDP: shard within groups of `shard` ranks (a node), replicate across groups
+            self.mesh = init_device_mesh(
+                self.device.type, (self.world_size // shard, shard), mesh_dim_names=("replicate", "shard")
+            )
+        self.reshard_after_forward = cfg.train.reshard_after_forward
         precision = cfg.train.precision
         if precision == Precision.auto:
             precision = Precision.bf16 if use_cuda else Precision.fp32
@@ -58,8 +68,8 @@ class FSDP(Strategy):
             param_dtype=torch.bfloat16 if self.precision == Precision.bf16 else None, reduce_dtype=torch.float32
         )
         for block in model.layers:
-            fully_shard(block, mesh=self.mesh, mp_policy=policy)
-        fully_shard(model, mesh=self.mesh, mp_policy=policy)
+            fully_shard(block, mesh=self.mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+        fully_shard(model, mesh=self.mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
         model.to_empty(device=self.device)
         with torch.no_grad():
             args = cfg.model
