@@ -34,6 +34,13 @@ def list_sources(root: str | os.PathLike) -> list[str]:
     return sources
 
 
+def resolve_sources(
+    root: str | os.PathLike, sources: Sequence[str] = (), weights: Optional[Mapping[str, float]] = None
+) -> list[str]:
+    """The sources to read: those named, else the keys of the weights, else every folder under root."""
+    return list(sources) or list(weights or {}) or list_sources(root)
+
+
 class PackedSamples:
     """All `seq_len + 1` windows of the chosen sources and split, blended by weight (see `mixture`)."""
 
@@ -49,7 +56,7 @@ class PackedSamples:
     ):
         self.seq_len, self.seed = seq_len, seed
         weights = dict(weights or {})
-        self.sources = list(sources) or list(weights) or list_sources(root)
+        self.sources = resolve_sources(root, sources, weights)
         unknown = [s for s in weights if s not in self.sources]
         if unknown:
             raise ShardError(f"data.weights names {unknown}, which are not among the sources {self.sources}")

@@ -54,7 +54,7 @@ def cmd_info(config: str, overrides: list[str], as_json: bool) -> None:
 
 def cmd_plan(config: str, overrides: list[str], tokens: list[str], total: float | None) -> None:
     """Print the blending plan: per source, weight, tokens available, tokens drawn and epochs."""
-    from data_pipeline.loader import list_sources
+    from data_pipeline.loader import resolve_sources
     from data_pipeline.mixture import format_plan, plan
     from data_pipeline.shards import Manifest
 
@@ -66,7 +66,7 @@ def cmd_plan(config: str, overrides: list[str], tokens: list[str], total: float 
             given[name] = int(float(value))
         except ValueError:
             raise ConfigError(f"--tokens {item}: expected SOURCE=COUNT, e.g. commoncrawl=852.7e9") from None
-    sources = list(cfg.data.sources) or list(cfg.data.weights) or list(given) or list_sources(cfg.data.root)
+    sources = resolve_sources(cfg.data.root, cfg.data.sources, cfg.data.weights or given)
     available = []
     for source in sources:
         if source in given:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipeline.loader import BatchLoader, PackedSamples, PrefetchLoader, list_sources
+from data_pipeline.loader import BatchLoader, PackedSamples, PrefetchLoader, resolve_sources
 from data_pipeline.shards import SourceShards
 from data_pipeline.tokenizer import file_sha256
 from pretrain.checkpoint import CheckpointManager
@@ -90,7 +90,7 @@ def load_data(cfg: ExperimentConfig, split: str) -> PackedSamples | None:
     tokenizer = Path(cfg.data.tokenizer)
     if not tokenizer.is_file():
         raise ConfigError(f"data.tokenizer: {tokenizer} not found (run `python -m data_pipeline prepare`?)")
-    sources, weights = list(cfg.data.sources) or list(cfg.data.weights) or list_sources(cfg.data.root), cfg.data.weights
+    sources, weights = resolve_sources(cfg.data.root, cfg.data.sources, cfg.data.weights), cfg.data.weights
     if split != "train":
         usable = [s for s in sources if SourceShards(Path(cfg.data.root) / s, split).n_tokens > cfg.data.seq_len]
         if usable != sources:
@@ -192,48 +192,55 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     last_step = min(t.steps, t.stop_at or t.steps)
     skipped, preempted = 0, False
     stop_signal = PreemptionSignal()
-    while step < last_step:
-        t0 = time.perf_counter()
-        micro_batches = loader.next_batch()
-        meter.step(time.perf_counter() - t0)
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        loss, grad_norm, applied = train_step(model, micro_batches, optimizer, scheduler, strategy, cfg.optim.grad_clip)
-        step += 1
-        if not applied:
-            message = f"step {step}: loss {loss.item()}, grad norm {grad_norm.item()}"
-            if t.on_nan == "stop":
-                raise NonFiniteLoss(f"{message}; stopped (train.on_nan=skip skips such steps)")
-            skipped += 1
-            if strategy.is_main:
-                print(f"{message}; update skipped ({skipped} so far)", flush=True)
-        if step % t.log_every == 0 or step in (1, last_step):
-            last_loss = loss.item()
-            logger.log(
-                {
-                    "step": step,
-                    "loss": last_loss,
-                    "lr": lr,
-                    "grad_norm": grad_norm.item(),
-                    **meter.window(),
-                    "peak_mem_gb": strategy.peak_memory_gb(),
-                    "tokens_seen": step * t.global_batch_tokens,
-                    "skipped_steps": skipped,
-                    **{f"tokens_seen/{s}": int(n) for s, n in zip(train_data.sources, tokens_per_source())},
-                }
+    try:
+        while step < last_step:
+            t0 = time.perf_counter()
+            micro_batches = loader.next_batch()
+            meter.step(time.perf_counter() - t0)
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses
+            loss, grad_norm, applied = train_step(
+                model, micro_batches, optimizer, scheduler, strategy, cfg.optim.grad_clip
             )
-            meter.reset()
-        if val_data is not None and (step % t.eval_every == 0 or step == last_step):
-            val_loss = evaluate(model, val_data, strategy, t.eval_batches, t.micro_batch_size)
-            logger.log({"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
-            meter.reset()
-        preempted = strategy.any(stop_signal.received)
-        if (t.save_every and step % t.save_every == 0) or step == last_step or preempted:
-            last_ckpt = save()
-            meter.reset()
-        if preempted:
-            if strategy.is_main:
-                print(f"preempted by {stop_signal.name} at step {step}: saved {last_ckpt}; the next launch resumes")
-            break
+            step += 1
+            if not applied:
+                message = f"step {step}: loss {loss.item()}, grad norm {grad_norm.item()}"
+                if t.on_nan == "stop":
+                    raise NonFiniteLoss(f"{message}; stopped (train.on_nan=skip skips such steps)")
+                skipped += 1
+                if strategy.is_main:
+                    print(f"{message}; update skipped ({skipped} so far)", flush=True)
+            if step % t.log_every == 0 or step in (1, last_step):
+                last_loss = loss.item()
+                logger.log(
+                    {
+                        "step": step,
+                        "loss": last_loss,
+                        "lr": lr,
+                        "grad_norm": grad_norm.item(),
+                        **meter.window(),
+                        "peak_mem_gb": strategy.peak_memory_gb(),
+                        "tokens_seen": step * t.global_batch_tokens,
+                        "skipped_steps": skipped,
+                        **{f"tokens_seen/{s}": int(n) for s, n in zip(train_data.sources, tokens_per_source())},
+                    }
+                )
+                meter.reset()
+            if val_data is not None and (step % t.eval_every == 0 or step == last_step):
+                val_loss = evaluate(model, val_data, strategy, t.eval_batches, t.micro_batch_size)
+                logger.log({"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
+                meter.reset()
+            preempted = strategy.any(stop_signal.received)
+            if (t.save_every and step % t.save_every == 0) or step == last_step or preempted:
+                last_ckpt = save()
+                meter.reset()
+            if preempted:
+                if strategy.is_main:
+                    print(f"preempted by {stop_signal.name} at step {step}: saved {last_ckpt}; the next launch resumes")
+                break
+
+    finally:
+        loader.close()
+        stop_signal.restore()
 
     summary = {
         "rank": strategy.rank,
@@ -248,6 +255,4 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         **meter.average(),
     }
     logger.close()
-    loader.close()
-    stop_signal.restore()
     return summary

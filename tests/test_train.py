@@ -269,3 +269,15 @@ def test_sigterm_saves_and_the_next_launch_resumes_to_the_same_loss(tiny_data, t
     assert not train(tiny_config(tiny_data, tmp_path / "run", "train.steps=6"))["preempted"]
     assert losses(tmp_path / "run") == losses(tmp_path / "straight")
     assert signal.getsignal(signal.SIGTERM) == before  # handlers put back
+
+
+def test_a_stopped_run_puts_signal_handlers_back(tiny_data, tmp_path, monkeypatch):
+    import signal
+
+    from pretrain.trainer import NonFiniteLoss
+
+    before = signal.getsignal(signal.SIGTERM)
+    _nan_at_step(monkeypatch, 2)
+    with pytest.raises(NonFiniteLoss):
+        train(tiny_config(tiny_data, tmp_path / "run", "train.steps=4"))
+    assert signal.getsignal(signal.SIGTERM) == before
