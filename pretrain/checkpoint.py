@@ -137,7 +137,9 @@ class CheckpointManager:
                     "set train.resume=never or another train.run_dir to start a new run"
                 )
         self.strategy.load(path, model, optimizer)
-        set_rng_state(torch.load(path / f"rng-rank{self.strategy.rank:05d}.pt", weights_only=False))
+        rng = path / f"rng-rank{self.strategy.rank:05d}.pt"
+        if rng.is_file():  # absent when resuming on more ranks than saved: this rank keeps its seeded state
+            set_rng_state(torch.load(rng, weights_only=False))
         return state
 
     def _prune(self) -> None:

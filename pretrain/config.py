@@ -34,6 +34,7 @@ class Precision(str, Enum):
 class Checkpointing(str, Enum):
     none = "none"
     full = "full"  # recompute each transformer block in the backward pass
+    selective = "selective"  # keep the outputs of matmuls and attention, recompute norms and activations
 
 
 @dataclass
@@ -71,9 +72,13 @@ class TrainConfig:
     micro_batch_size: int = 1  # sequences per forward pass per device
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Precision = Precision.auto
-    strategy: str = "single"  # single | fsdp (launch with torchrun)
+    strategy: str = "single"  # single | fsdp | deepspeed (the last two under a launcher, see launch/)
     fsdp_shard_size: int = 0  # fsdp: ranks a model is sharded over (0: all; GPUs per node for HSDP)
     reshard_after_forward: bool = True  # fsdp: free gathered parameters after forward (less memory)
+    zero_stage: int = 3  # deepspeed: 0 (data parallel), 1 (optimizer), 2 (+gradients), 3 (+parameters)
+    offload_optimizer: bool = False  # deepspeed: optimizer states and update on the CPU (DeepSpeedCPUAdam)
+    offload_params: bool = False  # deepspeed ZeRO-3: parameters on the CPU between uses
+    deepspeed_json: Optional[str] = None  # deepspeed: a DeepSpeed JSON whose keys override the generated ones
     activation_checkpointing: Checkpointing = Checkpointing.none
     seed: int = 0  # model initialisation
     run_dir: str = "runs/${name}"
@@ -234,8 +239,14 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"data.weights must be positive, got {bad}")
     if d.sources and d.weights and sorted(d.sources) != sorted(d.weights):
         raise ConfigError(f"data.sources {list(d.sources)} and the keys of data.weights {list(d.weights)} differ")
-    if t.strategy not in ("single", "fsdp"):
-        raise ConfigError(f"train.strategy='{t.strategy}' is not available; choose from: single, fsdp")
+    if t.strategy not in ("single", "fsdp", "deepspeed"):
+        raise ConfigError(f"train.strategy='{t.strategy}' is not available; choose from: single, fsdp, deepspeed")
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
+    if t.offload_params and t.zero_stage != 3:
+        raise ConfigError(f"train.offload_params needs train.zero_stage=3, got {t.zero_stage}")
+    if t.deepspeed_json is not None and not Path(t.deepspeed_json).is_file():
+        raise ConfigError(f"train.deepspeed_json: {t.deepspeed_json} not found")
     if t.fsdp_shard_size < 0:
         raise ConfigError(f"train.fsdp_shard_size must be >= 0, got {t.fsdp_shard_size}")
     if t.on_nan not in ("stop", "skip"):

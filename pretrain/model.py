@@ -195,7 +195,8 @@ class Transformer(nn.Module):
         Each parameter draws from a generator seeded by (seed, name), so the model starts the same
         whatever the order of initialisation, the sharding or the number of ranks.
         """
-        shape = self.get_parameter(name).shape
+        param = self.get_parameter(name)
+        shape = getattr(param, "ds_shape", param.shape)  # a ZeRO-3 partitioned parameter keeps its shape there
         if name.endswith("norm.weight"):
             return torch.ones(shape)
         std = self.args.init_std

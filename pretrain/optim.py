@@ -10,14 +10,24 @@ from torch import nn
 from pretrain.config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW; weight decay on parameters with 2+ dimensions (matrices, embeddings), none on norms."""
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, fused: bool = False, optimizer_class: type = torch.optim.AdamW
+) -> torch.optim.Optimizer:
+    """AdamW; weight decay on parameters with 2+ dimensions (matrices, embeddings), none on norms.
+
+    `optimizer_class` is another AdamW implementation with the same arguments (DeepSpeedCPUAdam).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
+
+    def ndim(p: torch.Tensor) -> int:
+        return len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partitioned parameter keeps its shape there
+
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if ndim(p) >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if ndim(p) < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
+    extra = {"fused": fused or None} if optimizer_class is torch.optim.AdamW else {}
+    return optimizer_class(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **extra)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:

