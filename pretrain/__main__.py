@@ -1,4 +1,4 @@
-"""Command line: `python -m pretrain {train,info,plot} ...`."""
+"""Command line: `python -m pretrain {train,info,plan,plot,consolidate} ...`."""
 
 from __future__ import annotations
 
@@ -126,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("plot", help="draw loss and throughput of a run to a PNG")
     p.add_argument("run", type=Path, help="a run folder or its metrics.jsonl")
     p.add_argument("-o", "--output", type=Path, help="PNG path (default: <run>/plot.png)")
+    p = sub.add_parser("consolidate", help="one file of full tensors with Meta's names from any checkpoint")
+    p.add_argument("checkpoint", type=Path, help="a checkpoint folder, e.g. runs/x/checkpoints/step-00001000")
+    p.add_argument("-o", "--output", type=Path, help="file to write (default: <checkpoint>/consolidated.pth)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     args = parser.parse_args(argv)
     try:
         if args.command == "info":
@@ -134,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             cmd_plan(args.config, args.overrides, args.tokens, args.total)
         elif args.command == "train":
             cmd_train(args.config, args.overrides)
+        elif args.command == "consolidate":
+            from pretrain.consolidate import consolidate
+
+            print(consolidate(args.checkpoint, args.output, args.dtype))
         else:
             from pretrain.plot import plot_metrics
 

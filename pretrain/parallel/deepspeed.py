@@ -106,7 +106,8 @@ class DeepSpeed(DataParallelStrategy):
         self._backwards = 0
         self.engine = None
 
-    def setup(self, cfg: ExperimentConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def build_model(self, cfg: ExperimentConfig) -> nn.Module:
+        """ZeRO-3: partitioned as it is built, then each rank initialises its partitions; else replicated."""
         import deepspeed
 
         if self.stage == 3:
@@ -116,6 +117,12 @@ class DeepSpeed(DataParallelStrategy):
         else:
             model = build_model(cfg.model, self.device, cfg.train.seed)
         apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+        return model
+
+    def setup(self, cfg: ExperimentConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
+        import deepspeed
+
+        model = self.build_model(cfg)
         if self.config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") != "none":
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 

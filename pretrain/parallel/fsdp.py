@@ -46,6 +46,11 @@ class FSDP(DataParallelStrategy):
         self.precision = resolve_precision(cfg, self.device)
 
     def setup(self, cfg: ExperimentConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = self.build_model(cfg)
+        return model, build_optimizer(model, cfg.optim, fused=self.device.type == "cuda")
+
+    def build_model(self, cfg: ExperimentConfig) -> nn.Module:
+        """On `meta`, checkpointed and sharded, then each rank materialises and initialises its shards."""
         with torch.device("meta"):
             model = Transformer(cfg.model)
         apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
@@ -62,4 +67,4 @@ class FSDP(DataParallelStrategy):
             for name, param in model.named_parameters():
                 full = model.initial_value(name, cfg.train.seed).to(self.device)
                 param.copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None))
-        return model, build_optimizer(model, cfg.optim, fused=self.device.type == "cuda")
+        return model
