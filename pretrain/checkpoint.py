@@ -63,16 +63,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _fsync_tree(folder: Path) -> None:
-    """Flush every file of `folder` and the folder itself to disk, so the rename publishes whole files."""
-    for path in folder.iterdir():
-        if path.is_file():
-            with open(path, "rb") as f:
+    """Flush every file and folder under `folder` to disk, so the rename publishes whole files."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
                 os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class CheckpointManager:
@@ -81,6 +81,7 @@ class CheckpointManager:
     def __init__(self, run_dir: str | os.PathLike, strategy: Strategy, keep_last: int):
         self.dir = Path(run_dir) / "checkpoints"
         self.strategy, self.keep_last = strategy, keep_last
+        self._pending: Optional[tuple[Path, Path, Any]] = None  # (tmp, final, future) of a background save
 
     def latest(self) -> Optional[Path]:
         """The checkpoint `latest` points to, if any."""
@@ -92,18 +93,45 @@ class CheckpointManager:
             raise FileNotFoundError(f"{pointer} points to {path}, which is not a complete checkpoint")
         return path
 
-    def save(self, step: int, model, optimizer, state: dict[str, Any]) -> Path:
-        """Write checkpoint `step`; `state` holds the common parts (scheduler, data, config, ...)."""
+    def save(self, step: int, model, optimizer, state: dict[str, Any], asynchronous: bool = False) -> Path:
+        """Write checkpoint `step`; `state` holds the common parts (scheduler, data, config, ...).
+
+        With `asynchronous` the strategy writes model and optimizer in the background; the checkpoint
+        is published (renamed, `latest` updated) by `poll` once every rank has finished, or by `wait`.
+        """
+        self.wait()
         final = self.dir / f"step-{step:08d}"
         tmp = final.with_name(final.name + ".tmp")
         if self.strategy.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.strategy.barrier()
-        self.strategy.save(tmp, model, optimizer)
+        written = self.strategy.save(tmp, model, optimizer, asynchronous)
         torch.save(rng_state(), tmp / f"rng-rank{self.strategy.rank:05d}.pt")
         if self.strategy.is_main:
             torch.save({**state, "step": step, "code_version": code_version()}, tmp / "trainer.pt")
+        if written is not None:
+            self._pending = (tmp, final, written)
+        else:
+            self._publish(tmp, final)
+        return final
+
+    def poll(self) -> None:
+        """Publish a background save that every rank has finished (call on all ranks at the same step)."""
+        if self._pending is not None and not self.strategy.any(not self._pending[2].done()):
+            self.wait()
+
+    def wait(self) -> None:
+        """Finish and publish the background save, if any."""
+        if self._pending is None:
+            return
+        tmp, final, written = self._pending
+        self._pending = None
+        written.result()
+        self._publish(tmp, final)
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Flush `tmp` to disk, rename it to `final`, point `latest` at it, prune old checkpoints."""
         _fsync_tree(tmp)
         self.strategy.barrier()
         if self.strategy.is_main:
@@ -114,7 +142,6 @@ class CheckpointManager:
             os.replace(pointer_tmp, self.dir / LATEST)
             self._prune()
         self.strategy.barrier()
-        return final
 
     def load(self, path: str | os.PathLike, model, optimizer, expect_model: Optional[dict] = None) -> dict[str, Any]:
         """Restore model, optimizer and this rank's RNG from `path`; return the common state.

@@ -86,6 +86,7 @@ class TrainConfig:
     eval_every: int = 1000  # 0: never
     eval_batches: int = 20
     save_every: int = 1000  # 0: only at the end
+    async_save: bool = False  # single/fsdp: periodic saves copy to CPU memory, then write in the background
     keep_last: int = 3  # checkpoints kept; older ones are deleted
     on_nan: str = "stop"  # a NaN/Inf loss or gradient norm: stop the run, or skip the update
     stop_at: Optional[int] = None  # end this job after this step (checkpointed); the schedule still spans `steps`
@@ -243,6 +244,10 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"train.strategy='{t.strategy}' is not available; choose from: single, fsdp, deepspeed")
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
+    if t.async_save and t.strategy == "deepspeed":
+        raise ConfigError(
+            "train.async_save is for single and fsdp; under deepspeed checkpoints are written synchronously"
+        )
     if t.offload_params and t.zero_stage != 3:
         raise ConfigError(f"train.offload_params needs train.zero_stage=3, got {t.zero_stage}")
     if t.deepspeed_json is not None and not Path(t.deepspeed_json).is_file():

@@ -170,14 +170,14 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         cfg.metrics.skip_steps,
     )
 
-    def save() -> Path:
+    def save(asynchronous: bool = False) -> Path:
         state = {
             "scheduler": scheduler.state_dict(),
             "data": {**loader.state_dict(), "tokens_per_source": tokens_per_source()},
             "config": to_dict(cfg),
             "wandb_run_id": run_id,
         }
-        return checkpoints.save(step, model, optimizer, state)
+        return checkpoints.save(step, model, optimizer, state, asynchronous)
 
     def tokens_per_source() -> list[int]:
         """Tokens seen per source by all ranks together (each rank counts its own slice)."""
@@ -227,8 +227,11 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                 logger.log({"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
                 meter.reset()
             preempted = strategy.any(stop_signal.received)
-            if (t.save_every and step % t.save_every == 0) or step == last_step or preempted:
+            checkpoints.poll()  # publish a finished asynchronous save
+            if step == last_step or preempted:
                 last_ckpt = save()
+            elif t.save_every and step % t.save_every == 0:
+                last_ckpt = save(asynchronous=t.async_save)
                 meter.reset()
             if preempted:
                 if strategy.is_main:

@@ -64,6 +64,11 @@ def run_distributed(tiny_data: dict, run_dir, *overrides: str, world_size: int =
             pytest.fail(f"ranks still running after 120 s: {overrides}")
 
 
+def val_losses(run_dir) -> dict[int, float]:
+    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+
+
 def losses(run_dir) -> list[float]:
     return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
@@ -90,6 +95,40 @@ def test_two_ranks_match_one_process(tiny_data, tmp_path, strategy, checkpointin
     assert sum(v for k, v in last.items() if k.startswith("tokens_seen/")) == last["tokens_seen"]  # all ranks
 
 
+def test_bf16_trains_under_zero3_with_fp32_gradient_reduction(tiny_data, tmp_path):
+    from pretrain.config import Precision
+    from pretrain.parallel.deepspeed import deepspeed_config
+
+    cfg = tiny_config(tiny_data, tmp_path, *STRATEGIES["zero3"], "train.precision=bf16")
+    generated = deepspeed_config(cfg, 2, Precision.bf16)
+    assert generated["bf16"]["enabled"] and generated["communication_data_type"] == "fp32"
+    assert generated["data_types"] == {"grad_accum_dtype": "fp32"}
+    run_distributed(tiny_data, tmp_path / "bf16", *STRATEGIES["zero3"], "train.precision=bf16", "train.steps=3")
+    train(tiny_config(tiny_data, tmp_path / "fp32", "train.steps=3"))
+    assert losses(tmp_path / "bf16") == pytest.approx(losses(tmp_path / "fp32"), abs=0.05)
+
+
+def test_deepspeed_json_overrides_and_refusals(tiny_data, tmp_path):
+    from pretrain.config import ConfigError, Precision
+    from pretrain.parallel.deepspeed import deepspeed_config
+
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "wall_clock_breakdown": True}))
+    cfg = tiny_config(tiny_data, tmp_path, *STRATEGIES["zero2"], f"train.deepspeed_json={user}")
+    merged = deepspeed_config(cfg, 2, Precision.fp32)
+    assert merged["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000} and merged["wall_clock_breakdown"]
+    assert merged["train_batch_size"] == 8 and merged["gradient_accumulation_steps"] == 1  # 8 = 4 x 2 ranks x 1
+    user.write_text(json.dumps({"zero_optimization": {"compute_grad_norm": False}}))
+    with pytest.raises(ConfigError, match="ds.json sets zero_optimization.compute_grad_norm"):
+        deepspeed_config(cfg, 2, Precision.fp32)
+    with pytest.raises(ConfigError, match="not a multiple of train.micro_batch_size=4 x 3 ranks"):
+        deepspeed_config(tiny_config(tiny_data, tmp_path, *STRATEGIES["zero2"]), 3, Precision.fp32)
+    with pytest.raises(ConfigError, match="offload_optimizer needs train.zero_stage >= 1"):
+        deepspeed_config(
+            tiny_config(tiny_data, tmp_path, *STRATEGIES["zero0"], "train.offload_optimizer=true"), 2, Precision.fp32
+        )
+
+
 def test_hsdp_two_replicas_match_one_process(tiny_data, tmp_path):
     common = ["train.steps=5", "train.micro_batch_size=2"]
     train(tiny_config(tiny_data, tmp_path / "single", *common))
@@ -100,12 +139,26 @@ def test_hsdp_two_replicas_match_one_process(tiny_data, tmp_path):
 
 @pytest.mark.parametrize("strategy", ["fsdp", "zero1", "zero2", "zero3"])
 def test_resume_continues_the_unbroken_run(tiny_data, tmp_path, strategy):
-    run_distributed(tiny_data, tmp_path / "straight", *STRATEGIES[strategy], "train.steps=6")
-    run_distributed(tiny_data, tmp_path / "broken", *STRATEGIES[strategy], "train.steps=6", "train.stop_at=3")
+    common = [*STRATEGIES[strategy], "train.steps=6", "train.micro_batch_size=2", "train.eval_every=2"]
+    run_distributed(tiny_data, tmp_path / "straight", *common)
+    run_distributed(tiny_data, tmp_path / "broken", *common, "train.stop_at=3")
     assert (tmp_path / "broken" / "checkpoints" / "latest").read_text() == "step-00000003"
-    run_distributed(tiny_data, tmp_path / "broken", *STRATEGIES[strategy], "train.steps=6")
+    run_distributed(tiny_data, tmp_path / "broken", *common)
     assert losses(tmp_path / "broken") == pytest.approx(losses(tmp_path / "straight"), abs=1e-6)
     assert len(losses(tmp_path / "broken")) == 6
+    straight_val, broken_val = val_losses(tmp_path / "straight"), val_losses(tmp_path / "broken")
+    assert sorted(straight_val) == [2, 4, 6] and 3 in broken_val  # the stopped job evaluated at its end too
+    assert [broken_val[s] for s in straight_val] == pytest.approx(list(straight_val.values()), abs=1e-6)
+
+
+def test_fsdp_async_checkpoint_resumes_the_unbroken_run(tiny_data, tmp_path):
+    run_distributed(tiny_data, tmp_path / "straight", "train.steps=5")
+    run_distributed(
+        tiny_data, tmp_path / "run", "train.steps=5", "train.save_every=2", "train.async_save=true", "train.keep_last=5"
+    )
+    step2 = tmp_path / "run" / "checkpoints" / "step-00000002"
+    run_distributed(tiny_data, tmp_path / "again", "train.steps=5", f"train.resume={step2}")
+    assert losses(tmp_path / "again") == pytest.approx(losses(tmp_path / "straight")[2:], abs=1e-6)
 
 
 def test_fsdp_resumes_on_another_number_of_ranks(tiny_data, tmp_path):

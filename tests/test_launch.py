@@ -73,7 +73,12 @@ def test_slurm_template_starts_one_rank_per_task_without_ssh(tiny_data, tmp_path
     for tool in fake.iterdir():
         tool.chmod(0o755)
     env = {"PATH": f"{fake}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env |= {"SLURM_JOB_NODELIST": "localhost", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2"}
+    env |= {
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_CPUS_PER_TASK": "1",
+    }
     result = launch("train.sbatch", tmp_path / "run", tiny_data, MASTER_PORT=str(free_port()), **env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert steps_logged(tmp_path / "run") == [1, 2, 3]

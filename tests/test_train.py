@@ -33,6 +33,19 @@ def test_resume_reproduces_the_unbroken_run_exactly(tiny_data, tmp_path):
     assert a == b  # bit-identical on CPU in fp32, data order included
 
 
+def test_async_saves_are_published_whole_and_resume_exactly(tiny_data, tmp_path):
+    train(tiny_config(tiny_data, tmp_path / "straight", "train.steps=8"))
+    run = tmp_path / "run"
+    train(
+        tiny_config(tiny_data, run, "train.steps=8", "train.save_every=2", "train.async_save=true", "train.keep_last=9")
+    )
+    folders = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert folders == ["latest", "step-00000002", "step-00000004", "step-00000006", "step-00000008"]  # no .tmp
+    again = tmp_path / "again"
+    train(tiny_config(tiny_data, again, "train.steps=8", f"train.resume={run / 'checkpoints' / 'step-00000004'}"))
+    assert losses(again) == losses(tmp_path / "straight")[4:]  # written in the background, read back exactly
+
+
 def test_loss_falls_and_metrics_are_logged(tiny_data, tmp_path):
     run = tmp_path / "run"
     summary = train(

@@ -6,6 +6,7 @@ import contextlib
 import os
 import warnings
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ class Strategy(ABC):
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    _checkpoint_group = None
 
     @property
     def is_main(self) -> bool:
@@ -75,15 +77,27 @@ class Strategy(ABC):
     def barrier(self) -> None:
         """Wait for every rank (no-op on one process)."""
 
-    def save(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def save(
+        self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, asynchronous: bool = False
+    ) -> Future | None:
         """Write model and optimizer state into `folder` in this strategy's form.
 
         By default torch.distributed.checkpoint, keyed by parameter name: any number of ranks can
-        read it back, sharded or not, so `single` and `fsdp` resume each other's checkpoints.
+        read it back, sharded or not, so `single` and `fsdp` resume each other's checkpoints. With
+        `asynchronous`, the state is copied to CPU memory now and written by a background thread:
+        the returned future completes when the files are written.
         """
         model_state, optim_state = get_state_dict(model, optimizer)
+        state, path = {"model": model_state, "optimizer": optim_state}, str(folder / DCP_DIR)
+        if asynchronous:
+            if not dist.is_initialized():
+                return dcp.async_save(state, checkpoint_id=path, no_dist=True)
+            if self._checkpoint_group is None:  # a gloo group, so the background save never races the trainer's NCCL
+                self._checkpoint_group = dist.new_group(backend="gloo")
+            return dcp.async_save(state, checkpoint_id=path, process_group=self._checkpoint_group)
         with _one_process_is_fine():
-            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder / DCP_DIR))
+            dcp.save(state, checkpoint_id=path)
+        return None
 
     def load(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Read model and optimizer state written by `save`."""

@@ -62,6 +62,8 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int, precision: Precisio
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if t.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if t.offload_optimizer and t.zero_stage == 0:
+        raise ConfigError("train.offload_optimizer needs train.zero_stage >= 1")
     generated = {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -72,13 +74,27 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int, precision: Precisio
         "zero_allow_untested_optimizer": True,  # torch's AdamW, the same optimizer as the other strategies
         "steps_per_print": 2**62,  # we log ourselves
     }
+    if precision == Precision.bf16 and t.zero_stage > 0:  # as FSDP: bf16 compute, fp32 gradient reduction
+        generated["communication_data_type"] = "fp32"
+        generated["data_types"] = {"grad_accum_dtype": "fp32"}
     if t.deepspeed_json is None:
         return generated
     try:
         user = json.loads(Path(t.deepspeed_json).read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"train.deepspeed_json: {t.deepspeed_json}: not valid JSON: {e}") from None
-    return deep_update(generated, user)
+    merged = deep_update(generated, user)
+    refused = {  # settings under which the trainer's contract (global norm, skipped steps, init) would not hold
+        "zero_optimization.compute_grad_norm": merged["zero_optimization"].get("compute_grad_norm") is False,
+        "bf16.check_grad_overflow": merged.get("bf16", {}).get("check_grad_overflow") is False,
+        "zero_optimization.zero_hpz_partition_size": merged["zero_optimization"].get("zero_hpz_partition_size", 1) > 1,
+    }
+    for key, bad in refused.items():
+        if bad:
+            raise ConfigError(
+                f"train.deepspeed_json: {t.deepspeed_json} sets {key}, which this trainer does not support"
+            )
+    return merged
 
 
 class DeepSpeed(DataParallelStrategy):
@@ -132,6 +148,11 @@ class DeepSpeed(DataParallelStrategy):
         if self.stage == 0:  # DeepSpeed's clipping at stage 0 keeps no norm: we clip (see `step`)
             self.config["gradient_clipping"] = 0.0
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
+        if self.engine.checkpoint_engine.is_decoupled():
+            raise ConfigError(
+                "train.deepspeed_json: a decoupled checkpoint writer finishes files after save returns; "
+                "checkpoints here are published atomically only with a synchronous writer"
+            )
         return self.engine, optimizer  # the engine's optimizer steps this one: our LR schedule drives it
 
     @torch.no_grad()
@@ -167,11 +188,14 @@ class DeepSpeed(DataParallelStrategy):
         norm = torch.tensor(math.nan if norm is None else float(norm))
         return norm, bool(self.engine.was_step_applied() and torch.isfinite(loss) and torch.isfinite(norm))
 
-    def save(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def save(
+        self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, asynchronous: bool = False
+    ) -> None:
         self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False)
         if self.is_main:
             layout = {"zero_stage": self.stage, "world_size": self.world_size}
             (folder / TAG / LAYOUT).write_text(json.dumps(layout))
+        return None
 
     def load(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if not (folder / TAG / LAYOUT).is_file():
