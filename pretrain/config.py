@@ -35,6 +35,7 @@ class Checkpointing(str, Enum):
     none = "none"
     full = "full"  # recompute each transformer block in the backward pass
     selective = "selective"  # keep the outputs of matmuls and attention, recompute norms and activations
+    llama = "llama"  # LLaMA-1's hand-written block backward: keep linear outputs, recompute norms, RoPE, SwiGLU
 
 
 @dataclass
@@ -247,6 +248,11 @@ def validate(cfg: ExperimentConfig) -> None:
     if t.async_save and t.strategy == "deepspeed":
         raise ConfigError(
             "train.async_save is for single and fsdp; under deepspeed checkpoints are written synchronously"
+        )
+    if t.activation_checkpointing == Checkpointing.llama and t.strategy == "deepspeed" and t.zero_stage == 3:
+        raise ConfigError(
+            "train.activation_checkpointing=llama is not supported under ZeRO-3 yet (its parameters are gathered "
+            "per module); use zero_stage 0-2, fsdp, or activation_checkpointing=selective"
         )
     if t.offload_params and t.zero_stage != 3:
         raise ConfigError(f"train.offload_params needs train.zero_stage=3, got {t.zero_stage}")

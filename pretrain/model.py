@@ -92,7 +92,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32, or fp64 for float64 checks
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.type_as(x) * self.weight
 
@@ -113,7 +113,7 @@ def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
 
     x: (batch, seq, heads, head_dim); cos_sin: (seq, head_dim // 2, 2).
     """
-    xf = x.float().unflatten(-1, (-1, 2))  # (batch, seq, heads, head_dim // 2, 2)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))  # (batch, seq, heads, hd/2, 2)
     x0, x1 = xf.unbind(-1)
     cos, sin = cos_sin[:, None, :, 0], cos_sin[:, None, :, 1]  # (seq, 1, head_dim // 2)
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)

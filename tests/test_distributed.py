@@ -81,6 +81,7 @@ STRATEGIES = {
     "zero3": ["train.strategy=deepspeed", "train.zero_stage=3"],
 }
 CASES = [(s, c) for s in STRATEGIES for c in ("none", "full")] + [("fsdp", "selective"), ("zero3", "selective")]
+CASES += [("fsdp", "llama"), ("zero2", "llama")]
 
 
 @pytest.mark.parametrize("strategy,checkpointing", CASES, ids=[f"{s}-{c}" for s, c in CASES])

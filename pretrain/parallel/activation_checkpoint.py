@@ -3,6 +3,7 @@
 `full` keeps only each block's input and recomputes the whole block in the backward pass. `selective`
 keeps what is expensive to recompute, the outputs of matrix multiplications and of attention, and
 recomputes the cheap memory-bound ops around them (RMSNorm, RoPE, SiLU and the SwiGLU product, casts).
+`llama` does what `selective` does with a backward written by hand, without autograd's bookkeeping.
 """
 
 from __future__ import annotations
@@ -32,8 +33,14 @@ def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: Checkpointing) -> None:
-    """Wrap each transformer block's forward in `torch.utils.checkpoint` for `full` and `selective`."""
+    """Wrap each transformer block's forward in `torch.utils.checkpoint` for `full` and `selective`;
+    `llama` routes it through the hand-written backward (`pretrain.llama_backward`)."""
     if mode == Checkpointing.none:
+        return
+    if mode == Checkpointing.llama:
+        from pretrain.llama_backward import apply_llama_backward
+
+        apply_llama_backward(model)
         return
     options = {"use_reentrant": False}
     if mode == Checkpointing.selective:
