@@ -1,4 +1,4 @@
-"""Command line: `python -m pretrain {train,info,plan,plot,consolidate} ...`."""
+"""Command line: `python -m pretrain {train,info,plan,memory,plot,consolidate} ...`."""
 
 from __future__ import annotations
 
@@ -80,6 +80,25 @@ def cmd_plan(config: str, overrides: list[str], tokens: list[str], total: float 
     print(format_plan(plan(sources, weights, available, budget)))
 
 
+def cmd_memory(config: str, overrides: list[str], gpus: int, gpu: str, fewest: bool) -> None:
+    """Print the memory per GPU of a configuration, or the fewest GPUs it fits on."""
+    from pretrain.memory import GPU_MEMORY_GB, fewest_gpus, format_plan
+
+    cfg = load_config(config, overrides)
+    try:
+        gpu_gb = GPU_MEMORY_GB[gpu] if gpu in GPU_MEMORY_GB else float(gpu)
+    except ValueError:
+        raise ConfigError(f"--gpu {gpu}: one of {', '.join(GPU_MEMORY_GB)} or a size in GB") from None
+    if fewest:
+        n = fewest_gpus(cfg, gpu_gb)
+        if n is None:
+            print(f"{cfg.name} does not fit on any number of {gpu_gb:g} GB GPUs with these settings")
+            return
+        gpus = n
+        print(f"fewest GPUs of {gpu_gb:g} GB (multiples of 8): {n}")
+    print(format_plan(cfg, gpus, gpu_gb))
+
+
 def cmd_train(config: str, overrides: list[str]) -> None:
     """Train, then draw the plot and say where everything went."""
     from pretrain.plot import plot_metrics
@@ -123,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         help="tokens available per source (default: from the shards' manifests)",
     )
     p.add_argument("--total", type=float, help="token budget (default: train.steps x train.global_batch_tokens)")
+    p = sub.add_parser("memory", help="memory per GPU (parameters, gradients, optimizer, activations); does it fit")
+    p.add_argument("config", help="an experiment YAML; strategy, ZeRO stage, checkpointing from train.*")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--gpus", type=int, default=8, help="world size (default 8)")
+    p.add_argument("--gpu", default="a100-80gb", help="a100-40gb, a100-80gb, h100-80gb, h200 or GB")
+    p.add_argument("--fewest", action="store_true", help="find the fewest GPUs (multiples of 8) it fits on")
     p = sub.add_parser("plot", help="draw loss and throughput of a run to a PNG")
     p.add_argument("run", type=Path, help="a run folder or its metrics.jsonl")
     p.add_argument("-o", "--output", type=Path, help="PNG path (default: <run>/plot.png)")
@@ -138,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_plan(args.config, args.overrides, args.tokens, args.total)
         elif args.command == "train":
             cmd_train(args.config, args.overrides)
+        elif args.command == "memory":
+            cmd_memory(args.config, args.overrides, args.gpus, args.gpu, args.fewest)
         elif args.command == "consolidate":
             from pretrain.consolidate import consolidate
 

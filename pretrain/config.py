@@ -249,11 +249,6 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             "train.async_save is for single and fsdp; under deepspeed checkpoints are written synchronously"
         )
-    if t.activation_checkpointing == Checkpointing.llama and t.strategy == "deepspeed" and t.zero_stage == 3:
-        raise ConfigError(
-            "train.activation_checkpointing=llama is not supported under ZeRO-3 yet (its parameters are gathered "
-            "per module); use zero_stage 0-2, fsdp, or activation_checkpointing=selective"
-        )
     if t.offload_params and t.zero_stage != 3:
         raise ConfigError(f"train.offload_params needs train.zero_stage=3, got {t.zero_stage}")
     if t.deepspeed_json is not None and not Path(t.deepspeed_json).is_file():

@@ -109,6 +109,11 @@ def test_bf16_trains_under_zero3_with_fp32_gradient_reduction(tiny_data, tmp_pat
     assert losses(tmp_path / "bf16") == pytest.approx(losses(tmp_path / "fp32"), abs=0.05)
 
 
+def test_llama_checkpointing_under_zero3_is_refused_with_what_to_use(tiny_data, tmp_path):
+    with pytest.raises(Exception, match="llama is not supported under ZeRO-3 yet.*fsdp"):
+        run_distributed(tiny_data, tmp_path / "run", *STRATEGIES["zero3"], "train.activation_checkpointing=llama")
+
+
 def test_deepspeed_json_overrides_and_refusals(tiny_data, tmp_path):
     from pretrain.config import ConfigError, Precision
     from pretrain.parallel.deepspeed import deepspeed_config

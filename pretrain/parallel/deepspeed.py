@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pretrain.config import ConfigError, ExperimentConfig, Precision
+from pretrain.config import Checkpointing, ConfigError, ExperimentConfig, Precision
 from pretrain.model import Transformer, build_model
 from pretrain.optim import build_optimizer
 from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
@@ -127,6 +127,11 @@ class DeepSpeed(DataParallelStrategy):
         import deepspeed
 
         if self.stage == 3:
+            if cfg.train.activation_checkpointing == Checkpointing.llama:
+                raise ConfigError(
+                    "train.activation_checkpointing=llama is not supported under ZeRO-3 yet (it gathers parameters "
+                    "per module); use zero_stage 0-2, fsdp, or activation_checkpointing=selective"
+                )
             with deepspeed.zero.Init(config_dict_or_path=self.config):
                 model = Transformer(cfg.model)
             self._write_initial_partitions(model, cfg.train.seed)

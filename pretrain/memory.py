@@ -1,0 +1,138 @@
+"""Memory per GPU of a training configuration: parameters, gradients, optimizer states, activations.
+
+A planner, not a measurement: byte counts per parameter follow what each strategy keeps (below), and
+activation bytes per token per layer follow what each activation-checkpointing mode saves, the same
+tensors that `bench/activation_memory.py` measures (the tests hold the two within a few percent).
+
+Bytes per parameter, bf16 training with fp32 master weights and AdamW (two fp32 moments):
+
+| strategy | parameters | gradients | optimizer (master + moments) |
+|---|---|---|---|
+| single | 4 (fp32, autocast) | 4 | 8 |
+| fsdp | 4 / N (fp32 shards) | 4 / N | 8 / N |
+| deepspeed ZeRO-0 | 2 | 2 | 12 |
+| ZeRO-1 | 2 | 4 (fp32 accumulation) | 12 / N |
+| ZeRO-2 | 2 | 4 / N | 12 / N |
+| ZeRO-3 | 2 / N | 4 / N | 12 / N |
+
+plus, for the sharded ones, the gathered bf16 parameters and gradients of about two blocks at a time.
+Optimizer offload moves the optimizer column to CPU memory; parameter offload (ZeRO-3) the first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pretrain.config import Checkpointing, ExperimentConfig
+from pretrain.model import ModelArgs, count_params
+
+GPU_MEMORY_GB = {"a100-40gb": 40, "a100-80gb": 80, "h100-80gb": 80, "h200": 141}
+
+
+def activation_elements_per_token(args: ModelArgs, mode: Checkpointing) -> float:
+    """Elements one transformer block keeps per token for its backward pass, by checkpointing mode.
+
+    `llama` keeps x, q, k, v, the attention output, h, a and b (plus a logsumexp per head); `selective`
+    also keeps one more model-width tensor; `none` keeps everything autograd saves (about 10 model
+    widths and 4 feed-forward widths: norm inputs and outputs, RoPE'd and repeated q k v, attention
+    output, residuals, a, b, silu(a) and the SwiGLU product); `full` keeps only the block input.
+    """
+    d, kv, f, heads = args.dim, args.kv_heads * args.head_dim, args.hidden_dim, args.n_heads
+    llama = 4 * d + 2 * kv + 2 * f + heads
+    return {
+        Checkpointing.llama: llama,
+        Checkpointing.selective: llama + d,
+        Checkpointing.none: 10 * d + 4 * f + heads,
+        Checkpointing.full: d,
+    }[mode]
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per GPU (and per node's CPU for offloaded state) of one configuration."""
+
+    parameters: float
+    gradients: float
+    optimizer: float
+    activations: float
+    transient: float
+    cpu_offloaded: float
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.transient
+
+
+def plan_memory(cfg: ExperimentConfig, world_size: int, act_bytes: int = 2) -> MemoryPlan:
+    """Memory per GPU of `cfg` on `world_size` GPUs (bf16 activations by default)."""
+    args, t = cfg.model, cfg.train
+    total, _ = count_params(args)
+    layer = (total - 2 * args.vocab_size * args.dim) / args.n_layers
+    n = world_size
+    if t.strategy == "single":
+        n = 1
+        params, grads, optim, transient = 4.0 * total, 4.0 * total, 8.0 * total, 2.0 * layer
+    elif t.strategy == "fsdp":
+        params, grads, optim, transient = 4 * total / n, 4 * total / n, 8 * total / n, 2 * 2 * layer + 4 * layer
+    else:
+        stage = t.zero_stage
+        params = 2.0 * total / (n if stage == 3 else 1)
+        grads = (2.0 * total) if stage == 0 else 4.0 * total / (n if stage >= 2 else 1)
+        optim = 12.0 * total / (1 if stage == 0 else n)
+        transient = 2 * 2 * layer + 4 * layer if stage == 3 else 4 * layer
+    offloaded = 0.0
+    if t.strategy == "deepspeed" and t.offload_optimizer:
+        offloaded, optim = offloaded + optim, 0.0
+    if t.strategy == "deepspeed" and t.offload_params:
+        offloaded, params = offloaded + params, 0.0
+    tokens = t.micro_batch_size * cfg.data.seq_len
+    mode = t.activation_checkpointing
+    per_layer = activation_elements_per_token(args, mode) * act_bytes * tokens
+    activations = args.n_layers * per_layer
+    if mode == Checkpointing.full:  # one block's full activations while it is recomputed
+        activations += activation_elements_per_token(args, Checkpointing.none) * act_bytes * tokens
+    activations += tokens * args.vocab_size * (act_bytes + 4 + 4)  # logits, their fp32 copy and gradient
+    return MemoryPlan(params, grads, optim, activations, transient, offloaded)
+
+
+def format_plan(cfg: ExperimentConfig, world_size: int, gpu_gb: float) -> str:
+    """A table of the memory per GPU and whether it fits `gpu_gb`."""
+    p, t = plan_memory(cfg, world_size), cfg.train
+    where = t.strategy + (f" ZeRO-{t.zero_stage}" if t.strategy == "deepspeed" else "")
+    offload = " + optimizer offload" if t.offload_optimizer else ""
+    offload += " + parameter offload" if t.offload_params else ""
+    gb = 1e9
+    rows = [
+        ("parameters", p.parameters),
+        ("gradients", p.gradients),
+        ("optimizer states", p.optimizer),
+        (
+            f"activations ({t.activation_checkpointing.value}, micro-batch {t.micro_batch_size} x {cfg.data.seq_len})",
+            p.activations,
+        ),
+        ("gathered / working buffers", p.transient),
+    ]
+    gpus = 1 if t.strategy == "single" else world_size
+    lines = [f"{cfg.name}: {gpus} GPU(s), {where}{offload}; memory per GPU"]
+    lines += [f"  {name:<58}{value / gb:>10.1f} GB" for name, value in rows]
+    lines.append(
+        f"  {'total':<58}{p.total / gb:>10.1f} GB  of {gpu_gb:g} GB: {'fits' if fits(p, gpu_gb) else 'does NOT fit'}"
+    )
+    if p.cpu_offloaded:
+        lines.append(f"  {'offloaded to CPU memory (per GPU)':<58}{p.cpu_offloaded / gb:>10.1f} GB")
+    return "\n".join(lines)
+
+
+def fits(plan: MemoryPlan, gpu_gb: float, headroom: float = 0.9) -> bool:
+    """Whether the plan fits in `headroom` of the GPU (the rest: CUDA context, fragmentation)."""
+    return plan.total <= headroom * gpu_gb * 1e9
+
+
+def fewest_gpus(cfg: ExperimentConfig, gpu_gb: float, step: int = 8, limit: int = 65536) -> int | None:
+    """The smallest multiple of `step` GPUs on which `cfg` fits, or None up to `limit`."""
+    n = step
+    while n <= limit:
+        if fits(plan_memory(cfg, n), gpu_gb):
+            return n
+        n += step
+    return None
