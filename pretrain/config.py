@@ -81,6 +81,7 @@ class TrainConfig:
     offload_params: bool = False  # deepspeed ZeRO-3: parameters on the CPU between uses
     deepspeed_json: Optional[str] = None  # deepspeed: a DeepSpeed JSON whose keys override the generated ones
     activation_checkpointing: Checkpointing = Checkpointing.none
+    loss_chunk_tokens: int = 0  # > 0: output projection + cross-entropy this many tokens at a time (no full logits)
     seed: int = 0  # model initialisation
     run_dir: str = "runs/${name}"
     log_every: int = 10
@@ -232,6 +233,7 @@ def validate(cfg: ExperimentConfig) -> None:
         "optim.warmup_steps": o.warmup_steps,
         "train.eval_every": t.eval_every,
         "train.save_every": t.save_every,
+        "train.loss_chunk_tokens": t.loss_chunk_tokens,
         "optim.grad_clip": o.grad_clip,
     }.items():
         if value < 0:

@@ -213,8 +213,11 @@ class Transformer(nn.Module):
         for name, param in self.named_parameters():
             param.copy_(self.initial_value(name, seed))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (batch, seq) -> logits (batch, seq, vocab)."""
+    loss_chunk_tokens = 0  # with targets: compute the loss this many tokens at a time (0: all at once)
+
+    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens (batch, seq) -> logits (batch, seq, vocab); with targets (batch, seq), the mean
+        next-token cross-entropy in fp32 instead, `loss_chunk_tokens` tokens at a time when set."""
         seqlen = tokens.shape[1]
         if seqlen > self.args.max_seq_len:
             raise ValueError(f"sequence of {seqlen} tokens exceeds model.max_seq_len={self.args.max_seq_len}")
@@ -222,7 +225,32 @@ class Transformer(nn.Module):
         cos_sin = self.rope_cos_sin[:seqlen]
         for layer in self.layers:
             h = layer(h, cos_sin)
-        return self.output(self.norm(h))
+        h = self.norm(h)
+        if targets is None:
+            return self.output(h)
+        return chunked_cross_entropy(self.output, h.flatten(0, 1), targets.flatten(), self.loss_chunk_tokens)
+
+
+def _chunk_loss(output: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output(h).float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy(output: nn.Module, h: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Mean cross-entropy of `output(h)` (fp32) against `targets`, `chunk` tokens at a time.
+
+    Each chunk's logits are made, reduced to a loss and dropped; in the backward pass they are made
+    again one chunk at a time (activation checkpointing), so the full-vocabulary fp32 logits of the
+    whole batch never exist. The price is the output projection's forward once more.
+    """
+    if chunk <= 0 or chunk >= len(targets):
+        return F.cross_entropy(output(h).float(), targets)
+    from torch.utils.checkpoint import checkpoint
+
+    total = torch.zeros((), device=h.device)
+    for start in range(0, len(targets), chunk):
+        part = slice(start, start + chunk)
+        total = total + checkpoint(_chunk_loss, output, h[part], targets[part], use_reentrant=False)
+    return total / len(targets)
 
 
 def build_model(args: ModelArgs, device: torch.device | str = "cpu", seed: int = 0) -> Transformer:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from data_pipeline.loader import BatchLoader, PackedSamples, PrefetchLoader, resolve_sources
@@ -19,16 +18,16 @@ from data_pipeline.tokenizer import file_sha256
 from pretrain.checkpoint import CheckpointManager
 from pretrain.config import ConfigError, ExperimentConfig, to_dict, to_yaml
 from pretrain.metrics import MetricLogger, ThroughputMeter, device_peak_flops, perplexity
-from pretrain.model import flops_per_token
+from pretrain.model import Transformer, flops_per_token
 from pretrain.optim import build_scheduler
 from pretrain.parallel import Strategy, build_strategy
 
 
 def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, strategy: Strategy) -> torch.Tensor:
-    """Mean next-token cross-entropy of a micro-batch, computed in fp32."""
+    """Mean next-token cross-entropy of a micro-batch, computed in fp32 (by the model, so that it can
+    go `train.loss_chunk_tokens` tokens at a time)."""
     with strategy.autocast():
-        logits = model(inputs)  # (batch, seq, vocab)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return model(inputs, targets)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -143,6 +142,9 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 
     torch.manual_seed(t.seed)
     model, optimizer = strategy.setup(cfg)
+    for module in model.modules():  # the Transformer inside any wrapper
+        if isinstance(module, Transformer):
+            module.loss_chunk_tokens = t.loss_chunk_tokens
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
     checkpoints = CheckpointManager(run_dir, strategy, t.keep_last)
 

@@ -155,3 +155,35 @@ def test_selective_checkpointing_recomputes_cheap_ops_but_no_matmul_or_attention
     assert full["mm"] > none["mm"] and attention_forwards(full) == 2  # full recomputes every block
     assert selective["mm"] == none["mm"] and attention_forwards(selective) == 0  # matmul and attention kept
     assert selective["rsqrt"] > none["rsqrt"] == 0 and selective["silu"] > none["silu"] == 0  # norms, SwiGLU redone
+
+
+def test_chunked_loss_equals_the_whole_and_never_makes_the_full_logits():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16, max_seq_len=32)
+    tokens = torch.randint(0, 512, (4, 33), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for chunk in (0, 24):
+        model = build_model(args, seed=1)
+        model.loss_chunk_tokens = chunk
+
+        class Largest(TorchDispatchMode):
+            largest = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                        Largest.largest = max(Largest.largest, t.numel())
+                return out
+
+        with Largest():
+            loss = model(tokens[:, :-1], tokens[:, 1:])
+            loss.backward()
+        results[chunk] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()}, Largest.largest)
+    whole, chunked = results[0], results[24]
+    torch.testing.assert_close(chunked[0], whole[0], atol=1e-6, rtol=0)
+    for name, grad in whole[1].items():
+        torch.testing.assert_close(chunked[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert whole[2] >= 4 * 32 * 512  # the full logits of the batch
+    assert chunked[2] < 4 * 32 * 512 and chunked[2] >= 24 * 512  # one chunk's logits at most (embedding grads aside)

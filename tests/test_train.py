@@ -112,10 +112,19 @@ def test_resume_never_starts_over(tiny_data, tmp_path):
     assert again["step"] == 2 and len(losses(run)) == 2  # metrics of the old run replaced, not appended
 
 
-@pytest.mark.parametrize("mode", ["full", "selective", "llama"])
-def test_activation_checkpointing_gives_the_same_losses(tiny_data, tmp_path, mode):
+@pytest.mark.parametrize(
+    "change",
+    [
+        "train.activation_checkpointing=full",
+        "train.activation_checkpointing=selective",
+        "train.activation_checkpointing=llama",
+        "train.loss_chunk_tokens=40",
+    ],
+    ids=["full", "selective", "llama", "chunked-loss"],
+)
+def test_memory_savers_give_the_same_losses(tiny_data, tmp_path, change):
     train(tiny_config(tiny_data, tmp_path / "a", "train.steps=5"))
-    train(tiny_config(tiny_data, tmp_path / "b", "train.steps=5", f"train.activation_checkpointing={mode}"))
+    train(tiny_config(tiny_data, tmp_path / "b", "train.steps=5", change))
     assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), abs=1e-5)
 
 
