@@ -81,6 +81,7 @@ class TrainConfig:
     offload_params: bool = False  # deepspeed ZeRO-3: parameters on the CPU between uses
     deepspeed_json: Optional[str] = None  # deepspeed: a DeepSpeed JSON whose keys override the generated ones
     activation_checkpointing: Checkpointing = Checkpointing.none
+    compile: bool = False  # torch.compile each transformer block (after checkpointing is applied)
     loss_chunk_tokens: int = 0  # > 0: output projection + cross-entropy this many tokens at a time (no full logits)
     seed: int = 0  # model initialisation
     run_dir: str = "runs/${name}"
@@ -251,6 +252,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             "train.async_save is for single and fsdp; under deepspeed checkpoints are written synchronously"
         )
+    if t.compile and t.strategy == "deepspeed" and t.zero_stage == 3:
+        raise ConfigError("train.compile is not supported under ZeRO-3 (its per-module hooks); use fsdp or stage 0-2")
     if t.offload_params and t.zero_stage != 3:
         raise ConfigError(f"train.offload_params needs train.zero_stage=3, got {t.zero_stage}")
     if t.deepspeed_json is not None and not Path(t.deepspeed_json).is_file():

@@ -91,7 +91,8 @@ def plan_memory(cfg: ExperimentConfig, world_size: int, act_bytes: int = 2) -> M
     activations = args.n_layers * per_layer
     if mode == Checkpointing.full:  # one block's full activations while it is recomputed
         activations += activation_elements_per_token(args, Checkpointing.none) * act_bytes * tokens
-    activations += tokens * args.vocab_size * (act_bytes + 4 + 4)  # logits, their fp32 copy and gradient
+    logit_tokens = min(tokens, t.loss_chunk_tokens) if t.loss_chunk_tokens else tokens
+    activations += logit_tokens * args.vocab_size * (act_bytes + 4 + 4)  # logits, their fp32 copy and gradient
     return MemoryPlan(params, grads, optim, activations, transient, offloaded)
 
 

@@ -119,10 +119,11 @@ def test_resume_never_starts_over(tiny_data, tmp_path):
         "train.activation_checkpointing=selective",
         "train.activation_checkpointing=llama",
         "train.loss_chunk_tokens=40",
+        "train.compile=true",
     ],
-    ids=["full", "selective", "llama", "chunked-loss"],
+    ids=["full", "selective", "llama", "chunked-loss", "compiled-blocks"],
 )
-def test_memory_savers_give_the_same_losses(tiny_data, tmp_path, change):
+def test_memory_and_speed_options_give_the_same_losses(tiny_data, tmp_path, change):
     train(tiny_config(tiny_data, tmp_path / "a", "train.steps=5"))
     train(tiny_config(tiny_data, tmp_path / "b", "train.steps=5", change))
     assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), abs=1e-5)

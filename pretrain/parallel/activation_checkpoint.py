@@ -32,18 +32,20 @@ def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: Checkpointing) -> None:
+def apply_activation_checkpointing(model: nn.Module, mode: Checkpointing, compile: bool = False) -> None:
     """Wrap each transformer block's forward in `torch.utils.checkpoint` for `full` and `selective`;
-    `llama` routes it through the hand-written backward (`pretrain.llama_backward`)."""
-    if mode == Checkpointing.none:
-        return
+    `llama` routes it through the hand-written backward (`pretrain.llama_backward`). With `compile`,
+    each block is then compiled with `torch.compile` (in place: parameter names do not change)."""
     if mode == Checkpointing.llama:
         from pretrain.llama_backward import apply_llama_backward
 
         apply_llama_backward(model)
-        return
-    options = {"use_reentrant": False}
-    if mode == Checkpointing.selective:
-        options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
-    for block in model.layers:
-        block.forward = functools.partial(checkpoint, block.forward, **options)
+    elif mode != Checkpointing.none:
+        options = {"use_reentrant": False}
+        if mode == Checkpointing.selective:
+            options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
+        for block in model.layers:
+            block.forward = functools.partial(checkpoint, block.forward, **options)
+    if compile:
+        for block in model.layers:
+            block.compile()

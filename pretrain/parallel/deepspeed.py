@@ -137,7 +137,7 @@ class DeepSpeed(DataParallelStrategy):
             self._write_initial_partitions(model, cfg.train.seed)
         else:
             model = build_model(cfg.model, self.device, cfg.train.seed)
-        apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+        apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.compile)
         return model
 
     def setup(self, cfg: ExperimentConfig) -> tuple[nn.Module, torch.optim.Optimizer]:

@@ -53,7 +53,7 @@ class FSDP(DataParallelStrategy):
         """On `meta`, checkpointed and sharded, then each rank materialises and initialises its shards."""
         with torch.device("meta"):
             model = Transformer(cfg.model)
-        apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+        apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.compile)
         policy = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16 if self.precision == Precision.bf16 else None, reduce_dtype=torch.float32
         )

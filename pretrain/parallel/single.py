@@ -35,7 +35,7 @@ class SingleDevice(Strategy):
 
     def setup(self, cfg: ExperimentConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
         model = build_model(cfg.model, self.device, cfg.train.seed)
-        apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+        apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.compile)
         return model, build_optimizer(model, cfg.optim, fused=self.device.type == "cuda")
 
     def autocast(self) -> contextlib.AbstractContextManager:
