@@ -48,6 +48,7 @@ class DataConfig:
     tokenizer: str = "data/tokenizer/sample.model"  # must be the one the shards were made with
     seq_len: int = 2048
     seed: int = 1234  # the sample order is a pure function of (seed, sample index)
+    document_attention: bool = False  # attend within documents only, positions reset at document starts
 
 
 @dataclass
@@ -252,6 +253,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             "train.async_save is for single and fsdp; under deepspeed checkpoints are written synchronously"
         )
+    if d.document_attention and t.activation_checkpointing == Checkpointing.llama:
+        raise ConfigError("data.document_attention is not supported with train.activation_checkpointing=llama yet")
     if t.compile and t.strategy == "deepspeed" and t.zero_stage == 3:
         raise ConfigError("train.compile is not supported under ZeRO-3 (its per-module hooks); use fsdp or stage 0-2")
     if t.offload_params and t.zero_stage != 3:

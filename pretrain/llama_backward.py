@@ -157,8 +157,12 @@ class LlamaBlockFunction(torch.autograd.Function):
         return dx, None, dattn_norm, dwq, dwk, dwv, dwo, dffn_norm, dw1, dw2, dw3, None, None, None
 
 
-def llama_block_forward(block: TransformerBlock, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+def llama_block_forward(
+    block: TransformerBlock, x: torch.Tensor, cos_sin: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """`block.forward` through `LlamaBlockFunction` (the autocast dtype, if any, for matmuls)."""
+    if mask is not None:
+        raise ValueError("activation_checkpointing=llama does not support data.document_attention yet")
     attn, ffn = block.attention, block.feed_forward
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else attn.wq.weight.dtype

@@ -111,11 +111,12 @@ def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float, device=None) -> 
 def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs (x[2i], x[2i+1]) of each head by the position's angle (Meta's layout).
 
-    x: (batch, seq, heads, head_dim); cos_sin: (seq, head_dim // 2, 2).
+    x: (batch, seq, heads, head_dim); cos_sin: (seq, head_dim // 2, 2), or (batch, seq, head_dim // 2, 2)
+    for position ids of their own per row (positions reset at document starts).
     """
     xf = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))  # (batch, seq, heads, hd/2, 2)
     x0, x1 = xf.unbind(-1)
-    cos, sin = cos_sin[:, None, :, 0], cos_sin[:, None, :, 1]  # (seq, 1, head_dim // 2)
+    cos, sin = cos_sin[..., None, :, 0], cos_sin[..., None, :, 1]  # ([batch,] seq, 1, head_dim // 2)
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return out.flatten(-2).type_as(x)
 
@@ -131,7 +132,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Causal attention, or with `mask` (batch, 1, seq, seq; True = attend) within documents only."""
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
@@ -141,7 +143,7 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -169,8 +171,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos_sin)
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos_sin, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -215,20 +217,42 @@ class Transformer(nn.Module):
 
     loss_chunk_tokens = 0  # with targets: compute the loss this many tokens at a time (0: all at once)
 
-    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """tokens (batch, seq) -> logits (batch, seq, vocab); with targets (batch, seq), the mean
-        next-token cross-entropy in fp32 instead, `loss_chunk_tokens` tokens at a time when set."""
+        next-token cross-entropy in fp32 instead, `loss_chunk_tokens` tokens at a time when set.
+
+        With `positions` (batch, seq), position ids that restart at 0 at each document start (the
+        loader's document boundaries), RoPE uses them and each token attends only to earlier tokens
+        of its own document.
+        """
         seqlen = tokens.shape[1]
         if seqlen > self.args.max_seq_len:
             raise ValueError(f"sequence of {seqlen} tokens exceeds model.max_seq_len={self.args.max_seq_len}")
         h = self.tok_embeddings(tokens)  # (batch, seq, dim)
-        cos_sin = self.rope_cos_sin[:seqlen]
+        if positions is None:
+            cos_sin, extra = self.rope_cos_sin[:seqlen], ()
+        else:
+            cos_sin, extra = self.rope_cos_sin[positions], (document_mask(positions),)
         for layer in self.layers:
-            h = layer(h, cos_sin)
+            h = layer(h, cos_sin, *extra)
         h = self.norm(h)
         if targets is None:
             return self.output(h)
         return chunked_cross_entropy(self.output, h.flatten(0, 1), targets.flatten(), self.loss_chunk_tokens)
+
+
+def document_mask(positions: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, seq, seq) boolean: token i attends to token j when j <= i within the same document.
+
+    Documents start where the position id is 0; tokens before a row's first start are the tail of a
+    document that began in an earlier sample, and attend among themselves.
+    """
+    doc = torch.cumsum((positions == 0).long(), dim=1)  # document number of each token
+    seqlen = positions.shape[1]
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=positions.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
 def _chunk_loss(output: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

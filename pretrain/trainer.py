@@ -23,11 +23,13 @@ from pretrain.optim import build_scheduler
 from pretrain.parallel import Strategy, build_strategy
 
 
-def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, strategy: Strategy) -> torch.Tensor:
+def lm_loss(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, strategy: Strategy, *positions: torch.Tensor
+) -> torch.Tensor:
     """Mean next-token cross-entropy of a micro-batch, computed in fp32 (by the model, so that it can
-    go `train.loss_chunk_tokens` tokens at a time)."""
+    go `train.loss_chunk_tokens` tokens at a time); with position ids, within documents."""
     with strategy.autocast():
-        return model(inputs, targets)
+        return model(inputs, targets, *positions)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -36,7 +38,7 @@ class NonFiniteLoss(RuntimeError):
 
 def train_step(
     model: nn.Module,
-    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    micro_batches: list[tuple[torch.Tensor, ...]],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     strategy: Strategy,
@@ -50,10 +52,9 @@ def train_step(
     wait for the device.
     """
     loss_sum = torch.zeros((), device=strategy.device)
-    for inputs, targets in micro_batches:
-        inputs = inputs.to(strategy.device, non_blocking=True)
-        targets = targets.to(strategy.device, non_blocking=True)
-        loss = lm_loss(model, inputs, targets, strategy) / len(micro_batches)
+    for batch in micro_batches:  # (inputs, targets) or (inputs, targets, positions)
+        inputs, targets, *positions = (t.to(strategy.device, non_blocking=True) for t in batch)
+        loss = lm_loss(model, inputs, targets, strategy, *positions) / len(micro_batches)
         strategy.backward(loss)
         loss_sum += loss.detach()
     loss = strategy.reduce_mean(loss_sum)
@@ -63,14 +64,18 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, samples: PackedSamples, strategy: Strategy, batches: int, batch_size: int) -> float:
-    """Mean loss over the first `batches` x `batch_size` held-out samples (the same every time)."""
+def evaluate(
+    model: nn.Module, samples: PackedSamples, strategy: Strategy, batches: int, batch_size: int, documents: bool
+) -> float:
+    """Mean loss over the first `batches` x `batch_size` held-out samples (the same every time); with
+    `documents`, attending within documents as in training."""
     model.eval()
     total = torch.zeros((), device=strategy.device)
     for b in range(batches):
-        rows = torch.stack([torch.from_numpy(samples[b * batch_size + i][0]) for i in range(batch_size)])
-        rows = rows.to(strategy.device)
-        total += lm_loss(model, rows[:, :-1], rows[:, 1:], strategy)
+        indices = range(b * batch_size, (b + 1) * batch_size)
+        rows = torch.stack([torch.from_numpy(samples[i][0]) for i in indices]).to(strategy.device)
+        positions = [torch.stack([torch.from_numpy(samples.positions(i)) for i in indices])] if documents else []
+        total += lm_loss(model, rows[:, :-1], rows[:, 1:], strategy, *(p.to(strategy.device) for p in positions))
     model.train()
     return strategy.reduce_mean(total / batches).item()
 
@@ -137,7 +142,14 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     val_data = load_data(cfg, "val") if t.eval_every else None
     global_batch = t.global_batch_tokens // cfg.data.seq_len
     loader = PrefetchLoader(
-        BatchLoader(train_data, global_batch, t.micro_batch_size, strategy.rank, strategy.world_size)
+        BatchLoader(
+            train_data,
+            global_batch,
+            t.micro_batch_size,
+            strategy.rank,
+            strategy.world_size,
+            with_positions=cfg.data.document_attention,
+        )
     )
 
     torch.manual_seed(t.seed)
@@ -225,7 +237,9 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                 )
                 meter.reset()
             if val_data is not None and (step % t.eval_every == 0 or step == last_step):
-                val_loss = evaluate(model, val_data, strategy, t.eval_batches, t.micro_batch_size)
+                val_loss = evaluate(
+                    model, val_data, strategy, t.eval_batches, t.micro_batch_size, cfg.data.document_attention
+                )
                 logger.log({"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
                 meter.reset()
             preempted = strategy.any(stop_signal.received)

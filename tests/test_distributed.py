@@ -136,8 +136,8 @@ def test_deepspeed_json_overrides_and_refusals(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
-def test_chunked_loss_under_sharding_matches_one_process(tiny_data, tmp_path, strategy):
-    common = ["train.steps=3", "train.micro_batch_size=2"]
+def test_chunked_loss_and_document_attention_under_sharding_match_one_process(tiny_data, tmp_path, strategy):
+    common = ["train.steps=3", "train.micro_batch_size=2", "data.document_attention=true"]
     train(tiny_config(tiny_data, tmp_path / "single", *common))
     run_distributed(tiny_data, tmp_path / "dist", *STRATEGIES[strategy], *common, "train.loss_chunk_tokens=24")
     assert losses(tmp_path / "dist") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)

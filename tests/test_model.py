@@ -187,3 +187,21 @@ def test_chunked_loss_equals_the_whole_and_never_makes_the_full_logits():
         torch.testing.assert_close(chunked[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
     assert whole[2] >= 4 * 32 * 512  # the full logits of the batch
     assert chunked[2] < 4 * 32 * 512 and chunked[2] >= 24 * 512  # one chunk's logits at most (embedding grads aside)
+
+
+def test_document_attention_sees_each_packed_document_as_if_alone():
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16, max_seq_len=32)
+    model = build_model(args, seed=2)
+    generator = torch.Generator().manual_seed(0)
+    first, second = (
+        torch.randint(0, 128, (1, 10), generator=generator),
+        torch.randint(0, 128, (1, 22), generator=generator),
+    )
+    packed = torch.cat([first, second], dim=1)
+    positions = torch.cat([torch.arange(10), torch.arange(22)])[None]
+    with torch.no_grad():
+        together = model(packed, positions=positions)
+        plain = model(packed)
+        torch.testing.assert_close(together[:, :10], model(first), atol=1e-5, rtol=0)
+        torch.testing.assert_close(together[:, 10:], model(second), atol=1e-5, rtol=0)
+        assert not torch.allclose(plain[:, 10:], model(second), atol=1e-3)  # without it, the second sees the first

@@ -129,6 +129,18 @@ def test_memory_and_speed_options_give_the_same_losses(tiny_data, tmp_path, chan
     assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), abs=1e-5)
 
 
+def test_document_attention_trains_and_checkpointing_keeps_its_losses(tiny_data, tmp_path):
+    common = ["train.steps=4", "train.eval_every=2", "train.eval_batches=1"]
+    train(tiny_config(tiny_data, tmp_path / "plain", *common))
+    train(tiny_config(tiny_data, tmp_path / "docs", *common, "data.document_attention=true"))
+    with_full = ["data.document_attention=true", "train.activation_checkpointing=full", "train.loss_chunk_tokens=40"]
+    train(tiny_config(tiny_data, tmp_path / "docs-full", *common, *with_full))
+    assert losses(tmp_path / "docs") != pytest.approx(losses(tmp_path / "plain"), abs=1e-4)  # documents are apart
+    assert losses(tmp_path / "docs-full") == pytest.approx(losses(tmp_path / "docs"), abs=1e-5)
+    records = [json.loads(line) for line in (tmp_path / "docs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
+
+
 def test_gradient_accumulation_matches_one_big_batch(tiny_data, tmp_path):
     train(tiny_config(tiny_data, tmp_path / "a", "train.steps=3", "train.micro_batch_size=8"))
     train(tiny_config(tiny_data, tmp_path / "b", "train.steps=3", "train.micro_batch_size=2"))
