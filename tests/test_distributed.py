@@ -81,7 +81,7 @@ STRATEGIES = {
     "zero3": ["train.strategy=deepspeed", "train.zero_stage=3"],
 }
 CASES = [(s, c) for s in STRATEGIES for c in ("none", "full")] + [("fsdp", "selective"), ("zero3", "selective")]
-CASES += [("fsdp", "llama"), ("zero2", "llama")]
+CASES += [("fsdp", "llama"), ("zero2", "llama"), ("zero3", "llama")]
 
 
 @pytest.mark.parametrize("strategy,checkpointing", CASES, ids=[f"{s}-{c}" for s, c in CASES])
@@ -107,11 +107,6 @@ def test_bf16_trains_under_zero3_with_fp32_gradient_reduction(tiny_data, tmp_pat
     run_distributed(tiny_data, tmp_path / "bf16", *STRATEGIES["zero3"], "train.precision=bf16", "train.steps=3")
     train(tiny_config(tiny_data, tmp_path / "fp32", "train.steps=3"))
     assert losses(tmp_path / "bf16") == pytest.approx(losses(tmp_path / "fp32"), abs=0.05)
-
-
-def test_llama_checkpointing_under_zero3_is_refused_with_what_to_use(tiny_data, tmp_path):
-    with pytest.raises(Exception, match="llama is not supported under ZeRO-3 yet.*fsdp"):
-        run_distributed(tiny_data, tmp_path / "run", *STRATEGIES["zero3"], "train.activation_checkpointing=llama")
 
 
 def test_deepspeed_json_overrides_and_refusals(tiny_data, tmp_path):

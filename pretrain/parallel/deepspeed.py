@@ -127,17 +127,20 @@ class DeepSpeed(DataParallelStrategy):
         import deepspeed
 
         if self.stage == 3:
-            if cfg.train.activation_checkpointing == Checkpointing.llama:
-                raise ConfigError(
-                    "train.activation_checkpointing=llama is not supported under ZeRO-3 yet (it gathers parameters "
-                    "per module); use zero_stage 0-2, fsdp, or activation_checkpointing=selective"
-                )
             with deepspeed.zero.Init(config_dict_or_path=self.config):
                 model = Transformer(cfg.model)
             self._write_initial_partitions(model, cfg.train.seed)
         else:
             model = build_model(cfg.model, self.device, cfg.train.seed)
         apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.compile)
+        if self.stage == 3 and cfg.train.activation_checkpointing == Checkpointing.llama:
+            # the hand-written block reads its weights directly, not through its Linear modules: ZeRO-3
+            # must gather (and release, and reduce) the parameters of a whole block at its boundary
+            from deepspeed.utils import set_z3_leaf_modules
+
+            from pretrain.model import TransformerBlock
+
+            set_z3_leaf_modules(model, [TransformerBlock])
         return model
 
     def setup(self, cfg: ExperimentConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
