@@ -74,10 +74,12 @@ def measure(cfg, mode: str, batch: int, seq: int, device: torch.device, dtype: t
     block.to_empty(device=device)
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.02)
+    if dtype is not None:  # bf16 weights as FSDP and DeepSpeed hold them (autocast's weight copies would count)
+        block.to(dtype)
     model.layers = torch.nn.ModuleList([block])
     apply_activation_checkpointing(model, Checkpointing(mode))
     cos_sin = rope_cos_sin(args.head_dim, seq, args.rope_theta, device=device)
-    x = torch.randn(batch, seq, args.dim, device=device, requires_grad=True)
+    x = torch.randn(batch, seq, args.dim, device=device, dtype=dtype, requires_grad=True)
     params = {p.untyped_storage().data_ptr() for p in block.parameters()}
     saved: dict[int, int] = {}
 
@@ -88,10 +90,9 @@ def measure(cfg, mode: str, batch: int, seq: int, device: torch.device, dtype: t
         return t
 
     counter = OpCounter()
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter:
-            with FlopCounterMode(display=False) as forward_flops:
-                y = block(x, cos_sin)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter:
+        with FlopCounterMode(display=False) as forward_flops:
+            y = block(x, cos_sin)
     kept = sum(saved.values()) + (counter.kept_bytes if mode == "selective" else 0)
     backward_counter = OpCounter()
     with backward_counter, FlopCounterMode(display=False) as backward_flops:
@@ -111,7 +112,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (default on GPU)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 weights and activations (default on GPU)")
     parser.add_argument("--out", type=Path, help="also write the table as Markdown here")
     args = parser.parse_args()
     cfg = load_config(args.config)
@@ -126,7 +127,7 @@ def main() -> None:
         f"{m.kv_heads} kv heads, ffn {m.hidden_dim}), sequence {args.seq}, batch {args.batch}",
         "",
         f"device: {device.type} ({platform.processor() or platform.machine()}), "
-        f"{'bf16 autocast' if dtype else 'fp32'}, torch {torch.__version__}, "
+        f"{'bf16' if dtype else 'fp32'}, torch {torch.__version__}, "
         f"date {datetime.date.today()}, commit {git_commit()}",
         f"command: python bench/activation_memory.py {' '.join(sys.argv[1:])}",
         "",

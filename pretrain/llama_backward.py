@@ -125,15 +125,14 @@ class LlamaBlockFunction(torch.autograd.Function):
         bsz, seqlen, _ = x.shape
         # feed-forward, y = h + w2(silu(a) * b): recompute the SwiGLU product and the norm
         dy_c = dy.to(dtype)
-        sig = torch.sigmoid(a)
-        silu_a = a * sig
+        silu_a = F.silu(a)  # as in the forward, bit for bit
         dg, dw2 = _matmul_grads(dy_c, silu_a * b, w2)
-        da = dg * b * (sig * (1 + a * (1 - sig)))
+        da = aten.silu_backward(dg * b, a)
         db = dg * silu_a
         hn = _rms_norm(h, ffn_norm, eps).to(dtype)
         dhn1, dw1 = _matmul_grads(da, hn, w1)
         dhn3, dw3 = _matmul_grads(db, hn, w3)
-        dh_norm, dffn_norm = _rms_norm_backward(dhn1 + dhn3, h, ffn_norm, eps)
+        dh_norm, dffn_norm = _rms_norm_backward(dhn1.float() + dhn3.float(), h, ffn_norm, eps)  # sum in fp32
         dh = dy + dh_norm
         # attention, h = x + wo(attention(rope(q), rope(k), v)): recompute RoPE, the repeat and the norm
         dh_c = dh.to(dtype)
@@ -152,7 +151,7 @@ class LlamaBlockFunction(torch.autograd.Function):
         dxq, dwq = _matmul_grads(dq.to(dtype), xn, wq)
         dxk, dwk = _matmul_grads(dk.to(dtype), xn, wk)
         dxv, dwv = _matmul_grads(dv.to(dtype), xn, wv)
-        dx_norm, dattn_norm = _rms_norm_backward(dxq + dxk + dxv, x, attn_norm, eps)
+        dx_norm, dattn_norm = _rms_norm_backward(dxq.float() + dxk.float() + dxv.float(), x, attn_norm, eps)
         dx = dh + dx_norm
         return dx, None, dattn_norm, dwq, dwk, dwv, dwo, dffn_norm, dw1, dw2, dw3, None, None, None
 

@@ -8,10 +8,10 @@ Bytes per parameter, bf16 training with fp32 master weights and AdamW (two fp32 
 
 | strategy | parameters | gradients | optimizer (master + moments) |
 |---|---|---|---|
-| single | 4 (fp32, autocast) | 4 | 8 |
+| single | 4 (fp32; + 2 for autocast's bf16 copies) | 4 | 8 |
 | fsdp | 4 / N (fp32 shards) | 4 / N | 8 / N |
-| deepspeed ZeRO-0 | 2 | 2 | 12 |
-| ZeRO-1 | 2 | 4 (fp32 accumulation) | 12 / N |
+| deepspeed ZeRO-0 | 2 | 2 (+ 4 at the step) | 12 |
+| ZeRO-1 | 2 | 6 (bf16 + fp32 accumulation) | 12 / N |
 | ZeRO-2 | 2 | 4 / N | 12 / N |
 | ZeRO-3 | 2 / N | 4 / N | 12 / N |
 
@@ -69,17 +69,23 @@ def plan_memory(cfg: ExperimentConfig, world_size: int, act_bytes: int = 2) -> M
     total, _ = count_params(args)
     layer = (total - 2 * args.vocab_size * args.dim) / args.n_layers
     n = world_size
+    autocast_copies = t.precision != "fp32" and t.activation_checkpointing != Checkpointing.llama
     if t.strategy == "single":
         n = 1
-        params, grads, optim, transient = 4.0 * total, 4.0 * total, 8.0 * total, 2.0 * layer
+        params, grads, optim = 4.0 * total, 4.0 * total, 8.0 * total
+        transient = 2.0 * total if autocast_copies else 2.0 * layer  # autocast's bf16 weights, kept for backward
     elif t.strategy == "fsdp":
-        params, grads, optim, transient = 4 * total / n, 4 * total / n, 8 * total / n, 2 * 2 * layer + 4 * layer
+        params, grads, optim = 4 * total / n, 4 * total / n, 8 * total / n
+        transient = 2 * 2 * layer + 6 * layer  # two blocks' gathered bf16 weights; one's bf16 + fp32 gradients
+        if not t.reshard_after_forward:
+            transient += 2.0 * total  # every block's gathered weights, from forward to backward
     else:
         stage = t.zero_stage
         params = 2.0 * total / (n if stage == 3 else 1)
-        grads = (2.0 * total) if stage == 0 else 4.0 * total / (n if stage >= 2 else 1)
+        # ZeRO-0: bf16 gradients (plus an fp32 copy at the step); ZeRO-1: bf16 + fp32 accumulation buffers
+        grads = {0: 2.0 * total, 1: 6.0 * total}.get(stage, 4.0 * total / n)
         optim = 12.0 * total / (1 if stage == 0 else n)
-        transient = 2 * 2 * layer + 4 * layer if stage == 3 else 4 * layer
+        transient = 2 * 2 * layer + 4 * layer if stage == 3 else 4 * total if stage == 0 else 4 * layer
     offloaded = 0.0
     if t.strategy == "deepspeed" and t.offload_optimizer:
         offloaded, optim = offloaded + optim, 0.0

@@ -133,7 +133,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Causal attention, or with `mask` (batch, 1, seq, seq; True = attend) within documents only."""
+        """Causal attention, or with `mask` (batch, 1, seq, seq; additive, -inf where not allowed) within
+        documents only."""
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
@@ -233,8 +234,12 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (batch, seq, dim)
         if positions is None:
             cos_sin, extra = self.rope_cos_sin[:seqlen], ()
-        else:
-            cos_sin, extra = self.rope_cos_sin[positions], (document_mask(positions),)
+        else:  # one additive mask in the attention dtype, shared by every layer (a bool one is converted per layer)
+            device = h.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+            allowed = document_mask(positions)
+            bias = torch.zeros(allowed.shape, dtype=dtype, device=h.device).masked_fill_(~allowed, float("-inf"))
+            cos_sin, extra = self.rope_cos_sin[positions], (bias,)
         for layer in self.layers:
             h = layer(h, cos_sin, *extra)
         h = self.norm(h)
@@ -271,9 +276,8 @@ def chunked_cross_entropy(output: nn.Module, h: torch.Tensor, targets: torch.Ten
     from torch.utils.checkpoint import checkpoint
 
     total = torch.zeros((), device=h.device)
-    for start in range(0, len(targets), chunk):
-        part = slice(start, start + chunk)
-        total = total + checkpoint(_chunk_loss, output, h[part], targets[part], use_reentrant=False)
+    for h_part, targets_part in zip(h.split(chunk), targets.split(chunk)):  # split: no full-size zero grads
+        total = total + checkpoint(_chunk_loss, output, h_part, targets_part, use_reentrant=False)
     return total / len(targets)
 
 

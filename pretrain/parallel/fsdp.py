@@ -54,11 +54,15 @@ class FSDP(DataParallelStrategy):
         with torch.device("meta"):
             model = Transformer(cfg.model)
         apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.compile)
-        policy = MixedPrecisionPolicy(
-            param_dtype=torch.bfloat16 if self.precision == Precision.bf16 else None, reduce_dtype=torch.float32
+        param_dtype = torch.bfloat16 if self.precision == Precision.bf16 else None
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        # blocks get the hidden states already in bf16 (the embedding's dtype); their other input, the
+        # RoPE table, must stay fp32 as under the other strategies: no casting of block inputs
+        block_policy = MixedPrecisionPolicy(
+            param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
         )
         for block in model.layers:
-            fully_shard(block, mesh=self.mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+            fully_shard(block, mesh=self.mesh, mp_policy=block_policy, reshard_after_forward=self.reshard_after_forward)
         fully_shard(model, mesh=self.mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
         model.to_empty(device=self.device)
         with torch.no_grad():
