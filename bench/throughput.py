@@ -76,7 +76,8 @@ def run(build, device, dtype, micro_batch: int, seq: int, vocab: int, warmup: in
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     del model, optimizer
     times.sort()
-    return {"step_s": times[len(times) // 2], "min_s": times[0], "max_s": times[-1], "peak_gb": peak, "loss": loss.item()}
+    median = times[len(times) // 2]
+    return {"step_s": median, "min_s": times[0], "max_s": times[-1], "peak_gb": peak, "loss": loss.item()}
 
 
 def main() -> None:
@@ -116,7 +117,7 @@ def main() -> None:
         f"date {datetime.date.today()}, commit {git_commit()}; median of {args.steps} steps after {args.warmup}",
         f"command: python bench/throughput.py {' '.join(sys.argv[1:])}",
         "",
-        "| variant | step (s), median | min - max | tokens/sec | MFU | vs ours none | vs Hugging Face | peak memory (GB) |",
+        "| variant | step (s), median | min - max | tokens/sec | MFU | vs ours none | vs Hugging Face | peak mem (GB) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
