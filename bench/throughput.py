@@ -117,7 +117,7 @@ def main() -> None:
         f"date {datetime.date.today()}, commit {git_commit()}; median of {args.steps} steps after {args.warmup}",
         f"command: python bench/throughput.py {' '.join(sys.argv[1:])}",
         "",
-        "| variant | step (s), median | min - max | tokens/sec | MFU | vs ours none | vs Hugging Face | peak mem (GB) |",
+        "| variant | step (s), median | min - max | tokens/sec | MFU | vs ours none | vs HF | peak mem (GB) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
