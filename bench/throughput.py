@@ -125,9 +125,8 @@ def main() -> None:
         mfu = f"{100 * tps * fpt / peak:.1f}%" if peak else "n/a"
         vs_hf = f"{hf / r['step_s']:.2f}x" if hf else "n/a"
         mem = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "n/a"
-        lines.append(
-            f"| {name} | {r['step_s']:.3f} | {tps:,.0f} | {mfu} | {base / r['step_s']:.2f}x | {vs_hf} | {mem} |"
-        )
+        spread, ratio = f"{r['min_s']:.3f} - {r['max_s']:.3f}", f"{base / r['step_s']:.2f}x"
+        lines.append(f"| {name} | {r['step_s']:.3f} | {spread} | {tps:,.0f} | {mfu} | {ratio} | {vs_hf} | {mem} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
