@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pretrain.checkpoint import code_version  # noqa: E402
 from pretrain.config import Checkpointing, load_config  # noqa: E402
 from pretrain.model import Transformer, rope_cos_sin  # noqa: E402
 from pretrain.parallel.activation_checkpoint import SAVED_OPS, apply_activation_checkpointing  # noqa: E402
@@ -128,7 +128,7 @@ def main() -> None:
         "",
         f"device: {device.type} ({platform.processor() or platform.machine()}), "
         f"{'bf16' if dtype else 'fp32'}, torch {torch.__version__}, "
-        f"date {datetime.date.today()}, commit {git_commit()}",
+        f"date {datetime.date.today()}, commit {code_version()}",
         f"command: python bench/activation_memory.py {' '.join(sys.argv[1:])}",
         "",
         "| mode | saved bytes / token / layer | vs none | recomputed FLOPs / token / layer | share of a step's FLOPs |",
@@ -152,13 +152,6 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pretrain.checkpoint import code_version  # noqa: E402
 from pretrain.config import Checkpointing, load_config  # noqa: E402
 from pretrain.metrics import device_peak_flops  # noqa: E402
 from pretrain.model import build_model, count_params, flops_per_token  # noqa: E402
@@ -114,7 +114,7 @@ def main() -> None:
         "",
         f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'CPU'}"
         f" ({device.type}), {'bf16 autocast' if dtype else 'fp32'}, torch {torch.__version__}, "
-        f"date {datetime.date.today()}, commit {git_commit()}; median of {args.steps} steps after {args.warmup}",
+        f"date {datetime.date.today()}, commit {code_version()}; median of {args.steps} steps after {args.warmup}",
         f"command: python bench/throughput.py {' '.join(sys.argv[1:])}",
         "",
         "| variant | step (s), median | min - max | tokens/sec | MFU | vs ours none | vs HF | peak mem (GB) |",
@@ -132,13 +132,6 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":
