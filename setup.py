@@ -23,6 +23,7 @@ setup(
         "tqdm>=4.60",
         "zstandard>=0.22",
         "deepspeed>=0.16",  # ZeRO 1-3; installs as pure Python, its CUDA ops compile on first use
+        "safetensors>=0.4",  # the Hugging Face export
     ],
     extras_require={
         "data": ["datasets>=2.19"],  # Parquet inputs

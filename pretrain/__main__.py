@@ -1,4 +1,4 @@
-"""Command line: `python -m pretrain {train,info,plan,memory,plot,consolidate} ...`."""
+"""Command line: `python -m pretrain {train,info,plan,memory,plot,consolidate,export-hf} ...`."""
 
 from __future__ import annotations
 
@@ -142,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         help="tokens available per source (default: from the shards' manifests)",
     )
     p.add_argument("--total", type=float, help="token budget (default: train.steps x train.global_batch_tokens)")
+    p = sub.add_parser("export-hf", help="a checkpoint -> a Hugging Face LlamaForCausalLM folder")
+    p.add_argument("checkpoint", type=Path, help="a checkpoint folder of any strategy")
+    p.add_argument("output", type=Path, help="the folder to write")
+    p.add_argument("--tokenizer", type=Path, help="our SentencePiece model, to ship as the tokenizer")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16")
     p = sub.add_parser("memory", help="memory per GPU (parameters, gradients, optimizer, activations); does it fit")
     p.add_argument("config", help="an experiment YAML; strategy, ZeRO stage, checkpointing from train.*")
     p.add_argument("overrides", nargs="*")
@@ -163,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
             cmd_plan(args.config, args.overrides, args.tokens, args.total)
         elif args.command == "train":
             cmd_train(args.config, args.overrides)
+        elif args.command == "export-hf":
+            from pretrain.export import export_hf
+
+            print(export_hf(args.checkpoint, args.output, args.tokenizer, args.dtype))
         elif args.command == "memory":
             cmd_memory(args.config, args.overrides, args.gpus, args.gpu, args.fewest)
         elif args.command == "consolidate":
