@@ -18,8 +18,6 @@ For a model config's block (default llama1-7b at sequence 2048), on CPU or GPU, 
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import sys
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.checkpoint import code_version  # noqa: E402
+from bench.report import provenance, publish  # noqa: E402
 from pretrain.config import Checkpointing, load_config  # noqa: E402
 from pretrain.model import Transformer, rope_cos_sin  # noqa: E402
 from pretrain.parallel.activation_checkpoint import SAVED_OPS, apply_activation_checkpointing  # noqa: E402
@@ -126,10 +124,7 @@ def main() -> None:
         f"# Activation memory per transformer block: {args.config} (dim {m.dim}, {m.n_heads} heads, "
         f"{m.kv_heads} kv heads, ffn {m.hidden_dim}), sequence {args.seq}, batch {args.batch}",
         "",
-        f"device: {device.type} ({platform.processor() or platform.machine()}), "
-        f"{'bf16' if dtype else 'fp32'}, torch {torch.__version__}, "
-        f"date {datetime.date.today()}, commit {code_version()}",
-        f"command: python bench/activation_memory.py {' '.join(sys.argv[1:])}",
+        *provenance(device, "bf16" if dtype else "fp32"),
         "",
         "| mode | saved bytes / token / layer | vs none | recomputed FLOPs / token / layer | share of a step's FLOPs |",
         "|---|---|---|---|---|",
@@ -147,11 +142,7 @@ def main() -> None:
         f"A training step of `none` is {step_flops / tokens:,.0f} FLOPs per token per layer here (forward "
         "and backward; matmuls and attention as FlopCounterMode counts them, other ops one FLOP per element).",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

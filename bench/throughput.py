@@ -13,8 +13,6 @@ ratio to our `none`, the ratio to Hugging Face, and peak memory (GPU) or step ti
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.checkpoint import code_version  # noqa: E402
+from bench.report import provenance, publish  # noqa: E402
 from pretrain.config import Checkpointing, load_config  # noqa: E402
 from pretrain.metrics import device_peak_flops  # noqa: E402
 from pretrain.model import build_model, count_params, flops_per_token  # noqa: E402
@@ -112,10 +110,8 @@ def main() -> None:
         f"# Training-step throughput: {args.config} {' '.join(args.overrides)} ({count_params(m)[0] / 1e6:,.1f}M "
         f"parameters, dim {m.dim}, {m.n_layers} layers), micro-batch {args.micro_batch} x {args.seq} tokens",
         "",
-        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'CPU'}"
-        f" ({device.type}), {'bf16 autocast' if dtype else 'fp32'}, torch {torch.__version__}, "
-        f"date {datetime.date.today()}, commit {code_version()}; median of {args.steps} steps after {args.warmup}",
-        f"command: python bench/throughput.py {' '.join(sys.argv[1:])}",
+        *provenance(device, "bf16 autocast" if dtype else "fp32"),
+        f"each variant: median of {args.steps} timed steps after {args.warmup} untimed",
         "",
         "| variant | step (s), median | min - max | tokens/sec | MFU | vs ours none | vs HF | peak mem (GB) |",
         "|---|---|---|---|---|---|---|---|",
@@ -127,11 +123,7 @@ def main() -> None:
         mem = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "n/a"
         spread, ratio = f"{r['min_s']:.3f} - {r['max_s']:.3f}", f"{base / r['step_s']:.2f}x"
         lines.append(f"| {name} | {r['step_s']:.3f} | {spread} | {tps:,.0f} | {mfu} | {ratio} | {vs_hf} | {mem} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":
