@@ -25,7 +25,7 @@ def consolidated_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        from pretrain.parallel.base import _one_process_is_fine
+        from pretrain.parallel.base import dcp_without_process_group
 
         metadata = dcp.FileSystemReader(str(folder / DCP_DIR)).read_metadata().state_dict_metadata
         model = {
@@ -33,7 +33,7 @@ def consolidated_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor
             for key, meta in metadata.items()
             if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
         }
-        with _one_process_is_fine():
+        with dcp_without_process_group():
             dcp.load({"model": model}, checkpoint_id=str(folder / DCP_DIR))
         return model
     if (folder / TAG / LAYOUT).is_file():

@@ -20,8 +20,6 @@ from pretrain.consolidate import DTYPES, consolidated_state_dict
 from pretrain.hf import to_hf_state_dict
 from pretrain.model import ModelArgs
 
-DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
 
 def hf_config_dict(args: ModelArgs, dtype: str, bos_id: int, eos_id: int) -> dict:
     """`config.json` of a `LlamaForCausalLM` with our shapes."""
@@ -45,7 +43,7 @@ def hf_config_dict(args: ModelArgs, dtype: str, bos_id: int, eos_id: int) -> dic
         "initializer_range": args.init_std,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
-        "torch_dtype": DTYPE_NAMES[dtype],
+        "torch_dtype": str(DTYPES[dtype]).removeprefix("torch."),
         "use_cache": True,
     }
 

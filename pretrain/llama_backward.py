@@ -24,21 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.model import TransformerBlock, apply_rope
+from pretrain.model import TransformerBlock, apply_rope, heads_first, rms_norm
 
 aten = torch.ops.aten
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`RMSNorm.forward`, as a function."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
 def _rms_norm_backward(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of `_rms_norm` for input and weight, recomputing the normalised input in fp32."""
+    """Gradients of `rms_norm` for input and weight, recomputing the normalised input in fp32."""
     compute = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for float64 checks
     xf = x.to(compute)
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -53,15 +47,6 @@ def _rms_norm_backward(
 def _rope_backward(dy: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     """RoPE is a rotation per pair: its gradient is the rotation by the opposite angle."""
     return apply_rope(dy, cos_sin * cos_sin.new_tensor([1.0, -1.0]))
-
-
-def _heads_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin: torch.Tensor, n_heads: int):
-    """RoPE on q and k, keys and values repeated for grouped-query attention, (batch, heads, seq, dim)."""
-    q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
-    if k.shape[2] != n_heads:
-        k = k.repeat_interleave(n_heads // k.shape[2], dim=2)
-        v = v.repeat_interleave(n_heads // v.shape[2], dim=2)
-    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, tuple, tuple]:
@@ -103,13 +88,13 @@ class LlamaBlockFunction(torch.autograd.Function):
     def forward(ctx, x, cos_sin, attn_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3, eps, n_heads, dtype):
         bsz, seqlen, _ = x.shape
         head_dim = wq.shape[0] // n_heads
-        xn = _rms_norm(x, attn_norm, eps).to(dtype)
+        xn = rms_norm(x, attn_norm, eps).to(dtype)
         q = F.linear(xn, wq.to(dtype)).view(bsz, seqlen, n_heads, head_dim)
         k = F.linear(xn, wk.to(dtype)).view(bsz, seqlen, -1, head_dim)
         v = F.linear(xn, wv.to(dtype)).view(bsz, seqlen, -1, head_dim)
-        out, tensors, values = _attention(*_heads_first(q, k, v, cos_sin, n_heads))
+        out, tensors, values = _attention(*heads_first(q, k, v, cos_sin, n_heads))
         h = x + F.linear(out.transpose(1, 2).reshape(bsz, seqlen, -1), wo.to(dtype))
-        hn = _rms_norm(h, ffn_norm, eps).to(dtype)
+        hn = rms_norm(h, ffn_norm, eps).to(dtype)
         a, b = F.linear(hn, w1.to(dtype)), F.linear(hn, w3.to(dtype))
         y = h + F.linear(F.silu(a) * b, w2.to(dtype))
         ctx.save_for_backward(
@@ -129,7 +114,7 @@ class LlamaBlockFunction(torch.autograd.Function):
         dg, dw2 = _matmul_grads(dy_c, silu_a * b, w2)
         da = aten.silu_backward(dg * b, a)
         db = dg * silu_a
-        hn = _rms_norm(h, ffn_norm, eps).to(dtype)
+        hn = rms_norm(h, ffn_norm, eps).to(dtype)
         dhn1, dw1 = _matmul_grads(da, hn, w1)
         dhn3, dw3 = _matmul_grads(db, hn, w3)
         dh_norm, dffn_norm = _rms_norm_backward(dhn1.float() + dhn3.float(), h, ffn_norm, eps)  # sum in fp32
@@ -138,7 +123,7 @@ class LlamaBlockFunction(torch.autograd.Function):
         dh_c = dh.to(dtype)
         dout, dwo = _matmul_grads(dh_c, out.transpose(1, 2).reshape(bsz, seqlen, -1), wo)
         dout = dout.view(bsz, seqlen, n_heads, -1).transpose(1, 2)
-        qr, kr, vr = _heads_first(q, k, v, cos_sin, n_heads)
+        qr, kr, vr = heads_first(q, k, v, cos_sin, n_heads)
         dqr, dkr, dvr = _attention_backward(dout, qr, kr, vr, out, tuple(tensors), ctx.values)
         dqr, dkr, dvr = (t.transpose(1, 2) for t in (dqr, dkr, dvr))  # (batch, seq, heads, dim)
         n_kv = k.shape[2]
@@ -147,7 +132,7 @@ class LlamaBlockFunction(torch.autograd.Function):
             dvr = dvr.unflatten(2, (n_kv, -1)).sum(3)
         dq, dk = _rope_backward(dqr, cos_sin).flatten(2), _rope_backward(dkr, cos_sin).flatten(2)
         dv = dvr.flatten(2)
-        xn = _rms_norm(x, attn_norm, eps).to(dtype)
+        xn = rms_norm(x, attn_norm, eps).to(dtype)
         dxq, dwq = _matmul_grads(dq.to(dtype), xn, wq)
         dxk, dwk = _matmul_grads(dk.to(dtype), xn, wk)
         dxv, dwv = _matmul_grads(dv.to(dtype), xn, wv)

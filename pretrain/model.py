@@ -83,6 +83,12 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> int:
     return 6 * n + 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Root-mean-square normalisation in fp32 (fp64 for float64 checks), then the learned scale."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm with a learned scale, computed in fp32."""
 
@@ -92,9 +98,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32, or fp64 for float64 checks
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
     def reset_parameters(self) -> None:
         """Scale of one."""
@@ -121,6 +125,16 @@ def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     return out.flatten(-2).type_as(x)
 
 
+def heads_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin: torch.Tensor, n_heads: int):
+    """RoPE on q and k, keys and values repeated for grouped-query attention (each kv head serves
+    n_heads // n_kv_heads query heads); (batch, seq, heads, dim) in, (batch, heads, seq, dim) out."""
+    q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
+    if k.shape[2] != n_heads:
+        k = k.repeat_interleave(n_heads // k.shape[2], dim=2)
+        v = v.repeat_interleave(n_heads // v.shape[2], dim=2)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
 class Attention(nn.Module):
     """Causal grouped-query self-attention through scaled_dot_product_attention."""
 
@@ -139,11 +153,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
-        if self.n_kv_heads != self.n_heads:  # each kv head serves n_heads // n_kv_heads query heads
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
+        q, k, v = heads_first(q, k, v, cos_sin, self.n_heads)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 

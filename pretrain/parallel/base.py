@@ -95,7 +95,7 @@ class Strategy(ABC):
             if self._checkpoint_group is None:  # a gloo group, so the background save never races the trainer's NCCL
                 self._checkpoint_group = dist.new_group(backend="gloo")
             return dcp.async_save(state, checkpoint_id=path, process_group=self._checkpoint_group)
-        with _one_process_is_fine():
+        with dcp_without_process_group():
             dcp.save(state, checkpoint_id=path)
         return None
 
@@ -103,7 +103,7 @@ class Strategy(ABC):
         """Read model and optimizer state written by `save`."""
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optim_state}
-        with _one_process_is_fine():
+        with dcp_without_process_group():
             dcp.load(state, checkpoint_id=str(folder / DCP_DIR))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
@@ -117,7 +117,7 @@ class Strategy(ABC):
 
 
 @contextlib.contextmanager
-def _one_process_is_fine():
+def dcp_without_process_group():
     """torch.distributed.checkpoint warns when used without a process group, which `single` is by design."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
