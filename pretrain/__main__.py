@@ -1,4 +1,4 @@
-"""Command line: `python -m pretrain {train,info,plan,memory,plot,consolidate,export-hf} ...`."""
+"""Command line: `python -m pretrain {train,info,plan,memory,plot,consolidate,export-hf,import,generate} ...`."""
 
 from __future__ import annotations
 
@@ -120,6 +120,27 @@ def cmd_train(config: str, overrides: list[str]) -> None:
         print(f"wandb:       {summary['wandb']}")
 
 
+def cmd_generate(checkpoint: Path, tokenizer: Path | None, prompts: list[str], opts: argparse.Namespace) -> None:
+    """Print a continuation of each prompt."""
+    import sentencepiece as spm
+    import torch
+
+    from pretrain.generate import find_tokenizer, load_for_inference, sample
+
+    device = torch.device(opts.device if opts.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    sp = spm.SentencePieceProcessor(model_file=str(find_tokenizer(checkpoint, tokenizer)))
+    model = load_for_inference(checkpoint, device)
+    if sp.get_piece_size() > model.args.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {sp.get_piece_size()} pieces, the model {model.args.vocab_size}: not its tokenizer"
+        )
+    for i, prompt in enumerate(prompts):
+        ids = [sp.bos_id(), *sp.encode(prompt)]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            new = sample(model, ids, opts.max_new_tokens, opts.temperature, opts.top_p, opts.seed + i, sp.eos_id())
+        print(f"--- {prompt!r} ({len(new)} new tokens)\n{sp.decode(ids + new)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m pretrain` and `llama-pretrain`."""
     parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__)
@@ -147,6 +168,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("output", type=Path, help="the folder to write")
     p.add_argument("--tokenizer", type=Path, help="our SentencePiece model, to ship as the tokenizer")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16")
+    p = sub.add_parser("import", help="a Hugging Face LLaMA folder or Meta's consolidated.*.pth -> our weights")
+    p.add_argument(
+        "source", type=Path, help="a folder with config.json + safetensors, or params.json + consolidated.*.pth"
+    )
+    p.add_argument("output", type=Path, help="the folder to write; start a run from it with train.init_from=OUTPUT")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="Meta's params.json has none (LLaMA-2: 4096)")
+    p = sub.add_parser("generate", help="sample a continuation of prompts from any checkpoint")
+    p.add_argument("checkpoint", type=Path, help="a checkpoint folder of any strategy, or an import folder")
+    p.add_argument("prompts", nargs="+", help="text to continue")
+    p.add_argument("--tokenizer", type=Path, help="default: the folder's tokenizer.model, else the run's")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling when temperature > 0")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p = sub.add_parser("memory", help="memory per GPU (parameters, gradients, optimizer, activations); does it fit")
     p.add_argument("config", help="an experiment YAML; strategy, ZeRO stage, checkpointing from train.*")
     p.add_argument("overrides", nargs="*")
@@ -172,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
             from pretrain.export import export_hf
 
             print(export_hf(args.checkpoint, args.output, args.tokenizer, args.dtype))
+        elif args.command == "import":
+            from pretrain.convert import import_weights
+
+            print(import_weights(args.source, args.output, args.dtype, args.max_seq_len))
+        elif args.command == "generate":
+            cmd_generate(args.checkpoint, args.tokenizer, args.prompts, args)
         elif args.command == "memory":
             cmd_memory(args.config, args.overrides, args.gpus, args.gpu, args.fewest)
         elif args.command == "consolidate":

@@ -62,7 +62,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
     """Flush every file and folder under `folder` to disk, so the rename publishes whole files."""
     for root, _, files in os.walk(folder):
         for name in files:
@@ -132,7 +132,7 @@ class CheckpointManager:
 
     def _publish(self, tmp: Path, final: Path) -> None:
         """Flush `tmp` to disk, rename it to `final`, point `latest` at it, prune old checkpoints."""
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         self.strategy.barrier()
         if self.strategy.is_main:
             shutil.rmtree(final, ignore_errors=True)
@@ -153,6 +153,11 @@ class CheckpointManager:
         if not (path / "trainer.pt").is_file():
             raise FileNotFoundError(f"{path}: not a checkpoint folder (no trainer.pt)")
         state = torch.load(path / "trainer.pt", weights_only=False)
+        if "scheduler" not in state:
+            raise ConfigError(
+                f"{path} holds weights only (imported from {state.get('imported_from', 'elsewhere')}), nothing to "
+                f"resume: start a new run from it with train.init_from={path}"
+            )
         if expect_model is not None:
             saved = state["config"]["model"]
             diff = [

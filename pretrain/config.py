@@ -95,6 +95,7 @@ class TrainConfig:
     on_nan: str = "stop"  # a NaN/Inf loss or gradient norm: stop the run, or skip the update
     stop_at: Optional[int] = None  # end this job after this step (checkpointed); the schedule still spans `steps`
     resume: str = "auto"  # auto (latest checkpoint of run_dir if any) | never | a checkpoint folder
+    init_from: Optional[str] = None  # a new run starts from these weights: a checkpoint, an `import` folder, a .pth
 
 
 @dataclass

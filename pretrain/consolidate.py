@@ -1,14 +1,18 @@
-"""One file of full tensors with Meta's parameter names from any checkpoint folder, whatever wrote it.
+"""Full tensors with Meta's parameter names from any checkpoint, whatever wrote it.
 
-`single` and `fsdp` checkpoints are torch.distributed.checkpoint folders, read here without a process
-group; DeepSpeed's are read with its own `zero_to_fp32` (ZeRO 1-3, fp32 master weights) or, at stage
-0, from the replicated module state. The output is written atomically.
+`WeightReader` reads one tensor at a time from a checkpoint folder of any strategy (`single` and `fsdp`
+write torch.distributed.checkpoint folders, read here without a process group; DeepSpeed's are read
+with its own `zero_to_fp32` at ZeRO 1-3, or from the replicated module state at stage 0), from a
+folder written by `import`, or from one `.pth` / `.safetensors` file of Meta-named tensors (what
+`consolidate` writes). It serves `consolidate`, `export-hf`, `generate` and `train.init_from`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Callable, Iterator, Mapping
 
 import torch
 
@@ -18,39 +22,101 @@ from pretrain.parallel.deepspeed import LAYOUT, TAG
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def consolidated_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The model's full tensors, by Meta's names, from checkpoint `folder` (no optimizer state)."""
-    folder = Path(folder)
-    if (folder / DCP_DIR).is_dir():
+class WeightReader:
+    """The model tensors of `path` by Meta's names, as full fp32 CPU tensors, one at a time."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = path = Path(path)
+        self._state: dict[str, torch.Tensor] | None = None
+        if (path / DCP_DIR).is_dir():
+            from torch.distributed.checkpoint import FileSystemReader
+            from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+            metadata = FileSystemReader(str(path / DCP_DIR)).read_metadata().state_dict_metadata
+            self._meta = {
+                key.removeprefix("model."): meta
+                for key, meta in metadata.items()
+                if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
+            }
+            self.shapes = {name: tuple(meta.size) for name, meta in self._meta.items()}
+            self._get: Callable[[str], torch.Tensor] = self._read_dcp
+        elif (path / TAG / LAYOUT).is_file():
+            if json.loads((path / TAG / LAYOUT).read_text())["zero_stage"] == 0:
+                module = torch.load(path / TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+                self._state = dict(module["module"])
+            else:
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+                self._state = dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG))
+        elif path.is_file() and path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            self._file = safe_open(str(path), framework="pt")
+            self.shapes = {name: tuple(self._file.get_slice(name).get_shape()) for name in self._file.keys()}
+            self._get = self._file.get_tensor
+        elif path.is_file():
+            try:
+                self._state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as e:
+                raise ValueError(f"{path}: not a PyTorch file of tensors ({e})") from None
+            if not isinstance(self._state, Mapping) or not all(
+                isinstance(v, torch.Tensor) for v in self._state.values()
+            ):
+                raise ValueError(f"{path}: expected a dict of tensors by parameter name")
+        else:
+            raise FileNotFoundError(
+                f"{path}: not a checkpoint (no {DCP_DIR}/ and no {TAG}/{LAYOUT}) and not a .pth or .safetensors file"
+            )
+        if self._state is not None:
+            self.shapes = {name: tuple(t.shape) for name, t in self._state.items()}
+            self._get = self._state.__getitem__
+
+    def _read_dcp(self, name: str) -> torch.Tensor:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         from pretrain.parallel.base import dcp_without_process_group
 
-        metadata = dcp.FileSystemReader(str(folder / DCP_DIR)).read_metadata().state_dict_metadata
-        model = {
-            key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
-            for key, meta in metadata.items()
-            if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
-        }
+        meta = self._meta[name]
+        tensor = torch.empty(meta.size, dtype=meta.properties.dtype)
         with dcp_without_process_group():
-            dcp.load({"model": model}, checkpoint_id=str(folder / DCP_DIR))
-        return model
-    if (folder / TAG / LAYOUT).is_file():
-        import json
+            dcp.load({"model": {name: tensor}}, checkpoint_id=str(self.path / DCP_DIR))
+        return tensor
 
-        if json.loads((folder / TAG / LAYOUT).read_text())["zero_stage"] == 0:
-            state = torch.load(folder / TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-            return {k: v.float() for k, v in state["module"].items()}
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    def __call__(self, name: str) -> torch.Tensor:
+        """Tensor `name` in fp32 (a KeyError names the file when there is none)."""
+        if name not in self.shapes:
+            raise KeyError(f"{self.path}: no tensor {name!r}")
+        return self._get(name).float()
 
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=TAG))
-    raise FileNotFoundError(f"{folder}: not a checkpoint folder (no {DCP_DIR}/ and no {TAG}/{LAYOUT})")
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor, in the order stored."""
+        for name in self.shapes:
+            yield name, self(name)
+
+    def check(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Refuse, naming the file and the keys, unless it holds exactly these names with these shapes."""
+        missing = [n for n in shapes if n not in self.shapes]
+        unexpected = [n for n in self.shapes if n not in shapes]
+        wrong = [
+            f"{n} {self.shapes[n]} (model: {tuple(s)})" for n, s in shapes.items() if self.shapes.get(n, s) != tuple(s)
+        ]
+        problems = [
+            f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("other shape", wrong))
+            if items
+        ]
+        if problems:
+            raise ValueError(f"{self.path} does not fit the model ({'; '.join(problems)}); check the model section")
+
+
+def consolidated_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model's full fp32 tensors, by Meta's names, from checkpoint `path` (no optimizer state)."""
+    return dict(WeightReader(path).items())
 
 
 def consolidate(folder: str | os.PathLike, output: str | os.PathLike | None = None, dtype: str = "fp32") -> Path:
     """Write the consolidated model of `folder` to `output` (default `<folder>/consolidated.pth`)."""
-    state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in consolidated_state_dict(folder).items()}
+    state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in WeightReader(folder).items()}
     output = Path(output) if output else Path(folder) / "consolidated.pth"
     tmp = output.with_name(output.name + ".tmp")
     torch.save(state, tmp)

@@ -48,6 +48,104 @@ def hf_config_dict(args: ModelArgs, dtype: str, bos_id: int, eos_id: int) -> dic
     }
 
 
+def tokenizer_json(model_file: str | os.PathLike) -> dict:
+    """A Hugging Face `tokenizer.json` that tokenizes as our SentencePiece BPE model does, id for id.
+
+    SentencePiece adds "▁" in front of the text and turns every space into "▁" (our models keep
+    whitespace as is: no extra-space removal, identity normalisation), then merges adjacent pieces,
+    the highest-scoring merged piece first, falling back to byte pieces for unknown characters. The
+    same as a `tokenizers` BPE: that normaliser, no pre-tokeniser (transformers 5's LlamaTokenizer
+    instead splits with a Metaspace that adds no "▁" before a leading space), one merge for every
+    way a piece splits into two pieces, ranked by the piece's score.
+    """
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(model_file).read_bytes())
+    if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
+        raise ValueError(f"{model_file}: a {proto.trainer_spec.model_type} model; only BPE (LLaMA's) is exported")
+    normalizer = proto.normalizer_spec
+    if normalizer.name != "identity" or normalizer.remove_extra_whitespaces or not normalizer.add_dummy_prefix:
+        raise ValueError(
+            f"{model_file}: normalisation {normalizer.name!r} (remove_extra_whitespaces="
+            f"{normalizer.remove_extra_whitespaces}, add_dummy_prefix={normalizer.add_dummy_prefix}); "
+            "only LLaMA's (identity, whitespace kept, dummy prefix) is exported"
+        )
+    piece = sentencepiece_model_pb2.ModelProto.SentencePiece
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    mergeable = {p.piece for p in proto.pieces if p.type in (piece.NORMAL, piece.USER_DEFINED)}
+    merges = []
+    for p in proto.pieces:
+        if p.type != piece.NORMAL:
+            continue
+        splits = [(p.piece[:k], p.piece[k:]) for k in range(1, len(p.piece))]
+        splits = [(a, b) for a, b in splits if a in mergeable and b in mergeable]
+        merges += [(-p.score, vocab[a], vocab[b], a, b) for a, b in splits]
+    merges.sort()
+    special = {piece.CONTROL, piece.UNKNOWN}
+    added = [
+        {
+            "id": i,
+            "content": p.piece,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": p.type not in special,
+            "special": p.type in special,
+        }
+        for i, p in enumerate(proto.pieces)
+        if p.type in special or p.type == piece.USER_DEFINED
+    ]
+    bos = proto.pieces[proto.trainer_spec.bos_id].piece
+    space = "\u2581"
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Prepend", "prepend": space},
+                {"type": "Replace", "pattern": {"String": " "}, "content": space},
+            ],
+        },
+        "pre_tokenizer": None,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [
+                {"SpecialToken": {"id": bos, "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"SpecialToken": {"id": bos, "type_id": 1}},
+                {"Sequence": {"id": "B", "type_id": 1}},
+            ],
+            "special_tokens": {bos: {"id": bos, "ids": [vocab[bos]], "tokens": [bos]}},
+        },
+        "decoder": {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": space}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+            ],
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": proto.pieces[proto.trainer_spec.unk_id].piece,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [[a, b] for *_, a, b in merges],
+        },
+    }
+
+
 def _write_json(path: Path, value: dict) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n")
 
@@ -103,13 +201,14 @@ def export_hf(
             "unk_token": sp.id_to_piece(sp.unk_id()),
         }
         _write_json(tmp / "special_tokens_map.json", special)
+        _write_json(tmp / "tokenizer.json", tokenizer_json(tokenizer))
         _write_json(
             tmp / "tokenizer_config.json",
             {
-                "tokenizer_class": "LlamaTokenizer",
+                # tokenizer.json as written (LlamaTokenizer would rebuild its own pre-tokeniser)
+                "tokenizer_class": "PreTrainedTokenizerFast",
                 "add_bos_token": True,
                 "add_eos_token": False,
-                "legacy": False,
                 "model_max_length": args.max_seq_len,
                 **special,
             },

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -220,11 +220,12 @@ class Transformer(nn.Module):
         return torch.randn(shape, generator=generator).mul_(std)  # in place: one full tensor at a time
 
     @torch.no_grad()
-    def init_weights(self, seed: int = 0) -> None:
-        """Initialise every parameter and buffer in place (after `to_empty` from `meta`)."""
+    def init_weights(self, seed: int = 0, values: Optional[Callable[[str], torch.Tensor]] = None) -> None:
+        """Initialise every parameter and buffer in place (after `to_empty` from `meta`): parameters
+        from `values` (name -> full tensor, e.g. a `WeightReader`) when given, else `initial_value`."""
         self.rope_cos_sin.copy_(rope_cos_sin(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta))
         for name, param in self.named_parameters():
-            param.copy_(self.initial_value(name, seed))
+            param.copy_(values(name) if values is not None else self.initial_value(name, seed))
 
     loss_chunk_tokens = 0  # with targets: compute the loss this many tokens at a time (0: all at once)
 
@@ -291,10 +292,15 @@ def chunked_cross_entropy(output: nn.Module, h: torch.Tensor, targets: torch.Ten
     return total / len(targets)
 
 
-def build_model(args: ModelArgs, device: torch.device | str = "cpu", seed: int = 0) -> Transformer:
-    """Build on `meta`, materialise on `device`, initialise."""
+def build_model(
+    args: ModelArgs,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    values: Optional[Callable[[str], torch.Tensor]] = None,
+) -> Transformer:
+    """Build on `meta`, materialise on `device`, initialise (from `values` when given)."""
     with torch.device("meta"):
         model = Transformer(args)
     model.to_empty(device=device)
-    model.init_weights(seed)
+    model.init_weights(seed, values)
     return model

@@ -6,6 +6,7 @@ import signal
 import threading
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,19 @@ def load_data(cfg: ExperimentConfig, split: str) -> PackedSamples | None:
     return samples
 
 
+def check_init_tokenizer(cfg: ExperimentConfig) -> None:
+    """Weights from `import` carry their tokenizer: the shards must have been made with that one."""
+    if not cfg.train.init_from:
+        return
+    theirs = Path(cfg.train.init_from) / "tokenizer.model"
+    if theirs.is_file() and file_sha256(theirs) != file_sha256(cfg.data.tokenizer):
+        raise ConfigError(
+            f"train.init_from: those weights were trained with {theirs}, but data.tokenizer={cfg.data.tokenizer} "
+            "is another model; tokenize the data with theirs (the pipeline's tokenizer.path, then "
+            "`python -m data_pipeline tokenize`) and point data.tokenizer at it"
+        )
+
+
 class PreemptionSignal:
     """Remembers a SIGTERM or SIGUSR1 (a scheduler's warning) until the step ends."""
 
@@ -152,15 +166,16 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         )
     )
 
+    check_init_tokenizer(cfg)
+    checkpoints = CheckpointManager(run_dir, strategy, t.keep_last)
+    resume_from = checkpoints.latest() if t.resume == "auto" else None if t.resume == "never" else Path(t.resume)
     torch.manual_seed(t.seed)
-    model, optimizer = strategy.setup(cfg)
+    # a resumed run takes its weights from its checkpoint: `init_from` only starts a new one
+    model, optimizer = strategy.setup(cfg if resume_from is None else replace(cfg, train=replace(t, init_from=None)))
     for module in model.modules():  # the Transformer inside any wrapper
         if isinstance(module, Transformer):
             module.loss_chunk_tokens = t.loss_chunk_tokens
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
-    checkpoints = CheckpointManager(run_dir, strategy, t.keep_last)
-
-    resume_from = checkpoints.latest() if t.resume == "auto" else None if t.resume == "never" else Path(t.resume)
     step, run_id = 0, uuid.uuid4().hex[:12]
     if resume_from is not None:
         state = checkpoints.load(resume_from, model, optimizer, expect_model=to_dict(cfg)["model"])

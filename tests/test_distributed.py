@@ -230,17 +230,21 @@ def test_without_a_launcher_the_error_says_how_to_launch(tiny_data, tmp_path, mo
         train(tiny_config(tiny_data, tmp_path, f"train.strategy={strategy}"))
 
 
-def test_consolidate_gives_the_single_process_weights_from_every_strategy(tiny_data, tmp_path):
+def test_consolidate_and_export_give_the_single_process_weights_from_every_strategy(tiny_data, tmp_path):
     import subprocess
     import sys
 
     import torch
+    from safetensors.torch import load_file
 
     from pretrain.consolidate import consolidated_state_dict
+    from pretrain.export import export_hf
     from pretrain.model import Transformer
 
     train(tiny_config(tiny_data, tmp_path / "single", "train.steps=3"))
     reference = consolidated_state_dict(tmp_path / "single" / "checkpoints" / "step-00000003")
+    single_export = export_hf(tmp_path / "single" / "checkpoints" / "step-00000003", tmp_path / "hf", dtype="fp32")
+    single_export = load_file(single_export / "model.safetensors")
     names = set(Transformer(tiny_config(tiny_data, tmp_path).model).state_dict())  # Meta's names
     assert set(reference) == names
     for strategy in ("fsdp", "zero0", "zero1", "zero3"):
@@ -257,6 +261,24 @@ def test_consolidate_gives_the_single_process_weights_from_every_strategy(tiny_d
         for name, tensor in reference.items():
             assert state[name].dtype == torch.float32
             torch.testing.assert_close(state[name], tensor, atol=1e-5, rtol=0, msg=f"{strategy}: {name}")
+        if strategy in ("fsdp", "zero3"):  # and their Hugging Face exports hold the single run's tensors
+            exported = load_file(export_hf(checkpoint, tmp_path / f"hf-{strategy}", dtype="fp32") / "model.safetensors")
+            assert set(exported) == set(single_export)
+            for name, tensor in single_export.items():
+                torch.testing.assert_close(exported[name], tensor, atol=1e-5, rtol=0, msg=f"{strategy}: {name}")
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_a_run_from_imported_weights_matches_one_process(tiny_data, tmp_path, strategy):
+    # weights written by another run (a checkpoint), as `import` writes them: every rank starts from them
+    train(tiny_config(tiny_data, tmp_path / "source", "train.steps=2", "train.seed=7"))
+    init = [f"train.init_from={tmp_path / 'source' / 'checkpoints' / 'step-00000002'}", "train.steps=3"]
+    train(tiny_config(tiny_data, tmp_path / "single", *init))
+    run_distributed(tiny_data, tmp_path / strategy, *STRATEGIES[strategy], *init)
+    reference = losses(tmp_path / "single")
+    assert losses(tmp_path / strategy) == pytest.approx(reference, abs=1e-5)
+    train(tiny_config(tiny_data, tmp_path / "fresh", "train.steps=1"))  # the seeded initialisation starts elsewhere
+    assert losses(tmp_path / "fresh")[0] != pytest.approx(reference[0], abs=1e-3)
 
 
 def _memory_worker(rank: int, port: int, overrides: list, out) -> None:

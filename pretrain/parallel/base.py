@@ -157,3 +157,21 @@ def resolve_precision(cfg: ExperimentConfig, device: torch.device) -> Precision:
     if cfg.train.precision == Precision.auto:
         return Precision.bf16 if device.type == "cuda" else Precision.fp32
     return cfg.train.precision
+
+
+def init_from_weights(cfg: ExperimentConfig):
+    """`train.init_from` as a `WeightReader` (name -> full tensor), checked against the model's names
+    and shapes before anything is built; None when the run starts from the seeded initialisation."""
+    if not cfg.train.init_from:
+        return None
+    from pretrain.consolidate import WeightReader
+    from pretrain.model import Transformer
+
+    with torch.device("meta"):
+        shapes = {name: tuple(p.shape) for name, p in Transformer(cfg.model).named_parameters()}
+    try:
+        reader = WeightReader(cfg.train.init_from)
+        reader.check(shapes)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"train.init_from: {e}") from None
+    return reader

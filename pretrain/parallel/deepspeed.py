@@ -20,8 +20,9 @@ import importlib
 import json
 import math
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -31,7 +32,7 @@ from pretrain.config import Checkpointing, ConfigError, ExperimentConfig, Precis
 from pretrain.model import Transformer, build_model
 from pretrain.optim import build_optimizer
 from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
-from pretrain.parallel.base import DataParallelStrategy, launched_device, resolve_precision
+from pretrain.parallel.base import DataParallelStrategy, init_from_weights, launched_device, resolve_precision
 
 TAG = "deepspeed"  # the sub-folder of a checkpoint folder that DeepSpeed's engine writes
 LAYOUT = "layout.json"  # stage and world size of a saved ZeRO checkpoint
@@ -129,9 +130,11 @@ class DeepSpeed(DataParallelStrategy):
         if self.stage == 3:
             with deepspeed.zero.Init(config_dict_or_path=self.config):
                 model = Transformer(cfg.model)
-            self._write_initial_partitions(model, cfg.train.seed)
+            self._write_initial_partitions(
+                model, init_from_weights(cfg) or partial(model.initial_value, seed=cfg.train.seed)
+            )
         else:
-            model = build_model(cfg.model, self.device, cfg.train.seed)
+            model = build_model(cfg.model, self.device, cfg.train.seed, init_from_weights(cfg))
         apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.compile)
         if self.stage == 3 and cfg.train.activation_checkpointing == Checkpointing.llama:
             # the hand-written block reads its weights directly, not through its Linear modules: ZeRO-3
@@ -164,12 +167,12 @@ class DeepSpeed(DataParallelStrategy):
         return self.engine, optimizer  # the engine's optimizer steps this one: our LR schedule drives it
 
     @torch.no_grad()
-    def _write_initial_partitions(self, model: Transformer, seed: int) -> None:
-        """Copy into each ZeRO-3 partition its slice of the parameter's initial value."""
+    def _write_initial_partitions(self, model: Transformer, values: Callable[[str], torch.Tensor]) -> None:
+        """Copy into each ZeRO-3 partition its slice of the parameter's initial value (`values(name)`)."""
         for name, param in model.named_parameters():
             part = param.ds_tensor
             start = part.ds_numel * self.rank
-            flat = model.initial_value(name, seed).flatten()[start : start + part.ds_numel]
+            flat = values(name).flatten()[start : start + part.ds_numel]
             part.zero_()
             part[: flat.numel()].copy_(flat)
 

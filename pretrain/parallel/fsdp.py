@@ -9,6 +9,7 @@ go through torch.distributed.checkpoint (one file per rank), which any number of
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
 
 import torch
@@ -22,7 +23,7 @@ from pretrain.config import ConfigError, ExperimentConfig, Precision
 from pretrain.model import Transformer, rope_cos_sin
 from pretrain.optim import build_optimizer
 from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
-from pretrain.parallel.base import DataParallelStrategy, launched_device, resolve_precision
+from pretrain.parallel.base import DataParallelStrategy, init_from_weights, launched_device, resolve_precision
 
 
 class FSDP(DataParallelStrategy):
@@ -65,10 +66,11 @@ class FSDP(DataParallelStrategy):
             fully_shard(block, mesh=self.mesh, mp_policy=block_policy, reshard_after_forward=self.reshard_after_forward)
         fully_shard(model, mesh=self.mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
         model.to_empty(device=self.device)
+        values = init_from_weights(cfg) or functools.partial(model.initial_value, seed=cfg.train.seed)
         with torch.no_grad():
             args = cfg.model
             model.rope_cos_sin.copy_(rope_cos_sin(args.head_dim, args.max_seq_len, args.rope_theta))
             for name, param in model.named_parameters():
-                full = model.initial_value(name, cfg.train.seed).to(self.device)
+                full = values(name).to(self.device)
                 param.copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None))
         return model

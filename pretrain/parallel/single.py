@@ -11,7 +11,7 @@ from pretrain.config import ConfigError, ExperimentConfig, Precision
 from pretrain.model import build_model
 from pretrain.optim import build_optimizer
 from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
-from pretrain.parallel.base import Strategy, resolve_precision
+from pretrain.parallel.base import Strategy, init_from_weights, resolve_precision
 
 
 def resolve_device(name: str) -> torch.device:
@@ -34,7 +34,7 @@ class SingleDevice(Strategy):
             torch.cuda.set_device(self.device)
 
     def setup(self, cfg: ExperimentConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
-        model = build_model(cfg.model, self.device, cfg.train.seed)
+        model = build_model(cfg.model, self.device, cfg.train.seed, init_from_weights(cfg))
         apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.compile)
         return model, build_optimizer(model, cfg.optim, fused=self.device.type == "cuda")
 

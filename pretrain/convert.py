@@ -1,0 +1,209 @@
+"""`import`: a Hugging Face LLaMA folder, or Meta's `consolidated.*.pth` + `params.json`, -> our weights.
+
+The output is a checkpoint folder of ours holding the model only: `dcp/` (torch.distributed.checkpoint,
+so any strategy and number of ranks can read it), `trainer.pt` (the model section and where it came
+from), `model.yaml` (that model section, to put in an experiment's `defaults:`) and the source's
+`tokenizer.model` when it has one. A new run starts from it with `train.init_from=<folder>`;
+`export-hf`, `consolidate` and `generate` read it like any checkpoint.
+
+Hugging Face's q/k rows are permuted back to Meta's rotary layout (`hf.from_hf_state_dict`). Meta's
+model-parallel files (13B: 2, 33B: 4, 65B/70B: 8) are joined along the dimension each was split on,
+found by comparing the file's shape with the full one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from pretrain.consolidate import DTYPES
+from pretrain.hf import from_hf_state_dict
+from pretrain.model import ModelArgs, Transformer
+from pretrain.parallel.base import DCP_DIR
+
+
+class ConversionError(ValueError):
+    """A source folder that cannot be imported; the message names the file and the key."""
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: {e}") from None
+
+
+def full_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every parameter's shape, by Meta's names."""
+    with torch.device("meta"):
+        return {name: tuple(p.shape) for name, p in Transformer(args).named_parameters()}
+
+
+def hf_model_args(config: dict, path: Path) -> ModelArgs:
+    """Our model section from a `LlamaForCausalLM` `config.json`; refuses what our model does not compute."""
+    if config.get("model_type") != "llama":
+        raise ConversionError(f"{path}: model_type {config.get('model_type')!r}, expected 'llama'")
+    refused = {
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "rope_scaling": None,
+        "hidden_act": "silu",
+    }
+    for key, ours in refused.items():
+        if config.get(key, ours) != ours:
+            raise ConversionError(f"{path}: {key}={config[key]!r} is not supported (our LLaMA has {key}={ours!r})")
+    rope_theta = config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    rope_type = (config.get("rope_parameters") or {}).get("rope_type", "default")
+    if rope_type != "default":
+        raise ConversionError(f"{path}: rope_parameters.rope_type={rope_type!r} is not supported (plain RoPE only)")
+    args = ModelArgs(
+        dim=config["hidden_size"],
+        n_layers=config["num_hidden_layers"],
+        n_heads=config["num_attention_heads"],
+        n_kv_heads=config.get("num_key_value_heads") or None,
+        vocab_size=config["vocab_size"],
+        ffn_hidden_dim=config["intermediate_size"],
+        norm_eps=config.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta),
+        max_seq_len=config.get("max_position_embeddings", 2048),
+        init_std=config.get("initializer_range", 0.02),
+    )
+    if config.get("head_dim", args.head_dim) != args.head_dim:
+        raise ConversionError(f"{path}: head_dim={config['head_dim']} differs from hidden_size / num_attention_heads")
+    if args.n_kv_heads == args.n_heads:
+        args = dataclasses.replace(args, n_kv_heads=None)
+    return args
+
+
+def read_hf(folder: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """Model section and Meta-named tensors of a Hugging Face LLaMA folder (safetensors or .bin)."""
+    args = hf_model_args(_read_json(folder / "config.json"), folder / "config.json")
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise ConversionError(f"{folder}: no *.safetensors or pytorch_model*.bin weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            part = load_file(str(file))
+        else:
+            part = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        state.update(part)
+    state.pop("model.rotary_emb.inv_freq", None)  # older exports kept this buffer
+    for i in range(args.n_layers):
+        state.pop(f"model.layers.{i}.self_attn.rotary_emb.inv_freq", None)
+    try:
+        return args, from_hf_state_dict(state, args)
+    except KeyError as e:
+        raise ConversionError(f"{folder}: no tensor {e.args[0]} in {', '.join(f.name for f in files)}") from None
+
+
+def meta_model_args(params: dict, path: Path, vocab_size: int, max_seq_len: int) -> ModelArgs:
+    """Our model section from Meta's `params.json` (vocab_size -1 there: taken from the embedding)."""
+    known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier"}
+    known |= {"norm_eps", "rope_theta", "max_batch_size", "max_seq_len", "use_scaled_rope"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ConversionError(f"{path}: unknown keys {unknown}")
+    if params.get("use_scaled_rope"):
+        raise ConversionError(f"{path}: use_scaled_rope (LLaMA-3.1's RoPE scaling) is not supported")
+    try:
+        return ModelArgs(
+            dim=params["dim"],
+            n_layers=params["n_layers"],
+            n_heads=params["n_heads"],
+            n_kv_heads=params.get("n_kv_heads"),
+            vocab_size=params["vocab_size"] if params.get("vocab_size", -1) > 0 else vocab_size,
+            multiple_of=params.get("multiple_of", 256),
+            ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
+            norm_eps=params.get("norm_eps", 1e-6),
+            rope_theta=float(params.get("rope_theta", 10000.0)),
+            max_seq_len=max_seq_len,
+        )
+    except KeyError as e:
+        raise ConversionError(f"{path}: no {e.args[0]!r}") from None
+
+
+def read_meta(folder: Path, max_seq_len: int) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """Model section and tensors of Meta's release layout, its model-parallel files joined."""
+    files = sorted(folder.glob("consolidated.*.pth"))
+    if not files:
+        raise ConversionError(f"{folder}: no consolidated.*.pth")
+    parts = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
+    for part in parts:
+        part.pop("rope.freqs", None)  # LLaMA-1 saved its RoPE table; we compute ours
+    if "tok_embeddings.weight" not in parts[0]:
+        raise ConversionError(f"{files[0]}: no tok_embeddings.weight")
+    vocab = parts[0]["tok_embeddings.weight"].shape[0]
+    args = meta_model_args(_read_json(folder / "params.json"), folder / "params.json", vocab, max_seq_len)
+    shapes = full_shapes(args)
+    for file, part in zip(files, parts):
+        if set(part) != set(shapes):
+            extra, missing = sorted(set(part) - set(shapes)), sorted(set(shapes) - set(part))
+            raise ConversionError(f"{file}: unexpected {extra[:5]}, missing {missing[:5]} for params.json's model")
+    state = {}
+    for name, shape in shapes.items():
+        pieces = [part[name] for part in parts]
+        split = [d for d, n in enumerate(pieces[0].shape) if n != shape[d]]
+        if not split:  # replicated (the norms): every file holds all of it
+            state[name] = pieces[0]
+        elif len(split) == 1 and sum(p.shape[split[0]] for p in pieces) == shape[split[0]]:
+            state[name] = torch.cat(pieces, dim=split[0])
+        else:
+            raise ConversionError(
+                f"{folder}: {name} is {tuple(pieces[0].shape)} in {files[0].name}, which does not join "
+                f"({len(files)} files) into {shape} of params.json's model"
+            )
+    return args, state
+
+
+def import_weights(
+    source: str | os.PathLike, output: str | os.PathLike, dtype: str = "fp32", max_seq_len: int = 2048
+) -> Path:
+    """Write the model of `source` (a Hugging Face or Meta folder) as a weights-only checkpoint `output`."""
+    import torch.distributed.checkpoint as dcp
+    from omegaconf import OmegaConf
+
+    from pretrain.checkpoint import code_version, fsync_tree
+    from pretrain.parallel.base import dcp_without_process_group
+
+    source, output = Path(source), Path(output)
+    if (source / "config.json").is_file():
+        args, state = read_hf(source)
+        tokenizer = source / "tokenizer.model"
+    elif (source / "params.json").is_file():
+        args, state = read_meta(source, max_seq_len)
+        tokenizer = source / "tokenizer.model"
+        if not tokenizer.is_file():  # Meta's releases keep it one folder up
+            tokenizer = source.parent / "tokenizer.model"
+    else:
+        raise ConversionError(f"{source}: neither a Hugging Face folder (config.json) nor Meta's (params.json)")
+    shapes = full_shapes(args)
+    wrong = [f"{n} {tuple(state[n].shape)} (config: {s})" for n, s in shapes.items() if tuple(state[n].shape) != s]
+    if wrong:
+        raise ConversionError(f"{source}: tensors do not match its config: {', '.join(wrong[:5])}")
+    state = {name: state[name].to(DTYPES[dtype]).contiguous() for name in shapes}
+    tmp = output.with_name(output.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with dcp_without_process_group():
+        dcp.save({"model": state}, checkpoint_id=str(tmp / DCP_DIR))
+    model = dataclasses.asdict(args)
+    torch.save(
+        {"config": {"model": model}, "step": 0, "imported_from": str(source), "code_version": code_version()},
+        tmp / "trainer.pt",
+    )
+    (tmp / "model.yaml").write_text(f"# imported from {source}\n" + OmegaConf.to_yaml({"model": model}))
+    if tokenizer.is_file():
+        shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+    fsync_tree(tmp)
+    shutil.rmtree(output, ignore_errors=True)
+    os.replace(tmp, output)
+    return output
