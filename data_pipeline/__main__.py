@@ -1,4 +1,4 @@
-"""Command line: `python -m data_pipeline {prepare,train-tokenizer,tokenize,verify} ...`."""
+"""Command line: `python -m data_pipeline {recipe,prepare,train-tokenizer,tokenize,verify} ...`."""
 
 from __future__ import annotations
 
@@ -165,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             metavar="k/K",
             help="tokenize only input files i with i %% K == k (machine k of K)",
         )
+    p = sub.add_parser("recipe", help="raw dumps (WARC, Wikipedia XML, books, LaTeX, code, Posts.xml) -> clean docs")
+    p.add_argument("config", help="a recipe YAML, e.g. configs/recipe/sample.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. workers=8 output=data/clean")
+    p.add_argument("--strict", action="store_true", help="stop at the first damaged input (strict=true)")
     p = sub.add_parser("verify", help="check token shards against their manifests")
     p.add_argument("root", type=Path)
     p.add_argument("--tokenizer", help="also check the shards were made with this tokenizer")
@@ -172,6 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "verify":
             cmd_verify(args.root, args.tokenizer)
+            return 0
+        if args.command == "recipe":
+            from data_pipeline.raw.recipe import RecipeConfig, format_reports, run_recipe
+
+            overrides = args.overrides + (["strict=true"] if args.strict else [])
+            reports = run_recipe(load_structured(RecipeConfig, args.config, overrides))
+            print(format_reports(reports), end="")
             return 0
         overrides = args.overrides + (["tokenize.strict=true"] if args.strict else [])
         cfg: PipelineConfig = load_structured(PipelineConfig, args.config, overrides)

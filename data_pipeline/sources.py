@@ -35,9 +35,18 @@ class Document:
 
 
 def open_text(path: Path) -> IO[bytes]:
-    """Open a plain, .gz or .zst file for reading bytes."""
+    """Open a plain, .gz, .bz2, .xz or .zst file for reading bytes (streamed)."""
+    path = Path(path)
     if path.suffix == ".gz":
         return gzip.open(path, "rb")
+    if path.suffix == ".bz2":
+        import bz2
+
+        return bz2.open(path, "rb")
+    if path.suffix == ".xz":
+        import lzma
+
+        return lzma.open(path, "rb")
     if path.suffix == ".zst":
         import zstandard
 

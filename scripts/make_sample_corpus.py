@@ -46,13 +46,15 @@ import tarfile
 import xml.etree.ElementTree as ET
 import zipfile
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Iterable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "data_pipeline" / "sample_corpus"
 DEFAULT_POSTS = ROOT.parent / "shared" / "data" / "stackexchange" / "cstheory.meta" / "Posts.xml"
+sys.path.insert(0, str(ROOT))  # the cleaning code is the recipe's (data_pipeline/raw/)
+
+from data_pipeline.raw.stackexchange import html_to_text, post_license  # noqa: E402
 
 
 class InputError(Exception):
@@ -163,47 +165,6 @@ def provenance(member: Member) -> str:
 # StackExchange
 
 
-class _TextExtractor(HTMLParser):
-    """Collects the text of an HTML fragment, with paragraph breaks and code blocks kept."""
-
-    BREAKS = {"p", "pre", "li", "blockquote", "h1", "h2", "h3", "h4", "br", "hr", "ul", "ol"}
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        """A line break before a block element."""
-        if tag in self.BREAKS:
-            self.parts.append("\n")
-
-    def handle_endtag(self, tag: str) -> None:
-        """A line break after a block element."""
-        if tag in self.BREAKS:
-            self.parts.append("\n")
-
-    def handle_data(self, data: str) -> None:
-        """Text, entities already resolved."""
-        self.parts.append(data)
-
-
-def html_to_text(fragment: str) -> str:
-    """Plain text of an HTML fragment; runs of blank lines collapsed."""
-    parser = _TextExtractor()
-    parser.feed(fragment)
-    parser.close()
-    return re.sub(r"\n{3,}", "\n\n", "".join(parser.parts)).strip()
-
-
-def stackexchange_license(creation_date: str) -> str:
-    """The licence a post was contributed under, by its date (StackExchange's own rule)."""
-    if creation_date < "2011-04-08":
-        return "CC BY-SA 2.5"
-    if creation_date < "2018-05-02":
-        return "CC BY-SA 3.0"
-    return "CC BY-SA 4.0"
-
-
 def stackexchange(posts_xml: Path, site: str) -> Iterator[dict]:
     """One document per question of a StackExchange `Posts.xml`: its title, its body and the bodies
     of its answers (in dump order), HTML stripped with code kept. The licence is that of each post,
@@ -230,7 +191,7 @@ def stackexchange(posts_xml: Path, site: str) -> Iterator[dict]:
         text = "\n\n".join([q["title"], q["body"], *(body for body, _ in replies)]).strip()
         if not text:
             continue
-        licences = sorted({stackexchange_license(d) for d in [q["date"], *(d for _, d in replies)]})
+        licences = sorted({post_license(d) for d in [q["date"], *(d for _, d in replies)]})
         yield {
             "id": f"stackexchange-{site}-{qid}",
             "text": text,

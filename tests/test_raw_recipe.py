@@ -1,0 +1,115 @@
+"""The raw-source recipe runner and the StackExchange reader, on the real dump beside the repository."""
+
+import gzip
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.raw.common import CorruptInput, Tally
+from data_pipeline.raw.recipe import RawSourceConfig, RecipeConfig, run_recipe
+from data_pipeline.sources import DataError
+
+POSTS = (
+    Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "stackexchange" / "cstheory.meta" / "Posts.xml"
+)
+pytestmark = pytest.mark.skipif(not POSTS.is_file(), reason=f"the StackExchange dump is not at {POSTS}")
+
+
+def read_output(folder: Path) -> list[dict]:
+    docs = []
+    for path in sorted(folder.glob(f"{folder.name}-*.jsonl.gz")):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            docs += [json.loads(line) for line in f]
+    return docs
+
+
+def test_stackexchange_questions_with_answers_by_score(tmp_path):
+    from data_pipeline.raw import stackexchange
+
+    tally = Tally()
+    docs = list(stackexchange.documents(POSTS, stackexchange.Options(), tally))
+    rows = [r.attrib for r in ET.parse(POSTS).getroot()]
+    questions = [r for r in rows if r["PostTypeId"] == "1"]
+    others = [r for r in rows if r["PostTypeId"] not in ("1", "2")]  # tag wikis and the like
+    assert len(docs) == len(questions) and tally.docs_in == len(questions) + len(others)  # answers are in docs
+    assert tally.dropped == {"not_question_or_answer": len(others)}
+    by_id = {d["id"].rsplit("-", 1)[1]: d for d in docs}
+    answered = max(questions, key=lambda q: sum(r.get("ParentId") == q["Id"] for r in rows))
+    doc = by_id[answered["Id"]]
+    assert doc["text"].startswith(f"Q: {answered['Title']}\n\n")
+    answers = sorted(
+        (r for r in rows if r.get("ParentId") == answered["Id"]), key=lambda r: (-int(r["Score"]), int(r["Id"]))
+    )
+    assert doc["meta"]["answers"] == len(answers) > 3
+    positions = []
+    for answer in answers:  # each answer's first words appear as an "A:" block, in score order
+        first_line = stackexchange.html_to_text(answer["Body"]).splitlines()[0]
+        positions.append(doc["text"].index(f"A: {first_line}"))
+    assert positions == sorted(positions)
+    assert int(answers[0]["Score"]) > int(answers[-1]["Score"])
+    assert "<p>" not in doc["text"] and "&lt;" not in doc["text"] and "&amp;" not in doc["text"]
+    assert doc["meta"]["url"] == f"https://cstheory.meta.stackexchange.com/questions/{answered['Id']}"
+    assert doc["meta"]["license"].startswith("CC BY-SA")
+
+
+def recipe(tmp_path: Path, *sources: RawSourceConfig, **settings) -> RecipeConfig:
+    return RecipeConfig(output=str(tmp_path / "clean"), sources=list(sources), **settings)
+
+
+def test_damaged_input_is_reported_and_the_rest_processed_or_strict_stops(tmp_path):
+    data = POSTS.read_bytes()
+    cut = tmp_path / "cut" / "Posts.xml.gz"
+    cut.parent.mkdir()
+    cut.write_bytes(gzip.compress(data)[: len(gzip.compress(data)) // 2])  # a truncated download
+    whole = RawSourceConfig(name="whole", kind="stackexchange", inputs=[str(POSTS)])
+    damaged = RawSourceConfig(name="damaged", kind="stackexchange", inputs=[str(cut), str(POSTS)], exact_dedup=False)
+    reports = run_recipe(recipe(tmp_path, whole, damaged))
+    assert reports["whole"]["failed_files"] == [] and reports["whole"]["docs_out"] == 589
+    failed = reports["damaged"]["failed_files"]
+    assert len(failed) == 1 and failed[0]["file"] == str(cut) and str(cut) in failed[0]["error"]
+    # the questions read before the cut are kept, and the intact file behind it is processed whole
+    assert 589 < reports["damaged"]["docs_out"] < 2 * 589
+    assert str(cut) in (tmp_path / "clean" / "report.md").read_text()
+    with pytest.raises(DataError, match=str(cut)):
+        run_recipe(recipe(tmp_path / "strict", damaged, strict=True))
+    from data_pipeline.raw import stackexchange
+
+    with pytest.raises(CorruptInput, match="Posts.xml.gz"):
+        list(stackexchange.documents(cut, stackexchange.Options(), Tally()))
+
+
+def test_counts_add_up_dedup_and_resume(tmp_path):
+    copy = tmp_path / "mirror" / "cstheory.meta" / "Posts.xml"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(POSTS.read_bytes())
+    source = RawSourceConfig(name="se", kind="stackexchange", inputs=[str(POSTS), str(copy)], shard_docs=250)
+    report = run_recipe(recipe(tmp_path, source))["se"]
+    assert report["docs_out"] == 589 and report["dropped"]["exact_duplicate"] == 589  # the mirror's copy
+    assert report["docs_in"] == report["docs_out"] + sum(report["dropped"].values())
+    docs = read_output(tmp_path / "clean" / "se")
+    assert len(docs) == 589 and len({d["id"] for d in docs}) == 589
+    assert len(list((tmp_path / "clean" / "se").glob("se-*.jsonl.gz"))) == 3  # shards of 250
+    assert len(report["examples"]["exact_duplicate"]) == 3
+    # a rerun finds both files done (markers) and gives the same output without reading them again
+    part = tmp_path / "clean" / "se" / "files" / "00000.jsonl.gz"
+    before = part.stat().st_mtime_ns
+    again = run_recipe(recipe(tmp_path, source))["se"]
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in report.items() if k != "seconds"}
+    assert part.stat().st_mtime_ns == before and read_output(tmp_path / "clean" / "se") == docs
+    # two worker processes give the same documents
+    parallel = run_recipe(recipe(tmp_path / "parallel", source, workers=2))["se"]
+    assert parallel["docs_out"] == 589 and read_output(tmp_path / "parallel" / "clean" / "se") == docs
+
+
+def test_config_errors_name_the_key(tmp_path):
+    from pretrain.config import ConfigError
+
+    bad_option = RawSourceConfig(name="se", kind="stackexchange", inputs=[str(POSTS)], options={"min_answer": 1})
+    with pytest.raises(ConfigError, match=r"sources\[se\].options: unknown \['min_answer'\]"):
+        run_recipe(recipe(tmp_path, bad_option))
+    with pytest.raises(ConfigError, match="kind='webpages'"):
+        run_recipe(recipe(tmp_path, RawSourceConfig(name="x", kind="webpages", inputs=[str(POSTS)])))
+    with pytest.raises(ConfigError, match="matches nothing"):
+        run_recipe(recipe(tmp_path, RawSourceConfig(name="x", kind="stackexchange", inputs=["/nonexistent/*.xml"])))
