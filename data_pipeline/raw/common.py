@@ -23,6 +23,19 @@ class CorruptInput(DataError):
     """An input file that cannot be read to its end (truncated, corrupt, not what its name says)."""
 
 
+def stream_errors() -> tuple[type[Exception], ...]:
+    """What reading a truncated or corrupt plain/.gz/.bz2/.xz/.zst stream raises."""
+    import lzma
+    import zlib
+
+    errors: tuple[type[Exception], ...] = (OSError, EOFError, zlib.error, lzma.LZMAError)
+    try:
+        import zstandard
+    except ImportError:
+        return errors
+    return errors + (zstandard.ZstdError,)
+
+
 def make_doc(source: str, doc_id: str, text: str, **meta: Any) -> dict:
     """A cleaned document in the data contract's layout: `{"id", "text", "meta": {"source", ...}}`."""
     return {"id": doc_id, "text": text, "meta": {"source": source, **meta}}
