@@ -113,3 +113,38 @@ def test_config_errors_name_the_key(tmp_path):
         run_recipe(recipe(tmp_path, RawSourceConfig(name="x", kind="webpages", inputs=[str(POSTS)])))
     with pytest.raises(ConfigError, match="matches nothing"):
         run_recipe(recipe(tmp_path, RawSourceConfig(name="x", kind="stackexchange", inputs=["/nonexistent/*.xml"])))
+
+
+def test_the_sample_recipe_runs_every_source_and_its_output_tokenizes(tmp_path):
+    """configs/recipe/sample.yaml (every kind, on the bundled raw files), plus a second edition of a
+    bundled book: counts add up, the two editions come out as one, and the documents tokenize."""
+    from test_raw_gutenberg_github import new_edition, raw_text
+
+    from data_pipeline.shards import Manifest
+    from data_pipeline.tokenize import TokenizeSettings, tokenize_source
+    from pretrain.config import load_structured
+
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "editions").mkdir()
+    (tmp_path / "editions" / "pg1661-2023.txt").write_text(new_edition(raw_text("pg1661.txt.gz")))
+    cfg = load_structured(RecipeConfig, root / "configs" / "recipe" / "sample.yaml", [f"output={tmp_path / 'clean'}"])
+    books = next(s for s in cfg.sources if s.name == "books")
+    books.inputs = [str(root / p) for p in books.inputs] + [str(tmp_path / "editions" / "pg1661-2023.txt")]
+    for s in cfg.sources:
+        s.inputs = [p if Path(p).is_absolute() else str(root / p) for p in s.inputs]
+    reports = run_recipe(cfg)
+    assert set(reports) == {"commoncrawl", "wikipedia", "books", "arxiv", "github", "stackexchange"}
+    for name, r in reports.items():
+        assert r["failed_files"] == [], name
+        assert r["docs_in"] == r["docs_out"] + sum(r["dropped"].values()), name
+        assert r["docs_out"] > 0 and r["input_bytes"] > 0, name
+    assert reports["books"]["docs_out"] == 5 and reports["books"]["dropped"] == {"near_duplicate": 1}
+    assert "pg1661-2023" in reports["books"]["examples"]["near_duplicate"][0]
+    tokenizer = root / "data" / "tokenizer" / "sample.model"
+    for name, r in reports.items():
+        docs = read_output(tmp_path / "clean" / name)
+        assert len(docs) == r["docs_out"] and all(d["meta"]["source"] and d["text"].strip() for d in docs), name
+        settings = TokenizeSettings(source=name, tokenizer_path=str(tokenizer), val_fraction=0.0)
+        files = sorted((tmp_path / "clean" / name).glob(f"{name}-*.jsonl.gz"))
+        tokenize_source(files, tmp_path / "tokens" / name, settings)
+        assert sum(s.documents for s in Manifest.load(tmp_path / "tokens" / name).shards) == r["docs_out"], name

@@ -38,7 +38,7 @@ from data_pipeline.sources import DataError
 from pretrain.config import ConfigError
 
 KINDS = ("commoncrawl", "wikipedia", "gutenberg", "arxiv", "github", "stackexchange")
-FOLDER_INPUTS = ("github",)  # kinds whose input may be a folder (a repository checkout) read as one
+FOLDER_INPUTS = ("github", "arxiv")  # kinds whose input may be a folder (a repository, a paper) read as one
 
 
 @dataclass

@@ -1,0 +1,436 @@
+"""ArXiv papers from their LaTeX sources, cleaned the way LLaMA-1 did.
+
+LLaMA-1 (Touvron et al. 2023, §2.1), following Lewkowycz et al. (2022): "We removed everything before
+the first section, as well as the bibliography. We also removed the comments from the .tex files, and
+inline-expanded definitions and macros written by users to increase consistency across papers." The
+appendix goes too by default (`Options.drop_appendix`), as the recipe's issue asks; the text stays LaTeX.
+
+An input is one paper: a `.tex`, a compressed `.tex` (`.gz`, `.bz2`, `.xz`, `.zst`), a tar (`.tar`,
+`.tar.gz`, or an arXiv `.gz` that holds a tar) or an unpacked folder, whose main file is the one with
+`\\documentclass`; the files it `\\input`s or `\\include`s are inlined. Macros expanded are the authors' own
+`\\newcommand`, `\\renewcommand`, `\\providecommand`, `\\DeclareRobustCommand`, `\\DeclareMathOperator`,
+`\\def` (undelimited parameters) and `\\let` of one of those, with their arguments (#1..#9, an optional
+first argument with its default), repeatedly until nothing changes, with a guard on depth and growth.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from data_pipeline.raw.common import CorruptInput, Tally, make_doc, stream_errors
+from data_pipeline.sources import open_text
+
+SOURCE = "arxiv"
+MAX_EXPANSION_PASSES = 10  # macros defined in terms of macros: nesting deeper than this is left as it is
+MAX_GROWTH = 4  # expansion stops once the text is this many times longer (a recursive definition)
+MAX_INPUT_DEPTH = 8  # \input inside \input ...
+
+_VERBATIM_ENVS = r"verbatim\*?|Verbatim|BVerbatim|lstlisting|minted|alltt|comment"
+_VERBATIM = re.compile(rf"\\begin\{{({_VERBATIM_ENVS})\}}.*?\\end\{{\1\}}", re.S)
+_VERB = re.compile(r"\\verb\*?([^\sA-Za-z*])[^\n]*?\1")
+_COMMENT = re.compile(r"(?<!\\)((?:\\\\)*)%.*$", re.M)  # % not escaped (an even run of \ before it)
+# a sectioning command with its title: \section*[short]{Title} ("\titleformat{\section}" is not one)
+_SECTIONING = re.compile(r"\\(?:part|chapter|section|subsection|subsubsection|paragraph)\*?\s*(?:\[[^\]\n]*\]\s*)?\{")
+_BEGIN_DOCUMENT = re.compile(r"\\begin\{document\}")
+_END_MATTER = {
+    "bibliography": re.compile(
+        r"\\begin\{thebibliography\}|\\bibliography\s*\{|\\bibliographystyle\s*\{|\\printbibliography\b"
+    ),
+    "appendix": re.compile(r"\\appendix\b|\\appendices\b|\\begin\{appendix\}|\\begin\{appendices\}"),
+}
+_END_DOCUMENT = re.compile(r"\\end\{document\}")
+_ENDS_IN_CONTROL_WORD = re.compile(r"\\[A-Za-z]+$")
+_DOCUMENTCLASS = re.compile(r"^[^%\n]*\\document(?:class|style)\b", re.M)
+_LATEXISH = re.compile(r"\\(?:documentclass|documentstyle|begin\{document\}|section)\b")
+_INPUT = re.compile(r"\\(?:input|include)\s*\{\s*([^{}\s]+)\s*\}|\\input\s+([A-Za-z0-9_./-]+)")
+
+_NEWCOMMAND = re.compile(
+    r"\\(?:(?:re|provide)?newcommand|DeclareRobustCommand)\*?(?![A-Za-z])\s*|\\[gex]?def(?![A-Za-z])\s*"
+    r"|\\let(?![A-Za-z])\s*|\\DeclareMathOperator(\*?)(?![A-Za-z])\s*"
+)
+# never expanded even if redefined: the structure the cleaning relies on
+_PROTECTED = {"begin", "end", "section", "subsection", "subsubsection", "chapter", "part", "paragraph"}
+_PROTECTED |= {"appendix", "bibliography", "item", "input", "include", "documentclass", "usepackage", "def"}
+
+
+class Unusable(ValueError):
+    """A LaTeX source that yields no document; `reason` is the drop reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Options:
+    """ArXiv settings in the recipe config."""
+
+    drop_appendix: bool = True  # cut from \appendix on, like the bibliography
+    min_chars: int = 500  # cleaned papers shorter than this are dropped ("too_short")
+
+
+@dataclass
+class Macro:
+    """A user macro: its body with #1..#n, and the default of an optional first argument if it has one."""
+
+    n_args: int
+    body: str
+    default: Optional[str] = None
+
+
+def braced(text: str, start: int, open_: str = "{", close: str = "}") -> Optional[tuple[str, int]]:
+    """(contents, end) of the balanced group opening at text[start] (end is just past the closer), or
+    None if there is none. An escaped character (\\{, \\}, \\\\) neither opens nor closes."""
+    if start >= len(text) or text[start] != open_:
+        return None
+    depth, i = 0, start
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == open_:
+            depth += 1
+        elif c == close:
+            depth -= 1
+            if depth == 0:
+                return text[start + 1 : i], i + 1
+        i += 1
+    return None
+
+
+def strip_comments(tex: str) -> str:
+    """LaTeX without comments: `%` to the end of the line (an escaped `\\%` kept), lines that were only a
+    comment removed whole, `comment` environments removed. Verbatim text is left as it is."""
+    kept: list[str] = []
+
+    def park(m: re.Match) -> str:
+        if m.group(0).startswith("\\begin{comment}"):
+            return ""
+        kept.append(m.group(0))
+        return f"\x00{len(kept) - 1}\x00"
+
+    tex = _VERB.sub(park, _VERBATIM.sub(park, tex))
+    tex = re.sub(r"^[ \t]*(?<!\\)%.*\n", "", tex, flags=re.M)
+    tex = _COMMENT.sub(r"\1", tex)
+    return re.sub("\x00(\\d+)\x00", lambda m: kept[int(m.group(1))], tex)
+
+
+def _skip_space(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\n":
+        i += 1
+    return i
+
+
+def _control_word(text: str, i: int) -> Optional[tuple[str, int]]:
+    """(name, end) of a \\name at text[i] (letters only), or None."""
+    m = re.compile(r"\\([A-Za-z]+)").match(text, i)
+    return (m.group(1), m.end()) if m else None
+
+
+def _parse_definition(text: str, m: re.Match) -> Optional[tuple[str, Macro, int]]:
+    """(name, macro, end) of the definition whose command `m` matched, or None if it is not one we can
+    expand (internal @ names, delimited parameters, bodies with package internals)."""
+    command = m.group(0).strip()
+    i = m.end()
+    if command.startswith("\\DeclareMathOperator"):
+        name_group = braced(text, i)
+        if name_group is None or not re.fullmatch(r"\s*\\[A-Za-z]+\s*", name_group[0]):
+            return None
+        body_group = braced(text, _skip_space(text, name_group[1]))
+        if body_group is None:
+            return None
+        star = "*" if m.group(1) else ""
+        return name_group[0].strip()[1:], Macro(0, f"\\operatorname{star}{{{body_group[0]}}}"), body_group[1]
+    if command.startswith("\\let"):
+        target = _control_word(text, i)
+        if target is None:
+            return None
+        j = _skip_space(text, target[1])
+        if j < len(text) and text[j] == "=":
+            j = _skip_space(text, j + 1)
+        source = _control_word(text, j)
+        if source is None:
+            return None
+        return target[0], Macro(-1, source[0]), source[1]  # n_args -1: an alias, resolved by the caller
+    if command.startswith(("\\def", "\\gdef", "\\edef", "\\xdef")):
+        word = _control_word(text, i)
+        if word is None:
+            return None
+        params = re.compile(r"(?:#[1-9])*").match(text, word[1])
+        numbers = params.group(0)[1::2]
+        if numbers != "123456789"[: len(numbers)]:
+            return None
+        body_group = braced(text, params.end())
+        if body_group is None:
+            return None
+        return word[0], Macro(len(numbers), body_group[0]), body_group[1]
+    # \newcommand{\name}[n][default]{body}, braces around the name optional
+    if text.startswith("{", i):
+        name_group = braced(text, i)
+        if name_group is None or not re.fullmatch(r"\s*\\[A-Za-z]+\s*", name_group[0]):
+            return None
+        name, i = name_group[0].strip()[1:], name_group[1]
+    else:
+        word = _control_word(text, i)
+        if word is None:
+            return None
+        name, i = word
+    n_args, default = 0, None
+    i = _skip_space(text, i)
+    n = re.compile(r"\[\s*([0-9])\s*\]").match(text, i)
+    if n:
+        n_args, i = int(n.group(1)), _skip_space(text, n.end())
+        optional = braced(text, i, "[", "]")
+        if optional is not None:
+            default, i = optional[0], _skip_space(text, optional[1])
+    body_group = braced(text, i)
+    if body_group is None:
+        return None
+    return name, Macro(n_args, body_group[0], default), body_group[1]
+
+
+def extract_macros(tex: str) -> tuple[dict[str, Macro], str]:
+    """The user macros defined in `tex` (a later definition wins) and `tex` without their definitions.
+    Definitions nested in another's body are not read on their own. Comments must be gone already."""
+    macros: dict[str, Macro] = {}
+    out, pos = [], 0
+    for m in _NEWCOMMAND.finditer(tex):
+        if m.start() < pos:
+            continue
+        parsed = _parse_definition(tex, m)
+        if parsed is None:
+            continue
+        name, macro, end = parsed
+        out.append(tex[pos : m.start()])
+        pos = end
+        if name in _PROTECTED or "@" in macro.body or "\\csname" in macro.body:
+            continue
+        if macro.n_args == -1:  # \let\a=\b: a copy of \b if \b is one of ours
+            if macro.body in macros:
+                macros[name] = macros[macro.body]
+            continue
+        macros[name] = macro
+    out.append(tex[pos:])
+    return macros, "".join(out)
+
+
+def _join(left: str, right: str) -> str:
+    """left + right, with a space where a control word would otherwise run into letters (\\alpha + x)."""
+    if right[:1].isalpha() and _ENDS_IN_CONTROL_WORD.search(left[-64:]):
+        return f"{left} {right}"
+    return left + right
+
+
+def _argument(text: str, i: int) -> Optional[tuple[str, int]]:
+    """(argument, end) of the undelimited argument starting at text[i] (after spaces): a {group}, a
+    control sequence or one character; None at the end of the text or before a closing brace."""
+    i = _skip_space(text, i)
+    if i >= len(text) or text[i] == "}":
+        return None
+    if text[i] == "{":
+        return braced(text, i)
+    if text[i] == "\\":
+        word = _control_word(text, i)
+        return (text[i : word[1]], word[1]) if word else (text[i : i + 2], i + 2)
+    return text[i], i + 1
+
+
+def _substitute(body: str, args: list[str]) -> str:
+    """The body with #1..#9 replaced by the arguments and ## by #."""
+    out = ""
+    pos = 0
+    for m in re.finditer(r"#(#|[1-9])", body):
+        out = _join(out, body[pos : m.start()])
+        k = m.group(1)
+        out = _join(out, "#" if k == "#" else (args[int(k) - 1] if int(k) <= len(args) else ""))
+        pos = m.end()
+    return _join(out, body[pos:])
+
+
+def expand_macros(tex: str, macros: dict[str, Macro]) -> str:
+    """`tex` with every use of the macros replaced by its body, arguments substituted, repeated until
+    nothing changes (at most MAX_EXPANSION_PASSES times, and while the text stays under MAX_GROWTH times
+    its length). A use whose arguments are missing is left as it is."""
+    if not macros:
+        return tex
+    names = sorted(macros, key=len, reverse=True)
+    pattern = re.compile(r"\\(" + "|".join(map(re.escape, names)) + r")(?![A-Za-z])")
+    limit = MAX_GROWTH * max(len(tex), 1)
+    for _ in range(MAX_EXPANSION_PASSES):
+        pieces, pos, changed = [], 0, False
+        for m in pattern.finditer(tex):
+            if m.start() < pos:
+                continue
+            macro = macros[m.group(1)]
+            i, args = m.end(), []
+            if macro.default is not None:
+                optional = braced(tex, _skip_space(tex, i), "[", "]")
+                args.append(optional[0] if optional else macro.default)
+                i = optional[1] if optional else i
+            while len(args) < macro.n_args:
+                arg = _argument(tex, i)
+                if arg is None:
+                    break
+                args.append(arg[0])
+                i = arg[1]
+            if len(args) < macro.n_args:
+                continue
+            if macro.n_args == 0 and tex.startswith("{}", i):  # "\name{}" stands for the name alone
+                i += 2
+            _append(pieces, tex[pos : m.start()])
+            _append(pieces, _substitute(macro.body, args))
+            pos, changed = i, True
+        if not changed:
+            break
+        _append(pieces, tex[pos:])
+        tex = "".join(pieces)
+        if len(tex) > limit:
+            break
+    return tex
+
+
+def _append(pieces: list[str], text: str) -> None:
+    """Append to a text being built piece by piece, the way `_join` joins two strings."""
+    if text:
+        if pieces and text[0].isalpha() and _ENDS_IN_CONTROL_WORD.search(pieces[-1][-64:]):
+            pieces.append(" ")
+        pieces.append(text)
+
+
+def clean_latex(source: str, drop_appendix: bool = True) -> str:
+    """A paper's LaTeX cleaned as in LLaMA-1: comments removed, user macros expanded, everything before
+    the first sectioning command removed, and from the bibliography (and the appendix, unless
+    `drop_appendix` is false) or \\end{document} on. Raises `Unusable` ("no_section") if there is no
+    section."""
+    tex = strip_comments(source.replace("\r\n", "\n"))
+    macros, tex = extract_macros(tex)
+    begin = _BEGIN_DOCUMENT.search(tex)
+    first = _SECTIONING.search(tex, begin.end() if begin else 0)
+    if first is None:
+        raise Unusable("no_section", "no \\section (or \\chapter, \\part, ...) to start from")
+    tex = tex[first.start() :]
+    ends = [_END_DOCUMENT, _END_MATTER["bibliography"]] + ([_END_MATTER["appendix"]] if drop_appendix else [])
+    cut = min((m.start() for m in (p.search(tex) for p in ends) if m), default=len(tex))
+    tex = expand_macros(tex[:cut], macros)
+    tex = re.sub(r"[ \t]+$", "", tex, flags=re.M)
+    return re.sub(r"\n{3,}", "\n\n", tex).strip()
+
+
+def decode(data: bytes) -> str:
+    """LaTeX bytes as text: UTF-8, else Latin-1 (older arXiv sources)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def _is_text(data: bytes) -> bool:
+    return b"\x00" not in data[:65536] and not data.startswith(b"%PDF")
+
+
+def inline_inputs(tex: str, files: dict[str, str], directory: str = "", depth: int = 0) -> str:
+    """`tex` with each \\input{name} / \\include{name} (not commented out) replaced by that file's text
+    from `files` (paths inside the archive, ".tex" added when missing), recursively; others left."""
+    if depth >= MAX_INPUT_DEPTH:
+        return tex
+
+    def replace(m: re.Match) -> str:
+        line_start = tex.rfind("\n", 0, m.start()) + 1
+        if re.search(r"(?<!\\)%", tex[line_start : m.start()]):
+            return m.group(0)
+        name = (m.group(1) or m.group(2)).strip()
+        for candidate in (posixpath.join(directory, name), name):
+            candidate = posixpath.normpath(candidate)
+            for path in (candidate, candidate + ".tex"):
+                if path in files:
+                    return inline_inputs(files[path], files, posixpath.dirname(path), depth + 1)
+        return m.group(0)
+
+    return _INPUT.sub(replace, tex)
+
+
+def main_file(files: dict[str, str]) -> Optional[str]:
+    """The main .tex of a paper's files: one with \\documentclass (preferring \\begin{document}, then
+    the longest), else one with \\begin{document}; None if there is none."""
+    tex = {name: text for name, text in files.items() if name.lower().endswith((".tex", ".ltx"))}
+    ranked = sorted(
+        tex,
+        key=lambda n: (bool(_DOCUMENTCLASS.search(tex[n])), "\\begin{document}" in tex[n], len(tex[n])),
+        reverse=True,
+    )
+    if ranked and (_DOCUMENTCLASS.search(tex[ranked[0]]) or "\\begin{document}" in tex[ranked[0]]):
+        return ranked[0]
+    return None
+
+
+def _paper_id(path: Path) -> str:
+    name = path.name
+    for suffix in (".gz", ".bz2", ".xz", ".zst", ".tgz", ".tar", ".tex"):
+        name = name[: -len(suffix)] if name.endswith(suffix) else name
+    return name
+
+
+def _paper(files: dict[str, str]) -> tuple[Optional[str], Optional[str]]:
+    """(main file with its inputs inlined, main file's name) of a paper's text files; (None, None)."""
+    main = main_file(files)
+    if main is None:
+        return None, None
+    return inline_inputs(files[main], files, posixpath.dirname(main)), main
+
+
+def read_source(path: Path) -> tuple[Optional[str], Optional[str]]:
+    """(LaTeX text with its inputs inlined, main file name inside the archive or folder, or None) of one
+    paper; (None, None) if it holds no LaTeX. Raises CorruptInput for a damaged file."""
+    if path.is_dir():  # an unpacked paper
+        files = {}
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            raw = file.read_bytes()
+            if _is_text(raw):
+                files[file.relative_to(path).as_posix()] = decode(raw)
+        return _paper(files)
+    try:
+        with open_text(path) as f:
+            data = f.read()
+        is_tar = data[257:262] == b"ustar" or path.name.endswith((".tar", ".tar.gz", ".tgz"))
+        if is_tar or (not _is_text(data) and tarfile.is_tarfile(io.BytesIO(data))):
+            files = {}
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+                for member in tar.getmembers():
+                    if member.isfile():
+                        raw = tar.extractfile(member).read()
+                        if _is_text(raw):
+                            files[posixpath.normpath(member.name)] = decode(raw)
+            return _paper(files)
+    except (*stream_errors(), tarfile.TarError) as e:
+        raise CorruptInput(f"{path}: cannot be read to its end ({type(e).__name__}: {e})") from e
+    if not _is_text(data):
+        return None, None
+    return decode(data), None
+
+
+def documents(path: Path, options: Options, tally: Tally) -> Iterator[dict]:
+    """The cleaned paper in one LaTeX source file or archive (at most one document)."""
+    path = Path(path)
+    tex, main = read_source(path)
+    tally.read(tex or "")
+    origin = f"{path.name}:{main}" if main else path.name
+    if tex is None or not _LATEXISH.search(tex):
+        tally.drop("not_latex", origin, tex)
+        return
+    try:
+        text = clean_latex(tex, options.drop_appendix)
+    except Unusable as e:
+        tally.drop(e.reason, origin, tex)
+        return
+    if len(text) < options.min_chars:
+        tally.drop("too_short", origin, text)
+        return
+    meta = {"file": path.name, **({"main_file": main} if main else {})}
+    yield make_doc(SOURCE, f"arxiv-{_paper_id(path)}", text, **meta)
