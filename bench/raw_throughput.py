@@ -46,7 +46,9 @@ def main() -> None:
             runs.append(run_recipe(cfg))
     lines = ["# Raw-source recipe throughput, one process", ""]
     lines += [f"- {line}" for line in provenance(torch.device("cpu"), "n/a")]
-    lines += [f"- config: {args.config}; median of {args.repeat} runs of both steps (clean+filter, dedup)", ""]
+    config = Path(args.config).resolve()
+    shown = config.relative_to(ROOT) if config.is_relative_to(ROOT) else config.name
+    lines += [f"- config: {shown}; median of {args.repeat} runs of both steps (clean+filter, dedup)", ""]
     lines += [
         "| source | inputs | raw MB | docs in | docs out | CPU s | docs/s/core | raw MB/s/core | out MB/s/core |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -148,3 +148,21 @@ def test_the_sample_recipe_runs_every_source_and_its_output_tokenizes(tmp_path):
         files = sorted((tmp_path / "clean" / name).glob(f"{name}-*.jsonl.gz"))
         tokenize_source(files, tmp_path / "tokens" / name, settings)
         assert sum(s.documents for s in Manifest.load(tmp_path / "tokens" / name).shards) == r["docs_out"], name
+
+
+def test_the_full_llama1_recipe_config_is_valid():
+    from data_pipeline.raw.recipe import validate_recipe
+    from pretrain.config import load_structured
+
+    cfg = load_structured(RecipeConfig, Path(__file__).resolve().parent.parent / "configs" / "recipe" / "llama1.yaml")
+    validate_recipe(cfg)  # every source's kind and options are known
+    assert [s.name for s in cfg.sources] == [
+        "commoncrawl",
+        "c4",
+        "github",
+        "wikipedia",
+        "books",
+        "arxiv",
+        "stackexchange",
+    ]
+    assert next(s for s in cfg.sources if s.name == "books").near_dedup == 0.9
