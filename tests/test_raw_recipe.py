@@ -74,6 +74,10 @@ def test_damaged_input_is_reported_and_the_rest_processed_or_strict_stops(tmp_pa
     assert str(cut) in (tmp_path / "clean" / "report.md").read_text()
     with pytest.raises(DataError, match=str(cut)):
         run_recipe(recipe(tmp_path / "strict", damaged, strict=True))
+    with pytest.raises(DataError, match=str(cut)):  # in a pool of workers too
+        run_recipe(recipe(tmp_path / "strict-pool", damaged, strict=True, workers=2))
+    with pytest.raises(DataError, match=str(cut)):  # and over the first run's markers, which saw the damage
+        run_recipe(recipe(tmp_path, whole, damaged, strict=True))
     from data_pipeline.raw import stackexchange
 
     with pytest.raises(CorruptInput, match="Posts.xml.gz"):
@@ -93,14 +97,43 @@ def test_counts_add_up_dedup_and_resume(tmp_path):
     assert len(list((tmp_path / "clean" / "se").glob("se-*.jsonl.gz"))) == 3  # shards of 250
     assert len(report["examples"]["exact_duplicate"]) == 3
     # a rerun finds both files done (markers) and gives the same output without reading them again
-    part = tmp_path / "clean" / "se" / "files" / "00000.jsonl.gz"
+    from data_pipeline.raw.recipe import part_name
+
+    part = tmp_path / "clean" / "se" / "files" / f"{part_name(POSTS.resolve())}.jsonl.gz"
     before = part.stat().st_mtime_ns
     again = run_recipe(recipe(tmp_path, source))["se"]
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in report.items() if k != "seconds"}
     assert part.stat().st_mtime_ns == before and read_output(tmp_path / "clean" / "se") == docs
+    # an input added in front leaves the others done; one removed is forgotten
+    front = tmp_path / "a-first" / "cstheory.meta" / "Posts.xml"
+    front.parent.mkdir(parents=True)
+    front.write_bytes(POSTS.read_bytes())
+    source.inputs = [str(front), str(POSTS)]
+    assert run_recipe(recipe(tmp_path, source))["se"]["dropped"]["exact_duplicate"] == 589
+    assert part.stat().st_mtime_ns == before
+    assert len(list((tmp_path / "clean" / "se" / "files").glob("*.jsonl.gz"))) == 2  # the mirror's is gone
+    # other options make other documents: the markers of the old ones are not reused
+    source.options = {"min_answers": 3}
+    fewer = run_recipe(recipe(tmp_path, source))["se"]
+    assert part.stat().st_mtime_ns != before and fewer["docs_out"] < 589 and "too_few_answers" in fewer["dropped"]
     # two worker processes give the same documents
+    source.options, source.inputs = {}, [str(POSTS), str(copy)]
     parallel = run_recipe(recipe(tmp_path / "parallel", source, workers=2))["se"]
     assert parallel["docs_out"] == 589 and read_output(tmp_path / "parallel" / "clean" / "se") == docs
+
+
+def test_rows_without_ids_are_counted_not_fatal(tmp_path):
+    from data_pipeline.raw import stackexchange
+
+    rows = POSTS.read_text(encoding="utf-8-sig").splitlines()
+    answer = next(i for i, line in enumerate(rows) if 'PostTypeId="2"' in line)
+    rows[answer] = rows[answer].replace(' Id="', ' Xd="', 1)  # an answer row that lost its Id
+    broken = tmp_path / "site" / "Posts.xml"
+    broken.parent.mkdir()
+    broken.write_text("\n".join(rows), encoding="utf-8")
+    tally = Tally()
+    docs = list(stackexchange.documents(broken, stackexchange.Options(), tally))
+    assert len(docs) == 589 and tally.dropped["bad_post_ids"] == 1
 
 
 def test_config_errors_name_the_key(tmp_path):

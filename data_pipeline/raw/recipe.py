@@ -5,11 +5,14 @@ with its kind (the module in this package that reads and cleans it), its raw inp
 or globs) and its options. Two steps per source:
 
 1. each input file alone (in parallel over `workers` processes): read, clean, filter, count ->
-   `OUTPUT/<source>/files/NNNNN.jsonl.gz` and a completion marker `NNNNN.done.json` (the input's name,
-   size and mtime, and its tally). A rerun skips a file whose marker matches, so a killed run resumes.
+   `OUTPUT/<source>/files/<hash of the path>.jsonl.gz`, streamed, and a completion marker `.done.json`
+   (the input's path, size and mtime (a folder: of every file in it), a hash of the kind and options,
+   and its tally). A rerun skips an input whose marker matches, so a killed run resumes; changed
+   options or inputs are redone, and inputs no longer listed are forgotten.
 2. the whole source, inputs in order: the module's own pass when it has one (CommonCrawl's line
    dedup), exact dedup, near dedup when `near_dedup` is set (books: 0.9) -> `OUTPUT/<source>/
-   <source>-NNNNN.jsonl.gz` shards of `shard_docs` documents and `report.json`, written last.
+   <source>-NNNNN.jsonl.gz` shards of `shard_docs` documents and `report.json`, removed when the step
+   starts and written last (a source without it is unfinished).
 
 A damaged input (truncated or corrupt gzip/bz2/XML/archive) is reported by name in the report and the
 rest is processed; with `strict` the run stops there. The outputs are JSONL documents in the data
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import importlib
 import json
 import multiprocessing
@@ -80,7 +84,13 @@ def module_options(source: RawSourceConfig):
         raise ConfigError(
             f"sources[{source.name}].options: unknown {unknown} for kind {source.kind} (known: {sorted(known)})"
         )
-    return module.Options(**dict(source.options))
+    try:
+        options = module.Options(**dict(source.options))
+        if hasattr(module, "check_options"):
+            module.check_options(options)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"sources[{source.name}].options: {e}") from None
+    return options
 
 
 def expand_inputs(source: RawSourceConfig) -> list[Path]:
@@ -97,7 +107,8 @@ def expand_inputs(source: RawSourceConfig) -> list[Path]:
                 found.append(match)
     if not found:
         raise ConfigError(f"sources[{source.name}].inputs: no input files")
-    return found
+    unique = list(dict.fromkeys(p.resolve() for p in found))  # a file matched twice is read once
+    return unique
 
 
 def validate_recipe(cfg: RecipeConfig) -> None:
@@ -115,9 +126,22 @@ def validate_recipe(cfg: RecipeConfig) -> None:
             raise ConfigError(f"sources[{s.name}].shard_docs must be positive, got {s.shard_docs}")
 
 
-def _fingerprint(path: Path) -> dict:
-    stat = path.stat()
-    return {"input": str(path), "size": stat.st_size if path.is_file() else None, "mtime": stat.st_mtime}
+def _fingerprint(source: RawSourceConfig, path: Path) -> dict:
+    """What a finished input's marker must match to be reused: the input (a folder: every file in it,
+    by name, size and mtime) and the settings that shape its documents (kind and options)."""
+    if path.is_dir():
+        listing = sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime) for p in path.rglob("*"))
+        content = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    else:
+        stat = path.stat()
+        content = f"{stat.st_size}:{stat.st_mtime}"
+    settings = json.dumps({"kind": source.kind, "options": dict(source.options)}, sort_keys=True, default=str)
+    return {"input": str(path), "content": content, "settings": hashlib.sha256(settings.encode()).hexdigest()}
+
+
+def part_name(path: Path) -> str:
+    """The name of an input's step-1 output and marker: a hash of its path (stable when inputs are added)."""
+    return hashlib.sha256(str(path).encode()).hexdigest()[:20]
 
 
 def _write_jsonl_gz(path: Path, docs) -> None:
@@ -135,45 +159,62 @@ def _read_jsonl_gz(path: Path) -> Iterator[dict]:
             yield json.loads(line)
 
 
-def process_file(source: RawSourceConfig, index: int, path: Path, out_dir: Path, strict: bool) -> dict:
+def process_file(source: RawSourceConfig, path: Path, out_dir: Path, strict: bool) -> dict:
     """Step 1 for one input: its cleaned documents and its marker; returns the marker."""
-    marker = out_dir / f"{index:05d}.done.json"
-    fingerprint = _fingerprint(path)
-    if marker.is_file():
+    name = part_name(path)
+    marker, output = out_dir / f"{name}.done.json", out_dir / f"{name}.jsonl.gz"
+    fingerprint = _fingerprint(source, path)
+    if marker.is_file() and output.is_file():
         done = json.loads(marker.read_text())
         if {k: done.get(k) for k in fingerprint} == fingerprint:
+            if strict and done["tally"]["failed_files"]:
+                raise DataError(f"{done['tally']['failed_files'][0]['error']} (strict: stopped)")
             return done
     module, options, tally = load_module(source.kind), module_options(source), Tally()
     start = time.process_time()
-    kept: list[dict] = []
-    try:
-        for doc in module.documents(path, options, tally):
-            kept.append(tally.keep(doc))
-    except CorruptInput as e:
-        if strict:
-            raise DataError(f"{e} (strict: stopped; without --strict it is reported and the rest processed)") from None
-        tally.fail(str(path), str(e))
+    tmp = output.with_name(output.name + ".tmp")
+    with gzip.open(tmp, "wt", encoding="utf-8") as f:  # documents go to disk as they come
+        try:
+            for doc in module.documents(path, options, tally):
+                f.write(json.dumps(tally.keep(doc), ensure_ascii=False) + "\n")
+        except CorruptInput as e:
+            if strict:
+                raise DataError(f"{e} (strict: stopped; without --strict it is reported, the rest processed)") from None
+            tally.fail(str(path), str(e))
     tally.seconds = time.process_time() - start
     tally.input_bytes = sum(p.stat().st_size for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
-    _write_jsonl_gz(out_dir / f"{index:05d}.jsonl.gz", kept)
+    os.replace(tmp, output)
     done = {**fingerprint, "tally": tally.to_dict()}
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(json.dumps(done, indent=1))
-    os.replace(tmp, marker)
+    _write_text(marker, json.dumps(done, indent=1))
     return done
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _process_task(task: tuple) -> dict:
     return process_file(*task)
 
 
-def finish_source(source: RawSourceConfig, n_inputs: int, folder: Path, tally: Tally) -> Tally:
+def _indexed_task(item: tuple[int, tuple]) -> tuple[int, dict]:
+    return item[0], process_file(*item[1])
+
+
+def finish_source(source: RawSourceConfig, inputs: list[Path], folder: Path, tally: Tally) -> Tally:
     """Step 2: the source-wide passes over step 1's outputs, in input order; the final shards."""
     files = folder / "files"
+    (folder / "report.json").unlink(missing_ok=True)  # the source is finished when its report is back
+    parts = [files / f"{part_name(p)}.jsonl.gz" for p in inputs]
+    for stale in set(files.glob("*.jsonl.gz")) - set(parts):  # inputs no longer listed
+        stale.unlink()
+        stale.with_name(stale.name.replace(".jsonl.gz", ".done.json")).unlink(missing_ok=True)
     module, options = load_module(source.kind), module_options(source)
     dedup = Tally()
     start = time.process_time()
-    docs: Iterator[dict] = (doc for i in range(n_inputs) for doc in _read_jsonl_gz(files / f"{i:05d}.jsonl.gz"))
+    docs: Iterator[dict] = (doc for part in parts for doc in _read_jsonl_gz(part))
     if hasattr(module, "finalize"):
         docs = module.finalize(docs, options, dedup)
     if source.exact_dedup:
@@ -208,26 +249,25 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, dict]:
     tasks = []
     for s in cfg.sources:
         (output / s.name / "files").mkdir(parents=True, exist_ok=True)
-        tasks += [(s, i, p, output / s.name / "files", cfg.strict) for i, p in enumerate(inputs[s.name])]
+        tasks += [(s, p, output / s.name / "files", cfg.strict) for p in inputs[s.name]]
     workers = cfg.workers or os.cpu_count() or 1
     if workers == 1 or len(tasks) == 1:
         results = [_process_task(t) for t in tasks]
-    else:
+    else:  # the first error (strict) ends the pool at once: leaving the block terminates the workers
         with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
-            results = pool.map(_process_task, tasks, chunksize=1)
+            done = dict(pool.imap_unordered(_indexed_task, enumerate(tasks)))
+        results = [done[i] for i in range(len(tasks))]
     reports = {}
     for s in cfg.sources:
         tally = Tally()
         for task, result in zip(tasks, results):
             if task[0].name == s.name:
                 tally.merge(Tally.from_dict(result["tally"]))
-        total = finish_source(s, len(inputs[s.name]), output / s.name, tally)
+        total = finish_source(s, inputs[s.name], output / s.name, tally)
         report = {"source": s.name, "kind": s.kind, "inputs": len(inputs[s.name]), **total.to_dict()}
-        tmp = output / s.name / "report.json.tmp"
-        tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False))
-        os.replace(tmp, output / s.name / "report.json")
+        _write_text(output / s.name / "report.json", json.dumps(report, indent=1, ensure_ascii=False))
         reports[s.name] = report
-    (output / "report.md").write_text(format_reports(reports))
+    _write_text(output / "report.md", format_reports(reports))
     return reports
 
 

@@ -32,6 +32,7 @@ class Options:
     site: Optional[str] = None  # default: from the file or folder name, e.g. "cstheory.meta"
     min_answers: int = 0  # questions with fewer answers are dropped (`too_few_answers`)
     min_chars: int = 1  # documents shorter than this are dropped (`too_short`)
+    tmp_dir: Optional[str] = None  # where posts are grouped (about the size of the dump); None: the system's
 
 
 class _TextExtractor(HTMLParser):
@@ -105,16 +106,19 @@ def documents(path: Path, options: Options, tally: Tally) -> Iterator[dict]:
     path = Path(path)
     site = options.site or site_name(path)
     with ExitStack() as stack:
-        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="stackexchange-"))
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="stackexchange-", dir=options.tmp_dir))
         db = sqlite3.connect(Path(folder) / "posts.sqlite")
         stack.callback(db.close)
         db.execute("CREATE TABLE post (id INTEGER, question INTEGER, score INTEGER, date TEXT, title TEXT, body TEXT)")
         error = None
         try:
-            for _, row in ET.iterparse(_open_posts(path, stack)):
-                if row.tag == "row":
+            root = None
+            for event, row in ET.iterparse(_open_posts(path, stack), events=("start", "end")):
+                if root is None:
+                    root = row  # <posts>: cleared as rows are stored, so memory stays flat
+                elif event == "end" and row.tag == "row":
                     _store(db, row, path, tally)
-                    row.clear()
+                    root.clear()
         except (ET.ParseError, EOFError, OSError) as e:  # truncated or corrupt: keep what was read
             error = CorruptInput(f"{path}: {e}")
         db.execute("CREATE INDEX by_question ON post (question, score)")
@@ -132,8 +136,8 @@ def _store(db: sqlite3.Connection, row: ET.Element, path: Path, tally: Tally) ->
         tally.drop("not_question_or_answer", f"{path}:post {post_id}", html_to_text(body))
         return
     try:
-        score = int(row.get("Score", "0"))
-        question = int(post_id if kind == "1" else row.get("ParentId", ""))
+        number, score = int(post_id), int(row.get("Score", "0"))
+        question = number if kind == "1" else int(row.get("ParentId", ""))
     except ValueError:
         tally.read(body)
         tally.drop("bad_post_ids", f"{path}:post {post_id}", html_to_text(body))
@@ -141,7 +145,7 @@ def _store(db: sqlite3.Connection, row: ET.Element, path: Path, tally: Tally) ->
     title = html.unescape(row.get("Title", "")) if kind == "1" else None
     db.execute(
         "INSERT INTO post VALUES (?, ?, ?, ?, ?, ?)",
-        (int(post_id), question, score, row.get("CreationDate", ""), title, body),
+        (number, question, score, row.get("CreationDate", ""), title, body),
     )
 
 
