@@ -52,13 +52,18 @@ class PipelineConfig:
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
 
 
-def validate_pipeline(cfg: PipelineConfig) -> None:
-    """Check values the types cannot; raise ConfigError naming the key."""
-    if not cfg.sources:
+def check_source_names(sources: list) -> None:
+    """At least one source, and no two with the same `name` (their output folders)."""
+    if not sources:
         raise ConfigError("sources: at least one source is needed")
-    names = [s.name for s in cfg.sources]
+    names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise ConfigError(f"sources: duplicate source names in {names}")
+
+
+def validate_pipeline(cfg: PipelineConfig) -> None:
+    """Check values the types cannot; raise ConfigError naming the key."""
+    check_source_names(cfg.sources)
     for i, s in enumerate(cfg.sources):
         if not s.files:
             raise ConfigError(f"sources[{i}].files: no input files for source '{s.name}'")

@@ -199,3 +199,24 @@ def test_the_full_llama1_recipe_config_is_valid():
         "stackexchange",
     ]
     assert next(s for s in cfg.sources if s.name == "books").near_dedup == 0.9
+
+
+def test_recipe_command_prints_the_report_and_names_config_mistakes(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    config = tmp_path / "recipe.yaml"
+    config.write_text(
+        f"output: {tmp_path / 'out'}\nsources:\n  - {{name: se, kind: stackexchange, inputs: [{POSTS}]}}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "data_pipeline", "recipe", str(config)], capture_output=True, text=True, cwd=root
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| se | 1 | 0 | 593 | 589 |" in result.stdout and (tmp_path / "out" / "se" / "report.json").is_file()
+    config.write_text(config.read_text().replace("inputs:", "options: {min_answer: 1}, inputs:"))
+    result = subprocess.run(
+        [sys.executable, "-m", "data_pipeline", "recipe", str(config)], capture_output=True, text=True, cwd=root
+    )
+    assert result.returncode == 2 and "error: sources[se].options: unknown ['min_answer']" in result.stderr

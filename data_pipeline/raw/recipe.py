@@ -36,6 +36,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 from omegaconf import MISSING
 
+from data_pipeline.config import check_source_names
 from data_pipeline.raw.common import CorruptInput, Tally
 from data_pipeline.raw.dedup import exact_dedup, near_dedup
 from data_pipeline.sources import DataError
@@ -107,17 +108,12 @@ def expand_inputs(source: RawSourceConfig) -> list[Path]:
                 found.append(match)
     if not found:
         raise ConfigError(f"sources[{source.name}].inputs: no input files")
-    unique = list(dict.fromkeys(p.resolve() for p in found))  # a file matched twice is read once
-    return unique
+    return list(dict.fromkeys(p.resolve() for p in found))  # a file matched twice is read once
 
 
 def validate_recipe(cfg: RecipeConfig) -> None:
     """Check what the types cannot; raise ConfigError naming the key."""
-    if not cfg.sources:
-        raise ConfigError("sources: at least one source is needed")
-    names = [s.name for s in cfg.sources]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"sources: names must be unique, got {names}")
+    check_source_names(cfg.sources)
     for s in cfg.sources:
         module_options(s)
         if s.near_dedup is not None and not 0 < s.near_dedup <= 1:
