@@ -18,6 +18,10 @@ def test_there_are_configs():
 def test_every_yaml_loads_and_validates(path: Path):
     if path.parent.name == "pipeline":
         validate_pipeline(load_structured(PipelineConfig, path))
+    elif path.parent.name == "recipe":
+        from data_pipeline.raw.recipe import RecipeConfig, validate_recipe
+
+        validate_recipe(load_structured(RecipeConfig, path))
     else:
         load_config(path)
 
