@@ -205,6 +205,21 @@ def test_arxiv_llama_cleaning_on_real_article():
         assert not re.search(rf"\\{name}(?![A-Za-z])", text), name
 
 
+def test_arxiv_sections_and_bibliography_written_through_the_authors_macros(tmp_path):
+    """The cut points are found after expansion: a paper that starts its sections and its bibliography
+    with macros of its own is cut as if it had written them out."""
+    with gzip.open(AOM, "rt", encoding="utf-8") as f:
+        source = f.read()
+    macros = "\\newcommand{\\sect}[1]{\\section{#1}}\n\\def\\refs{\\bibliography{aomsample}}\n"
+    source = source.replace("\\begin{document}", macros + "\\begin{document}", 1)
+    source = source.replace("\\section{Introduction}", "\\sect{Introduction}", 1)
+    source = re.sub(r"\\bibliography\{[^}]*\}", lambda m: "\\refs", source, count=1)
+    (tmp_path / "macro-sections.tex").write_text(source, encoding="utf-8")
+    [doc], _ = arxiv_docs(tmp_path / "macro-sections.tex")
+    [reference], _ = arxiv_docs(AOM)
+    assert doc["text"] == reference["text"]
+
+
 def test_arxiv_bibliography_and_appendix():
     [doc], _ = arxiv_docs(MNRAS)
     text = doc["text"]

@@ -312,13 +312,14 @@ def clean_latex(source: str, drop_appendix: bool = True) -> str:
     tex = strip_comments(source.replace("\r\n", "\n"))
     macros, tex = extract_macros(tex)
     begin = _BEGIN_DOCUMENT.search(tex)
-    first = _SECTIONING.search(tex, begin.end() if begin else 0)
+    # expanded first, so that a section or bibliography written through the authors' macros is found
+    tex = expand_macros(tex[begin.end() :] if begin else tex, macros)
+    first = _SECTIONING.search(tex)
     if first is None:
         raise Unusable("no_section", "no \\section (or \\chapter, \\part, ...) to start from")
     tex = tex[first.start() :]
     ends = [_END_DOCUMENT, _END_MATTER["bibliography"]] + ([_END_MATTER["appendix"]] if drop_appendix else [])
-    cut = min((m.start() for m in (p.search(tex) for p in ends) if m), default=len(tex))
-    tex = expand_macros(tex[:cut], macros)
+    tex = tex[: min((m.start() for m in (p.search(tex) for p in ends) if m), default=len(tex))]
     tex = re.sub(r"[ \t]+$", "", tex, flags=re.M)
     return re.sub(r"\n{3,}", "\n\n", tex).strip()
 
