@@ -360,3 +360,18 @@ def test_damaged_jsonl_raises_after_the_good_rows(tmp_path):
         for doc in github.documents(path, github.Options(), tally):
             docs.append(doc)
     assert docs and docs[0]["meta"]["path"] == "six0.py"
+
+
+def test_an_unreadable_file_is_counted_and_the_rest_of_the_repository_read(monkeypatch):
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self.name == "setup.py":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    docs, tally = code_docs(REPOS / "six-1.17.0")
+    assert "six.py" in docs and "setup.py" not in docs
+    assert tally.dropped["unreadable"] == 1 and "Permission denied" in tally.examples["unreadable"][0]
+    assert tally.docs_in == len(docs) + sum(tally.dropped.values())

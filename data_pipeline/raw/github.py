@@ -258,8 +258,10 @@ def _tree_documents(root: Path, options: Options, tally: Tally) -> Iterator[dict
         try:
             size = file.stat().st_size
             data = file.read_bytes() if size <= options.max_file_bytes else b""
-        except OSError as e:
-            raise CorruptInput(f"{root}: cannot read {rel}: {e}") from None
+        except OSError as e:  # one unreadable file: counted, the rest of the repository still read
+            tally.read("")
+            tally.drop("unreadable", f"{origin} ({e})", None)
+            continue
         if size > options.max_file_bytes:
             tally.read("")
             tally.drop("too_large", f"{origin} ({size} bytes)", None)
@@ -287,8 +289,9 @@ def _jsonl_documents(path: Path, options: Options, tally: Tally) -> Iterator[dic
                 try:
                     row = json.loads(raw)
                     text = row[options.content_field]
-                    assert isinstance(text, str)
-                except (ValueError, KeyError, TypeError, AssertionError):
+                    if not isinstance(text, str):
+                        raise TypeError(f"{options.content_field} is not text")
+                except (ValueError, KeyError, TypeError):
                     tally.read(raw.decode("utf-8", "replace"))
                     tally.drop("bad_record", origin, raw.decode("utf-8", "replace"))
                     continue
