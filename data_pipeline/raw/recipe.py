@@ -12,7 +12,8 @@ or globs) and its options. Two steps per source:
 2. the whole source, inputs in order: the module's own pass when it has one (CommonCrawl's line
    dedup), exact dedup, near dedup when `near_dedup` is set (books: 0.9) -> `OUTPUT/<source>/
    <source>-NNNNN.jsonl.gz` shards of `shard_docs` documents and `report.json`, removed when the step
-   starts and written last (a source without it is unfinished).
+   starts and written last (a source without it is unfinished). A rerun whose inputs, options and
+   dedup settings are unchanged finds the report and skips the step.
 
 A damaged input (truncated or corrupt gzip/bz2/XML/archive) is reported by name in the report and the
 rest is processed; with `strict` the run stops there. The outputs are JSONL documents in the data
@@ -259,9 +260,16 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, dict]:
         for task, result in zip(tasks, results):
             if task[0].name == s.name:
                 tally.merge(Tally.from_dict(result["tally"]))
+        parts = [(r["input"], r["content"], r["settings"]) for t, r in zip(tasks, results) if t[0].name == s.name]
+        step2 = {"parts": parts, "exact": s.exact_dedup, "near": s.near_dedup, "shard_docs": s.shard_docs}
+        key = hashlib.sha256(json.dumps(step2, sort_keys=True).encode()).hexdigest()
+        previous = output / s.name / "report.json"
+        if previous.is_file() and json.loads(previous.read_text()).get("step2") == key:
+            reports[s.name] = json.loads(previous.read_text())  # finished before, on the same inputs and settings
+            continue
         total = finish_source(s, inputs[s.name], output / s.name, tally)
-        report = {"source": s.name, "kind": s.kind, "inputs": len(inputs[s.name]), **total.to_dict()}
-        _write_text(output / s.name / "report.json", json.dumps(report, indent=1, ensure_ascii=False))
+        report = {"source": s.name, "kind": s.kind, "inputs": len(inputs[s.name]), **total.to_dict(), "step2": key}
+        _write_text(previous, json.dumps(report, indent=1, ensure_ascii=False))
         reports[s.name] = report
     _write_text(output / "report.md", format_reports(reports))
     return reports
