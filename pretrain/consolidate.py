@@ -78,8 +78,8 @@ class WeightReader:
 
         meta = self._meta[name]
         tensor = torch.empty(meta.size, dtype=meta.properties.dtype)
-        with dcp_without_process_group():
-            dcp.load({"model": {name: tensor}}, checkpoint_id=str(self.path / DCP_DIR))
+        with dcp_without_process_group():  # each rank reads on its own: no collective per tensor
+            dcp.load({"model": {name: tensor}}, checkpoint_id=str(self.path / DCP_DIR), no_dist=True)
         return tensor
 
     def __call__(self, name: str) -> torch.Tensor:
