@@ -109,6 +109,14 @@ class WeightReader:
             raise ValueError(f"{self.path} does not fit the model ({'; '.join(problems)}); check the model section")
 
 
+def checkpoint_config(folder: str | os.PathLike) -> dict:
+    """The config saved in checkpoint `folder` (an `import` folder holds its model section only)."""
+    path = Path(folder) / "trainer.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: not a checkpoint folder (no trainer.pt)")
+    return torch.load(path, weights_only=False)["config"]
+
+
 def consolidated_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The model's full fp32 tensors, by Meta's names, from checkpoint `path` (no optimizer state)."""
     return dict(WeightReader(path).items())

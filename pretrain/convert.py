@@ -23,7 +23,7 @@ import torch
 
 from pretrain.consolidate import DTYPES
 from pretrain.hf import from_hf_state_dict
-from pretrain.model import ModelArgs, Transformer
+from pretrain.model import ModelArgs, param_shapes
 from pretrain.parallel.base import DCP_DIR
 
 
@@ -36,12 +36,6 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConversionError(f"{path}: {e}") from None
-
-
-def full_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Every parameter's shape, by Meta's names."""
-    with torch.device("meta"):
-        return {name: tuple(p.shape) for name, p in Transformer(args).named_parameters()}
 
 
 def hf_model_args(config: dict, path: Path) -> ModelArgs:
@@ -143,7 +137,7 @@ def read_meta(folder: Path, max_seq_len: int) -> tuple[ModelArgs, dict[str, torc
         raise ConversionError(f"{files[0]}: no tok_embeddings.weight")
     vocab = parts[0]["tok_embeddings.weight"].shape[0]
     args = meta_model_args(_read_json(folder / "params.json"), folder / "params.json", vocab, max_seq_len)
-    shapes = full_shapes(args)
+    shapes = param_shapes(args)
     for file, part in zip(files, parts):
         if set(part) != set(shapes):
             extra, missing = sorted(set(part) - set(shapes)), sorted(set(shapes) - set(part))
@@ -185,7 +179,7 @@ def import_weights(
             tokenizer = source.parent / "tokenizer.model"
     else:
         raise ConversionError(f"{source}: neither a Hugging Face folder (config.json) nor Meta's (params.json)")
-    shapes = full_shapes(args)
+    shapes = param_shapes(args)
     wrong = [f"{n} {tuple(state[n].shape)} (config: {s})" for n, s in shapes.items() if tuple(state[n].shape) != s]
     if wrong:
         raise ConversionError(f"{source}: tensors do not match its config: {', '.join(wrong[:5])}")

@@ -14,9 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
-from pretrain.consolidate import DTYPES, consolidated_state_dict
+from pretrain.consolidate import DTYPES, checkpoint_config, consolidated_state_dict
 from pretrain.hf import to_hf_state_dict
 from pretrain.model import ModelArgs
 
@@ -161,8 +159,7 @@ def export_hf(
     from safetensors.torch import save_file
 
     checkpoint, output = Path(checkpoint), Path(output)
-    trainer_state = torch.load(checkpoint / "trainer.pt", weights_only=False)
-    args = ModelArgs(**trainer_state["config"]["model"])
+    args = ModelArgs(**checkpoint_config(checkpoint)["model"])
     state = {
         k: v.to(DTYPES[dtype]).contiguous()
         for k, v in to_hf_state_dict(consolidated_state_dict(checkpoint), args).items()

@@ -57,13 +57,9 @@ def sample(
 
 def load_for_inference(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> Transformer:
     """The fp32 model of a checkpoint folder of any strategy (or an `import` folder), in eval mode."""
-    from pretrain.consolidate import WeightReader
+    from pretrain.consolidate import WeightReader, checkpoint_config
 
-    checkpoint = Path(checkpoint)
-    if not (checkpoint / "trainer.pt").is_file():
-        raise FileNotFoundError(f"{checkpoint}: not a checkpoint folder (no trainer.pt)")
-    state = torch.load(checkpoint / "trainer.pt", weights_only=False)
-    args = ModelArgs(**state["config"]["model"])
+    args = ModelArgs(**checkpoint_config(checkpoint)["model"])
     return build_model(args, device, values=WeightReader(checkpoint)).eval()
 
 
@@ -73,8 +69,9 @@ def find_tokenizer(checkpoint: Path, given: Optional[Path]) -> Path:
         return given
     if (checkpoint / "tokenizer.model").is_file():
         return checkpoint / "tokenizer.model"
-    config = torch.load(checkpoint / "trainer.pt", weights_only=False)["config"]
-    path = Path(config.get("data", {}).get("tokenizer", ""))
+    from pretrain.consolidate import checkpoint_config
+
+    path = Path(checkpoint_config(checkpoint).get("data", {}).get("tokenizer", ""))
     if not path.is_file():
         raise FileNotFoundError(f"{checkpoint}: its tokenizer {path} is not here; pass --tokenizer")
     return path

@@ -292,6 +292,12 @@ def chunked_cross_entropy(output: nn.Module, h: torch.Tensor, targets: torch.Ten
     return total / len(targets)
 
 
+def param_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every parameter's shape, by Meta's names, without allocating the model."""
+    with torch.device("meta"):
+        return {name: tuple(p.shape) for name, p in Transformer(args).named_parameters()}
+
+
 def build_model(
     args: ModelArgs,
     device: torch.device | str = "cpu",

@@ -165,13 +165,11 @@ def init_from_weights(cfg: ExperimentConfig):
     if not cfg.train.init_from:
         return None
     from pretrain.consolidate import WeightReader
-    from pretrain.model import Transformer
+    from pretrain.model import param_shapes
 
-    with torch.device("meta"):
-        shapes = {name: tuple(p.shape) for name, p in Transformer(cfg.model).named_parameters()}
     try:
         reader = WeightReader(cfg.train.init_from)
-        reader.check(shapes)
+        reader.check(param_shapes(cfg.model))
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"train.init_from: {e}") from None
     return reader
