@@ -54,6 +54,7 @@ DEFAULT_OUT = ROOT / "data_pipeline" / "sample_corpus"
 DEFAULT_POSTS = ROOT.parent / "shared" / "data" / "stackexchange" / "cstheory.meta" / "Posts.xml"
 sys.path.insert(0, str(ROOT))  # the cleaning code is the recipe's (data_pipeline/raw/)
 
+from data_pipeline.raw.arxiv import braced as arxiv_braced  # noqa: E402
 from data_pipeline.raw.stackexchange import html_to_text, post_license  # noqa: E402
 
 
@@ -327,22 +328,8 @@ _VERBATIM_ENVS = "verbatim|Verbatim|Code|CodeInput|CodeOutput|Scode|Sinput|Soutp
 
 def braced(text: str, start: int) -> str | None:
     """The contents of the balanced {...} group opening at text[start], or None if there is none."""
-    if start >= len(text) or text[start] != "{":
-        return None
-    depth, i = 0, start
-    while i < len(text):
-        c = text[i]
-        if c == "\\":  # an escaped character (\{, \}, \\) neither opens nor closes
-            i += 2
-            continue
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1 : i]
-        i += 1
-    return None
+    group = arxiv_braced(text, start)
+    return group[0] if group else None
 
 
 def strip_comments(tex: str) -> str:
