@@ -192,10 +192,6 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _process_task(task: tuple) -> dict:
-    return process_file(*task)
-
-
 def _indexed_task(item: tuple[int, tuple]) -> tuple[int, dict]:
     return item[0], process_file(*item[1])
 
@@ -209,7 +205,7 @@ def finish_source(source: RawSourceConfig, inputs: list[Path], folder: Path, tal
         stale.unlink()
         stale.with_name(stale.name.replace(".jsonl.gz", ".done.json")).unlink(missing_ok=True)
     module, options = load_module(source.kind), module_options(source)
-    dedup = Tally()
+    dedup = Tally()  # step 2: its drops, the documents it writes and its time
     start = time.process_time()
     docs: Iterator[dict] = (doc for part in parts for doc in _read_jsonl_gz(part))
     if hasattr(module, "finalize"):
@@ -220,22 +216,18 @@ def finish_source(source: RawSourceConfig, inputs: list[Path], folder: Path, tal
         docs = near_dedup(docs, dedup, threshold=source.near_dedup)
     for old in folder.glob(f"{source.name}-*.jsonl.gz"):
         old.unlink()
-    shard, count, n_out, bytes_out = [], 0, 0, 0
+    shard, count = [], 0
     for doc in docs:
-        shard.append(doc)
-        n_out, bytes_out = n_out + 1, bytes_out + len(doc["text"].encode("utf-8"))
+        shard.append(dedup.keep(doc))
         if len(shard) == source.shard_docs:
             _write_jsonl_gz(folder / f"{source.name}-{count:05d}.jsonl.gz", shard)
             shard, count = [], count + 1
     if shard or count == 0:
         _write_jsonl_gz(folder / f"{source.name}-{count:05d}.jsonl.gz", shard)
+    dedup.seconds = time.process_time() - start
     total = Tally().merge(tally)
-    for reason, n in dedup.dropped.items():  # drops of the source-wide passes
-        total.dropped[reason] = total.dropped.get(reason, 0) + n
-        total.examples[reason] = dedup.examples[reason]
-    total.docs_out, total.bytes_out = n_out, bytes_out
-    total.seconds += time.process_time() - start
-    return total
+    total.docs_out = total.bytes_out = 0  # the documents written are the ones step 2 kept
+    return total.merge(dedup)
 
 
 def run_recipe(cfg: RecipeConfig) -> dict[str, dict]:
@@ -249,7 +241,7 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, dict]:
         tasks += [(s, p, output / s.name / "files", cfg.strict) for p in inputs[s.name]]
     workers = cfg.workers or os.cpu_count() or 1
     if workers == 1 or len(tasks) == 1:
-        results = [_process_task(t) for t in tasks]
+        results = [process_file(*t) for t in tasks]
     else:  # the first error (strict) ends the pool at once: leaving the block terminates the workers
         with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
             done = dict(pool.imap_unordered(_indexed_task, enumerate(tasks)))
