@@ -23,6 +23,7 @@ BGWIKI = WIKI / "bgwiki-latest-pages-articles-shortened.xml.bz2"
 AOM = LATEX / "aomsample.tex.gz"
 MNRAS = LATEX / "mnras_template.tex.gz"
 IEEE = LATEX / "bare_jrnl.tex.gz"
+TRANSLATOR = LATEX / "translator.tex.gz"
 
 
 def wiki_docs(path: Path, **options) -> tuple[list[dict], Tally]:
@@ -201,8 +202,11 @@ def test_arxiv_llama_cleaning_on_real_article():
     assert "\\ifx\\right\\right\\relax \\left.\\fi\\det\\mathbf{K}" in text  # \eval{...}: default [\right]
     assert "\\left\\lVert f\\right\\rVert_\\infty" in text  # \norm{f}, \let to \enVert
     assert "{\\protect\\normalfont\\ttfamily amsmath} package" in text  # \pkg{amsmath} -> \ntt, spaced
+    outside_verbatim = re.sub(r"\\begin\{verbatim\}.*?\\end\{verbatim\}", "", text, flags=re.S)
     for name in ("Cw", "XcY", "thmref", "eval", "norm", "enVert", "pkg", "ntt"):
-        assert not re.search(rf"\\{name}(?![A-Za-z])", text), name
+        assert not re.search(rf"\\{name}(?![A-Za-z])", outside_verbatim), name
+    # a verbatim block shows the source as the authors wrote it: their macros unexpanded
+    assert "\\begin{verbatim}\n\\[\\norm{f}_\\infty=\n\\esssup_{x\\in R^n}\\abs{f(x)}\\]\n\\end{verbatim}" in text
 
 
 def test_arxiv_sections_and_bibliography_written_through_the_authors_macros(tmp_path):
@@ -327,3 +331,44 @@ def test_macro_expansion_rules():
 def test_strip_comments_keeps_escaped_percent_and_verbatim():
     tex = "a\\% b % c\n% whole line\n\\\\% after a line break\n\\begin{verbatim}\n50% kept\n\\end{verbatim}\n"
     assert arxiv.strip_comments(tex) == "a\\% b \n\\\\\n\\begin{verbatim}\n50% kept\n\\end{verbatim}\n"
+
+    # a comment that names a verbatim environment starts nothing; a \verb holds a % and a \end{document}
+    tex = "% \\begin{verbatim}\nkept\n\\verb|%| and \\verb+\\end{document}+ % gone\n"
+    assert arxiv.strip_comments(tex) == "kept\n\\verb|%| and \\verb+\\end{document}+ \n"
+    text = arxiv.clean_latex("\\section{A}\n" + tex + "after\n\\end{document}\nlost")
+    assert text == "\\section{A}\nkept\n\\verb|%| and \\verb+\\end{document}+\nafter"
+
+
+def test_arxiv_end_document_inside_verbatim_does_not_end_the_paper():
+    """TeX Live's translator.tex shows whole documents in `verbatim`, `\\end{document}` included, a third of
+    the way in: the paper goes on to its real end, every block is closed, and what a block holds (a `%`, an
+    authors' `\\newcommand`) is kept as written, not taken for a comment or a definition."""
+    source = gzip.decompress(TRANSLATOR.read_bytes()).decode()
+    first_verbatim_end = source.index("\\end{document}\n\\end{verbatim}")
+    assert first_verbatim_end < len(source) / 3 and source.count("\\end{document}") == 3
+    [doc], tally = arxiv_docs(TRANSLATOR)
+    text = doc["text"]
+    assert tally.dropped == {} and text.startswith("\\section{Translating Strings}")
+    assert "\\section{Contributing}" in text and "\\subsubsection{Package Loading Process}" in text
+    assert text.endswith("\\url{https://github.com/josephwright/translator}.\n\\end{enumerate}")
+    assert len(text) > 0.9 * len(source[source.index("\\section{") : source.rindex("\\end{document}")])
+    assert text.count("\\begin{verbatim}") == text.count("\\end{verbatim}") == 13
+    assert text.count("\\end{document}\n\\end{verbatim}") == 2  # the two shown in verbatim, not the real one
+    assert "\\newcommand\\MoveKnight[2]{%\n  ...\n  \\translate{knight}\n  ...\n}\n\\end{verbatim}" in text
+    # the same paper with its examples in lstlisting, minted (with its language argument) and fancyvrb's Verbatim
+    for begin, end in [
+        ("\\begin{lstlisting}", "\\end{lstlisting}"),
+        ("\\begin{minted}{latex}", "\\end{minted}"),
+        ("\\begin{Verbatim}", "\\end{Verbatim}"),
+    ]:
+        variant = arxiv.clean_latex(source.replace("\\begin{verbatim}", begin).replace("\\end{verbatim}", end))
+        assert variant == text.replace("\\begin{verbatim}", begin).replace("\\end{verbatim}", end), begin
+    # in `comment` environments the examples are dropped, and the paper still runs to its end
+    commented = source.replace("\\begin{verbatim}", "\\begin{comment}").replace("\\end{verbatim}", "\\end{comment}")
+    commented = arxiv.clean_latex(commented)
+    assert "\\end{document}" not in commented and "MoveKnight" not in commented
+    assert commented.endswith("\\url{https://github.com/josephwright/translator}.\n\\end{enumerate}")
+    # a block left open runs to the end of the text, as TeX reads it: nothing in it is cut or uncommented
+    cut = source[: source.index("\\end{verbatim}", first_verbatim_end)]
+    open_block = arxiv.clean_latex(cut)
+    assert open_block.endswith("\\begin{document}\n...\n\\end{document}")

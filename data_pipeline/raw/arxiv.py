@@ -11,6 +11,8 @@ An input is one paper: a `.tex`, a compressed `.tex` (`.gz`, `.bz2`, `.xz`, `.zs
 `\\newcommand`, `\\renewcommand`, `\\providecommand`, `\\DeclareRobustCommand`, `\\DeclareMathOperator`,
 `\\def` (undelimited parameters) and `\\let` of one of those, with their arguments (#1..#9, an optional
 first argument with its default), repeatedly until nothing changes, with a guard on depth and growth.
+Verbatim blocks (`verbatim`, `lstlisting`, `minted`, ... and `\\verb`) are kept as written: no comment,
+macro, section, bibliography or `\\end{document}` is looked for inside them.
 """
 
 from __future__ import annotations
@@ -31,10 +33,14 @@ MAX_EXPANSION_PASSES = 10  # macros defined in terms of macros: nesting deeper t
 MAX_GROWTH = 4  # expansion stops once the text is this many times longer (a recursive definition)
 MAX_INPUT_DEPTH = 8  # \input inside \input ...
 
-_VERBATIM_ENVS = r"verbatim\*?|Verbatim|BVerbatim|lstlisting|minted|alltt|comment"
-_VERBATIM = re.compile(rf"\\begin\{{({_VERBATIM_ENVS})\}}.*?\\end\{{\1\}}", re.S)
+# environments whose body TeX reads as characters, not commands (`comment`'s body is dropped)
+_VERBATIM_ENVS = r"verbatim\*?|Verbatim\*?|BVerbatim|lstlisting|minted|alltt|filecontents\*?|comment"
 _VERB = re.compile(r"\\verb\*?([^\sA-Za-z*])[^\n]*?\1")
-_COMMENT = re.compile(r"(?<!\\)((?:\\\\)*)%.*$", re.M)  # % not escaped (an even run of \ before it)
+# what the verbatim scan stops at: an escaped \ or % (plain text), \verb, a verbatim environment, a comment
+_VERBATIM_SCAN = re.compile(rf"\\[\\%]|\\verb\*?(?![A-Za-z])|\\begin\{{({_VERBATIM_ENVS})\}}|%")
+# a verbatim block stands in the text as one character of Unicode's plane 15 (private use) until restored
+_BLOCK_BASE, _MAX_BLOCKS = 0xF0000, 0xFFFE
+_BLOCK_CHAR = re.compile("[\U000f0000-\U000ffffd]")
 # a sectioning command with its title: \section*[short]{Title} ("\titleformat{\section}" is not one)
 _SECTIONING = re.compile(r"\\(?:part|chapter|section|subsection|subsubsection|paragraph)\*?\s*(?:\[[^\]\n]*\]\s*)?\{")
 _BEGIN_DOCUMENT = re.compile(r"\\begin\{document\}")
@@ -108,18 +114,59 @@ def braced(text: str, start: int, open_: str = "{", close: str = "}") -> Optiona
 def strip_comments(tex: str) -> str:
     """LaTeX without comments: `%` to the end of the line (an escaped `\\%` kept), lines that were only a
     comment removed whole, `comment` environments removed. Verbatim text is left as it is."""
-    kept: list[str] = []
+    return restore_verbatim(*protect_verbatim(tex))
 
-    def park(m: re.Match) -> str:
-        if m.group(0).startswith("\\begin{comment}"):
-            return ""
-        kept.append(m.group(0))
-        return f"\x00{len(kept) - 1}\x00"
 
-    tex = _VERB.sub(park, _VERBATIM.sub(park, tex))
-    tex = re.sub(r"^[ \t]*(?<!\\)%.*\n", "", tex, flags=re.M)
-    tex = _COMMENT.sub(r"\1", tex)
-    return re.sub("\x00(\\d+)\x00", lambda m: kept[int(m.group(1))], tex)
+def protect_verbatim(tex: str) -> tuple[str, list[str]]:
+    """`tex` without its comments (as `strip_comments`), each verbatim block (`verbatim`, `lstlisting`,
+    `minted`, ... environments and `\\verb|...|`) replaced by one placeholder character, and the blocks.
+
+    Read left to right as TeX reads it: a `%` inside verbatim is text, a `\\begin{verbatim}` in a comment
+    starts nothing, and `\\end{document}`, `\\section` or `\\newcommand` inside verbatim are not seen by
+    what works on the text before `restore_verbatim`. A block left open runs to the end, as in TeX.
+    Raises `Unusable` ("too_many_verbatim") past 65,534 blocks."""
+    tex = _BLOCK_CHAR.sub("", tex)
+    out: list[str] = []
+    blocks: list[str] = []
+    pos = i = 0  # text before pos is in `out`; the scan goes on from i
+    while (m := _VERBATIM_SCAN.search(tex, i)) is not None:
+        token, start = m.group(0), m.start()
+        if token == "%":
+            line_start = tex.rfind("\n", 0, start) + 1
+            line_end = tex.find("\n", start)
+            line_end = len(tex) if line_end == -1 else line_end
+            if tex[line_start:start].strip(" \t") == "":  # a line that is only a comment
+                out.append(tex[pos:line_start])
+                pos = i = min(line_end + 1, len(tex))
+            else:
+                out.append(tex[pos:start])
+                pos = i = line_end
+            continue
+        if m.group(1) is not None:  # a verbatim environment, to its \end (or to the end of the text)
+            close = re.compile(rf"\\end\{{{re.escape(m.group(1))}\}}").search(tex, m.end())
+            stop = close.end() if close else len(tex)
+        elif token.startswith("\\verb"):
+            verb = _VERB.match(tex, start)
+            stop = verb.end() if verb else -1
+        else:  # \\ or \%: text
+            stop = -1
+        if stop == -1:
+            i = m.end()
+            continue
+        out.append(tex[pos:start])
+        if m.group(1) != "comment":
+            if len(blocks) == _MAX_BLOCKS:
+                raise Unusable("too_many_verbatim", f"more than {_MAX_BLOCKS} verbatim blocks")
+            out.append(chr(_BLOCK_BASE + len(blocks)))
+            blocks.append(tex[start:stop])
+        pos = i = stop
+    out.append(tex[pos:])
+    return "".join(out), blocks
+
+
+def restore_verbatim(tex: str, blocks: list[str]) -> str:
+    """`tex` with the placeholders of `protect_verbatim` replaced by their blocks."""
+    return _BLOCK_CHAR.sub(lambda m: blocks[ord(m.group(0)) - _BLOCK_BASE], tex)
 
 
 def _skip_space(text: str, i: int) -> int:
@@ -309,7 +356,7 @@ def clean_latex(source: str, drop_appendix: bool = True) -> str:
     the first sectioning command removed, and from the bibliography (and the appendix, unless
     `drop_appendix` is false) or \\end{document} on. Raises `Unusable` ("no_section") if there is no
     section."""
-    tex = strip_comments(source.replace("\r\n", "\n"))
+    tex, verbatim = protect_verbatim(source.replace("\r\n", "\n"))
     macros, tex = extract_macros(tex)
     begin = _BEGIN_DOCUMENT.search(tex)
     # expanded first, so that a section or bibliography written through the authors' macros is found
@@ -321,7 +368,7 @@ def clean_latex(source: str, drop_appendix: bool = True) -> str:
     ends = [_END_DOCUMENT, _END_MATTER["bibliography"]] + ([_END_MATTER["appendix"]] if drop_appendix else [])
     tex = tex[: min((m.start() for m in (p.search(tex) for p in ends) if m), default=len(tex))]
     tex = re.sub(r"[ \t]+$", "", tex, flags=re.M)
-    return re.sub(r"\n{3,}", "\n\n", tex).strip()
+    return restore_verbatim(re.sub(r"\n{3,}", "\n\n", tex), verbatim).strip()  # verbatim text as written
 
 
 def decode(data: bytes) -> str:
