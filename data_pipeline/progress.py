@@ -40,8 +40,9 @@ class Progress:
         total_bytes: Optional[int] = None,
         every: Optional[float] = None,
         stream: Optional[IO[str]] = None,
+        unit: str = "files",
     ) -> None:
-        self.desc, self.total_files, self.total_bytes = desc, total_files, total_bytes
+        self.desc, self.total_files, self.total_bytes, self.unit = desc, total_files, total_bytes, unit
         self.every = float(os.environ.get("LLAMA_PROGRESS_EVERY", 30)) if every is None else every
         self.stream = stream if stream is not None else sys.stderr
         self.files = self.docs = self.bytes = 0
@@ -54,7 +55,7 @@ class Progress:
             self.bar = tqdm(
                 total=total_bytes if by_bytes else total_files,
                 desc=desc,
-                unit="B" if by_bytes else "file",
+                unit="B" if by_bytes else unit.rstrip("s"),
                 unit_scale=by_bytes,
                 file=self.stream,
                 dynamic_ncols=True,
@@ -67,7 +68,7 @@ class Progress:
         self.bytes += nbytes
         if self.bar is not None:
             self.bar.update(nbytes if self.total_bytes is not None else files)
-            self.bar.set_postfix_str(f"{self.files:,} files, {self.docs:,} docs", refresh=False)
+            self.bar.set_postfix_str(f"{self.files:,} {self.unit}, {self.docs:,} docs", refresh=False)
             return
         now = time.monotonic()
         if now - self.last >= self.every:
@@ -79,9 +80,9 @@ class Progress:
         elapsed = max((now or time.monotonic()) - self.start, 1e-9)
         files = f"{self.files:,}"
         if self.total_files:
-            files += f"/{self.total_files:,} files ({100 * self.files / self.total_files:.1f}%)"
+            files += f"/{self.total_files:,} {self.unit} ({100 * self.files / self.total_files:.1f}%)"
         else:
-            files += " files"
+            files += f" {self.unit}"
         parts = [files, f"{self.docs:,} docs", _size(self.bytes), f"{_size(self.bytes / elapsed)}/s"]
         done, total = (self.bytes, self.total_bytes) if self.total_bytes else (self.files, self.total_files)
         if total and done:

@@ -57,6 +57,7 @@ class Tally:
     dropped: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
     failed_files: list[dict[str, str]] = field(default_factory=list)  # {"file", "error"}
+    empty_files: list[str] = field(default_factory=list)  # inputs read to their end that held no document
     seconds: float = 0.0
     input_bytes: int = 0  # size on disk of the raw files read
 
@@ -82,6 +83,10 @@ class Tally:
         """Record an input file that could not be read to its end."""
         self.failed_files.append({"file": path, "error": error})
 
+    def empty(self, path: str) -> None:
+        """Record an input that was read whole and held nothing to read."""
+        self.empty_files.append(path)
+
     def merge(self, other: "Tally") -> "Tally":
         """Add `other`'s counts into this one (examples kept up to the limit); returns self."""
         for name in ("docs_in", "docs_out", "bytes_in", "bytes_out", "seconds", "input_bytes"):
@@ -91,6 +96,7 @@ class Tally:
             mine = self.examples.setdefault(reason, [])
             mine.extend(other.examples.get(reason, [])[: EXAMPLES_PER_REASON - len(mine)])
         self.failed_files.extend(other.failed_files)
+        self.empty_files.extend(other.empty_files)
         return self
 
     def to_dict(self) -> dict:

@@ -24,25 +24,29 @@ tokenizes. Every document dropped is counted by reason, with its first three exa
 from __future__ import annotations
 
 import glob
-import gzip
 import hashlib
 import importlib
 import json
-import multiprocessing
-import os
+import shutil
+import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
 from data_pipeline.config import check_source_names
+from data_pipeline.raw.bucketed import GzipWriter
 from data_pipeline.raw.common import CorruptInput, Tally
-from data_pipeline.raw.dedup import exact_dedup, near_dedup
+from data_pipeline.raw.executors import LocalExecutor, RayExecutor
+from data_pipeline.raw.stages import STAGES, function, tasks, write_json
 from data_pipeline.sources import DataError
 from pretrain.config import ConfigError
 
+CC_DATA = "https://data.commoncrawl.org/"
+EXECUTORS = ("local", "ray", "slurm")
 KINDS = ("commoncrawl", "wikipedia", "gutenberg", "arxiv", "github", "stackexchange")
 FOLDER_INPUTS = ("github", "arxiv")  # kinds whose input may be a folder (a repository, a paper) read as one
 
@@ -53,11 +57,13 @@ class RawSourceConfig:
 
     name: str = MISSING
     kind: str = MISSING  # one of KINDS
-    inputs: List[str] = field(default_factory=list)  # files, folders (their files) or globs
+    inputs: List[str] = field(default_factory=list)  # files, folders, globs, URLs (s3://, https://, hf://) or listings
     options: Dict[str, Any] = field(default_factory=dict)  # the kind's `Options`
     exact_dedup: bool = True
     near_dedup: Optional[float] = None  # MinHash Jaccard threshold, e.g. 0.9 for books; None: off
     shard_docs: int = 100_000  # documents per output file
+    dedup_buckets: Optional[int] = None  # hash buckets of the dedup passes (None: the recipe's dedup_buckets)
+    paths_prefix: str = CC_DATA  # what the lines of a `*.paths.gz` listing are relative to
 
 
 @dataclass
@@ -65,8 +71,12 @@ class RecipeConfig:
     """Raw sources -> cleaned documents."""
 
     output: str = "data/clean"
-    workers: int = 1  # processes over input files; 0: one per CPU core
+    workers: int = 1  # processes over tasks on this machine (a Slurm array task's CPUs); 0: one per CPU core
     strict: bool = False  # stop at the first damaged input instead of reporting it
+    executor: str = "local"  # local (a process pool) | ray (tasks on a Ray cluster) | slurm (job arrays)
+    ray_address: Optional[str] = None  # executor=ray: e.g. "auto" or "ray://head:10001"; None: a local Ray
+    machines: int = 1  # executor=slurm: array tasks per stage
+    dedup_buckets: int = 16  # each dedup pass is split into this many hash buckets (memory per task ~ 1/B)
     sources: List[RawSourceConfig] = field(default_factory=list)
 
 
@@ -95,72 +105,125 @@ def module_options(source: RawSourceConfig):
     return options
 
 
-def expand_inputs(source: RawSourceConfig) -> list[Path]:
-    """The source's input files in a stable order (globs and folders expanded)."""
-    found: list[Path] = []
+def is_url(entry: str) -> bool:
+    """Whether an input is a URL that fsspec opens (s3://, https://, hf://, memory://, ...), not a local path."""
+    return "://" in entry and not entry.startswith("file://")
+
+
+def _listing(entry: str, prefix: str) -> list[str]:
+    """The URLs of a Common Crawl `*.paths.gz` listing (local or remote), each line joined to `prefix`."""
+    import fsspec
+
+    with fsspec.open(entry, "rt", compression="infer", encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    return [line if "://" in line else prefix.rstrip("/") + "/" + line.lstrip("/") for line in lines]
+
+
+def _expand_url(source: RawSourceConfig, entry: str) -> list[str]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(entry)
+    if glob.has_magic(path):
+        matches = sorted(fs.glob(path))
+    elif fs.isdir(path):
+        if source.kind in FOLDER_INPUTS:
+            raise ConfigError(f"sources[{source.name}].inputs: {entry}: a folder input of kind {source.kind} must be local")
+        matches = sorted(fs.find(path))
+    else:
+        matches = [path] if fs.exists(path) else []
+    if not matches:
+        raise ConfigError(f"sources[{source.name}].inputs: {entry} matches nothing")
+    return [fs.unstrip_protocol(m) for m in matches]
+
+
+def expand_inputs(source: RawSourceConfig) -> list[str]:
+    """The source's inputs in a stable order: local paths (resolved; globs and folders expanded), URLs, and
+    the URLs listed by `*.paths.gz` files (Common Crawl's warc.paths.gz / wet.paths.gz)."""
+    found: list[str] = []
     for entry in source.inputs:
+        entry = entry.removeprefix("file://")
+        if entry.endswith(".paths.gz") or entry.endswith(".paths"):
+            found += _listing(entry, source.paths_prefix)
+            continue
+        if is_url(entry):
+            found += _expand_url(source, entry)
+            continue
         matches = sorted(glob.glob(entry, recursive=True)) if glob.has_magic(entry) else [entry]
         if not matches or not Path(matches[0]).exists():
             raise ConfigError(f"sources[{source.name}].inputs: {entry} matches nothing")
         for match in map(Path, matches):
             if match.is_dir() and source.kind not in FOLDER_INPUTS:
-                found += sorted(p for p in match.rglob("*") if p.is_file())
+                found += [str(p.resolve()) for p in sorted(match.rglob("*")) if p.is_file()]
             else:
-                found.append(match)
+                found.append(str(match.resolve()))
     if not found:
         raise ConfigError(f"sources[{source.name}].inputs: no input files")
-    return list(dict.fromkeys(p.resolve() for p in found))  # a file matched twice is read once
+    return list(dict.fromkeys(found))  # a file matched twice is read once
 
 
 def validate_recipe(cfg: RecipeConfig) -> None:
     """Check what the types cannot; raise ConfigError naming the key."""
     check_source_names(cfg.sources)
+    if cfg.executor not in EXECUTORS:
+        raise ConfigError(f"executor={cfg.executor!r}: choose from {', '.join(EXECUTORS)}")
+    for key in ("machines", "dedup_buckets"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
     for s in cfg.sources:
         module_options(s)
         if s.near_dedup is not None and not 0 < s.near_dedup <= 1:
             raise ConfigError(f"sources[{s.name}].near_dedup must be in (0, 1], got {s.near_dedup}")
         if s.shard_docs <= 0:
             raise ConfigError(f"sources[{s.name}].shard_docs must be positive, got {s.shard_docs}")
+        if s.dedup_buckets is not None and s.dedup_buckets < 1:
+            raise ConfigError(f"sources[{s.name}].dedup_buckets must be >= 1, got {s.dedup_buckets}")
 
 
-def _fingerprint(source: RawSourceConfig, path: Path) -> dict:
+def _fingerprint(source: RawSourceConfig, entry: str) -> dict:
     """What a finished input's marker must match to be reused: the input (a folder: every file in it,
-    by name, size and mtime) and the settings that shape its documents (kind and options)."""
-    if path.is_dir():
+    by name, size and mtime; a URL: its size and ETag or modification time) and the settings that shape
+    its documents (kind and options)."""
+    if is_url(entry):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(entry)
+        info = fs.info(path)
+        stamp = next((info[k] for k in ("ETag", "etag", "LastModified", "last_modified", "mtime", "created") if info.get(k)), "")
+        content = f"{info.get('size')}:{stamp}"
+    elif Path(entry).is_dir():
+        path = Path(entry)
         listing = sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime) for p in path.rglob("*"))
         content = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     else:
-        stat = path.stat()
+        stat = Path(entry).stat()
         content = f"{stat.st_size}:{stat.st_mtime}"
     settings = json.dumps({"kind": source.kind, "options": dict(source.options)}, sort_keys=True, default=str)
-    return {"input": str(path), "content": content, "settings": hashlib.sha256(settings.encode()).hexdigest()}
+    return {"input": entry, "content": content, "settings": hashlib.sha256(settings.encode()).hexdigest()}
 
 
-def part_name(path: Path) -> str:
+def part_name(path: str | Path) -> str:
     """The name of an input's step-1 output and marker: a hash of its path (stable when inputs are added)."""
     return hashlib.sha256(str(path).encode()).hexdigest()[:20]
 
 
-def _write_jsonl_gz(path: Path, docs) -> None:
-    """Write documents atomically (temporary name, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with gzip.open(tmp, "wt", encoding="utf-8") as f:
-        for doc in docs:
-            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+def _local_copy(url: str, folder: Path) -> Path:
+    """A remote input copied to `folder/<its parent folder's name>/<its name>` (readers look at both)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    parts = path.rstrip("/").split("/")
+    local = folder / (parts[-2] if len(parts) > 1 else "input") / parts[-1]
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with fs.open(path, "rb") as src, open(local, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    return local
 
 
-def _read_jsonl_gz(path: Path) -> Iterator[dict]:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)
-
-
-def process_file(source: RawSourceConfig, path: Path, out_dir: Path, strict: bool) -> dict:
-    """Step 1 for one input: its cleaned documents and its marker; returns the marker."""
-    name = part_name(path)
+def process_file(source: RawSourceConfig, entry: str, out_dir: Path, strict: bool) -> dict:
+    """Step 1 for one input (a local path or a URL): its cleaned documents and its marker; returns the marker."""
+    name = part_name(entry)
     marker, output = out_dir / f"{name}.done.json", out_dir / f"{name}.jsonl.gz"
-    fingerprint = _fingerprint(source, path)
+    fingerprint = _fingerprint(source, entry)
     if marker.is_file() and output.is_file():
         done = json.loads(marker.read_text())
         if {k: done.get(k) for k in fingerprint} == fingerprint:
@@ -169,102 +232,63 @@ def process_file(source: RawSourceConfig, path: Path, out_dir: Path, strict: boo
             return done
     module, options, tally = load_module(source.kind), module_options(source), Tally()
     start = time.process_time()
-    tmp = output.with_name(output.name + ".tmp")
-    with gzip.open(tmp, "wt", encoding="utf-8") as f:  # documents go to disk as they come
-        try:
-            for doc in module.documents(path, options, tally):
-                f.write(json.dumps(tally.keep(doc), ensure_ascii=False) + "\n")
-        except CorruptInput as e:
-            if strict:
-                raise DataError(f"{e} (strict: stopped; without --strict it is reported, the rest processed)") from None
-            tally.fail(str(path), str(e))
+    with ExitStack() as stack:
+        path = Path(entry)
+        if is_url(entry):  # copied to local disk first: archives and XML readers seek
+            path = _local_copy(entry, Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="recipe-"))))
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        tally.input_bytes = sum(p.stat().st_size for p in files)
+        with GzipWriter(output) as writer:  # documents go to disk as they come; removed if this stops
+            try:
+                if tally.input_bytes == 0:
+                    raise CorruptInput(f"{entry}: empty input (0 bytes)")
+                for doc in module.documents(path, options, tally):
+                    writer.write(tally.keep(doc))
+            except CorruptInput as e:
+                message = str(e).replace(str(path), entry)  # a URL's error names the URL, not the local copy
+                if strict:
+                    raise DataError(f"{message} (strict: stopped; without --strict it is reported, the rest processed)") from None
+                tally.fail(entry, message)
+        if tally.docs_in == 0 and not tally.failed_files:
+            tally.empty(entry)
     tally.seconds = time.process_time() - start
-    tally.input_bytes = sum(p.stat().st_size for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
-    os.replace(tmp, output)
     done = {**fingerprint, "tally": tally.to_dict()}
-    _write_text(marker, json.dumps(done, indent=1))
+    write_json(marker, done)
     return done
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def file_task(cfg: RecipeConfig, name: str, entry: str) -> dict:
+    """The `files` stage's task: step 1 for one input of source `name`."""
+    source = next(s for s in cfg.sources if s.name == name)
+    out_dir = Path(cfg.output) / name / "files"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = process_file(source, entry, out_dir, cfg.strict)
+    return {"docs": done["tally"]["docs_in"], "bytes": done["tally"]["input_bytes"]}
 
 
-def _indexed_task(item: tuple[int, tuple]) -> tuple[int, dict]:
-    return item[0], process_file(*item[1])
+def make_executor(cfg: RecipeConfig):
+    """The executor of `cfg.executor` for running stages from here (Slurm stages run as arrays instead)."""
+    if cfg.executor == "ray":
+        return RayExecutor(cfg.ray_address, cpus_per_task=1)
+    return LocalExecutor(cfg.workers)
 
 
-def finish_source(source: RawSourceConfig, inputs: list[Path], folder: Path, tally: Tally) -> Tally:
-    """Step 2: the source-wide passes over step 1's outputs, in input order; the final shards."""
-    files = folder / "files"
-    (folder / "report.json").unlink(missing_ok=True)  # the source is finished when its report is back
-    parts = [files / f"{part_name(p)}.jsonl.gz" for p in inputs]
-    for stale in set(files.glob("*.jsonl.gz")) - set(parts):  # inputs no longer listed
-        stale.unlink()
-        stale.with_name(stale.name.replace(".jsonl.gz", ".done.json")).unlink(missing_ok=True)
-    module, options = load_module(source.kind), module_options(source)
-    dedup = Tally()  # step 2: its drops, the documents it writes and its time
-    start = time.process_time()
-    docs: Iterator[dict] = (doc for part in parts for doc in _read_jsonl_gz(part))
-    if hasattr(module, "finalize"):
-        docs = module.finalize(docs, options, dedup)
-    if source.exact_dedup:
-        docs = exact_dedup(docs, dedup)
-    if source.near_dedup is not None:
-        docs = near_dedup(docs, dedup, threshold=source.near_dedup)
-    for old in folder.glob(f"{source.name}-*.jsonl.gz"):
-        old.unlink()
-    shard, count = [], 0
-    for doc in docs:
-        shard.append(dedup.keep(doc))
-        if len(shard) == source.shard_docs:
-            _write_jsonl_gz(folder / f"{source.name}-{count:05d}.jsonl.gz", shard)
-            shard, count = [], count + 1
-    if shard or count == 0:
-        _write_jsonl_gz(folder / f"{source.name}-{count:05d}.jsonl.gz", shard)
-    dedup.seconds = time.process_time() - start
-    total = Tally().merge(tally)
-    total.docs_out = total.bytes_out = 0  # the documents written are the ones step 2 kept
-    return total.merge(dedup)
+def run_stage(cfg: RecipeConfig, stage: str, executor) -> list:
+    """Every task of one stage (see `stages.STAGES`) on `executor`."""
+    if stage not in STAGES:
+        raise ConfigError(f"stage {stage!r}: choose from {', '.join(STAGES)}")
+    work = tasks(stage, cfg)
+    total = sum(Path(t[2]).stat().st_size for t in work if not is_url(t[2]) and Path(t[2]).is_file()) if stage == "files" else 0
+    return executor.run(stage, function(stage), work, total_bytes=total)
 
 
-def run_recipe(cfg: RecipeConfig) -> dict[str, dict]:
-    """Run every source; write and return the reports (by source name)."""
+def run_recipe(cfg: RecipeConfig, executor=None) -> dict[str, dict]:
+    """Run every stage of every source here or on Ray; write and return the reports (by source name)."""
     validate_recipe(cfg)
-    output = Path(cfg.output)
-    inputs = {s.name: expand_inputs(s) for s in cfg.sources}
-    tasks = []
-    for s in cfg.sources:
-        (output / s.name / "files").mkdir(parents=True, exist_ok=True)
-        tasks += [(s, p, output / s.name / "files", cfg.strict) for p in inputs[s.name]]
-    workers = cfg.workers or os.cpu_count() or 1
-    if workers == 1 or len(tasks) == 1:
-        results = [process_file(*t) for t in tasks]
-    else:  # the first error (strict) ends the pool at once: leaving the block terminates the workers
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
-            done = dict(pool.imap_unordered(_indexed_task, enumerate(tasks)))
-        results = [done[i] for i in range(len(tasks))]
-    reports = {}
-    for s in cfg.sources:
-        tally = Tally()
-        for task, result in zip(tasks, results):
-            if task[0].name == s.name:
-                tally.merge(Tally.from_dict(result["tally"]))
-        parts = [(r["input"], r["content"], r["settings"]) for t, r in zip(tasks, results) if t[0].name == s.name]
-        step2 = {"parts": parts, "exact": s.exact_dedup, "near": s.near_dedup, "shard_docs": s.shard_docs}
-        key = hashlib.sha256(json.dumps(step2, sort_keys=True).encode()).hexdigest()
-        previous = output / s.name / "report.json"
-        if previous.is_file() and json.loads(previous.read_text()).get("step2") == key:
-            reports[s.name] = json.loads(previous.read_text())  # finished before, on the same inputs and settings
-            continue
-        total = finish_source(s, inputs[s.name], output / s.name, tally)
-        report = {"source": s.name, "kind": s.kind, "inputs": len(inputs[s.name]), **total.to_dict(), "step2": key}
-        _write_text(previous, json.dumps(report, indent=1, ensure_ascii=False))
-        reports[s.name] = report
-    _write_text(output / "report.md", format_reports(reports))
-    return reports
+    executor = executor or make_executor(cfg)
+    for stage in STAGES:
+        run_stage(cfg, stage, executor)
+    return {s.name: json.loads((Path(cfg.output) / s.name / "report.json").read_text()) for s in cfg.sources}
 
 
 def format_reports(reports: dict[str, dict]) -> str:
@@ -284,9 +308,11 @@ def format_reports(reports: dict[str, dict]) -> str:
         lines += ["", f"## {name}", ""]
         for failed in r["failed_files"]:
             lines.append(f"- damaged input: {failed['error']}")
+        for empty in r.get("empty_files", []):
+            lines.append(f"- empty input (no documents in it): {empty}")
         for reason, n in sorted(r["dropped"].items(), key=lambda kv: -kv[1]):
             lines.append(f"- dropped `{reason}`: {n:,}")
             lines += [f"    - {example}" for example in r["examples"].get(reason, [])]
-        if not r["dropped"] and not r["failed_files"]:
+        if not r["dropped"] and not r["failed_files"] and not r.get("empty_files"):
             lines.append("- nothing dropped")
     return "\n".join(lines) + "\n"

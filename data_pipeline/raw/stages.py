@@ -1,0 +1,437 @@
+"""The recipe as stages of independent tasks, the same under every executor (see `executors.py`).
+
+Stage after stage, each a list of tasks that may run in any order, anywhere, twice, or be killed:
+
+| stage | one task per | what it writes under `OUTPUT/<source>/` |
+|---|---|---|
+| `files` | input file | `files/<part>.jsonl.gz` and its marker (step 1, `recipe.process_file`) |
+| `plan` | source | `work/plan.json`: the parts in input order, their document counts, the step-2 key |
+| `<pass>-scan` | part | `work/<pass>/scan/b<k>/<part>.npy`: the part's keys by bucket (and ids, signatures) |
+| `<pass>-bucket` | bucket | `work/<pass>/bucket/<k>.npy`: the losers of the bucket |
+| `near-greedy` | source | `work/near/dropped.npy`: the near duplicates, decided in input order |
+| `<pass>-apply` | part | `work/<pass>/out/<part>.jsonl.gz`: the part without its losers, and its drops |
+| `count` | source | `work/counts.json`: documents kept per part, so each part knows where its documents go |
+| `write` | part | `work/write/<shard>-<part>.gz`: the part's documents, cut at output shard boundaries |
+| `concat` | output shard | `<source>-NNNNN.jsonl.gz`: its pieces joined (gzip members, nothing recompressed) |
+| `report` | (one) | `report.json` per source, `OUTPUT/report.md`; `work/` removed |
+
+The passes are `line` (CommonCrawl's `finalize`: CCNet line dedup), `exact` and `near`
+(`bucketed.py`), in that order, for the sources that have them. Every task's output is written under
+a temporary name and renamed, then a marker `<output>.done.json` holding the step-2 key is written
+last; a task whose marker holds the current key is done and is skipped, so a rerun after a kill or a
+requeue redoes only the tasks that had not finished. The key hashes the step-1 markers of the source's
+inputs and its dedup settings, so other inputs or settings redo step 2 (and only step 2). A source whose
+`report.json` holds the current key is finished: its stages have no tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from data_pipeline.raw import bucketed as bk
+from data_pipeline.raw.common import Tally
+
+PASSES = ("line", "exact", "near")
+STAGES = (
+    "files",
+    "plan",
+    *(f"{p}-{s}" for p in PASSES for s in (("scan", "bucket", "greedy", "apply") if p == "near" else ("scan", "bucket", "apply"))),
+    "count",
+    "write",
+    "concat",
+    "report",
+)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """A JSON file written under a temporary name, fsynced, then renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Optional[Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def once(marker: Path, key: str, work: Callable[[], dict]) -> dict:
+    """`work()` unless `marker` already holds `key` (then what it recorded); the marker is written last."""
+    done = read_json(marker)
+    if done is not None and done.get("key") == key:
+        return done
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    result = {"key": key, **work()}
+    write_json(marker, result)
+    return result
+
+
+_PLANS: dict = {}
+
+
+class Source:
+    """One source of a recipe config as its stages see it: folders, passes and (once planned) its plan."""
+
+    def __init__(self, cfg: Any, name: str) -> None:
+        from data_pipeline.raw.recipe import load_module, module_options
+
+        self.cfg = cfg
+        self.config = next(s for s in cfg.sources if s.name == name)
+        self.name = name
+        self.folder = Path(cfg.output) / name
+        self.work = self.folder / "work"
+        self.options = module_options(self.config)
+        line = hasattr(load_module(self.config.kind), "finalize") and getattr(self.options, "line_dedup", False)
+        wanted = {"line": line, "exact": self.config.exact_dedup, "near": self.config.near_dedup is not None}
+        self.passes = [p for p in PASSES if wanted[p]]
+        self.buckets = self.config.dedup_buckets or cfg.dedup_buckets
+
+    @property
+    def plan(self) -> dict:
+        path = self.work / "plan.json"
+        assert path.is_file(), f"{self.name}: the plan stage has not run"
+        stamp = (str(path), path.stat().st_mtime_ns, path.stat().st_size)
+        if _PLANS.get("stamp") != stamp:  # read once per process while it is unchanged
+            _PLANS.update(stamp=stamp, plan=read_json(path))
+        return _PLANS["plan"]
+
+    def pending(self) -> bool:
+        """Planned and not finished."""
+        plan = read_json(self.work / "plan.json")
+        return plan is not None and not plan["done"]
+
+    def input_of(self, pass_name: Optional[str], part: int) -> Path:
+        """The documents of `part` before `pass_name` (None: after the last pass)."""
+        order = self.passes + [None]
+        before = order.index(pass_name) - 1
+        if before < 0:
+            return self.folder / "files" / f"{self.plan['parts'][part]}.jsonl.gz"
+        return self.work / order[before] / "out" / f"{part:08d}.jsonl.gz"
+
+
+def _sources(cfg: Any) -> list[Source]:
+    return [Source(cfg, s.name) for s in cfg.sources]
+
+
+def tasks(stage: str, cfg: Any) -> list[tuple]:
+    """The tasks of `stage` (each `(cfg, source name, index)`), from what earlier stages left on disk."""
+    from data_pipeline.raw.recipe import expand_inputs
+
+    if stage == "files":
+        return [(cfg, s.name, str(path)) for s in cfg.sources for path in expand_inputs(s)]
+    if stage == "plan":
+        return [(cfg, s.name, 0) for s in cfg.sources]
+    if stage == "report":
+        return [(cfg, "", 0)]
+    out = []
+    for s in _sources(cfg):
+        if not s.pending():
+            continue
+        parts = len(s.plan["parts"])
+        pass_name, _, step = stage.partition("-")
+        if step and pass_name not in s.passes:
+            continue
+        if step in ("scan", "apply") or stage == "write":
+            out += [(cfg, s.name, p) for p in range(parts)]
+        elif step == "bucket":
+            out += [(cfg, s.name, b) for b in range(s.buckets)]
+        elif step == "greedy" or stage == "count":
+            out.append((cfg, s.name, 0))
+        elif stage == "concat":
+            out += [(cfg, s.name, n) for n in range(read_json(s.work / "counts.json")["shards"])]
+    return out
+
+
+def function(stage: str) -> Callable:
+    """The task function of `stage`."""
+    from data_pipeline.raw.recipe import file_task
+
+    if stage == "files":
+        return file_task
+    return globals()[f"task_{stage.replace('-', '_')}"]
+
+
+# plan
+
+
+def step2_key(source: Source, markers: list[dict]) -> str:
+    """What step 2's result depends on: every input's marker identity and the dedup settings."""
+    c = source.config
+    settings = {"exact": c.exact_dedup, "near": c.near_dedup, "shard_docs": c.shard_docs, "buckets": source.buckets}
+    parts = [(m["input"], m["content"], m["settings"]) for m in markers]
+    return hashlib.sha256(json.dumps({"parts": parts, **settings}, sort_keys=True).encode()).hexdigest()
+
+
+def task_plan(cfg: Any, name: str, index: int) -> dict:
+    """The source's parts, their step-1 tallies and the step-2 key; a finished source is marked done."""
+    from data_pipeline.raw.recipe import expand_inputs, part_name
+
+    source = Source(cfg, name)
+    parts = [part_name(p) for p in expand_inputs(source.config)]
+    markers = [read_json(source.folder / "files" / f"{p}.done.json") for p in parts]
+    key = step2_key(source, markers)
+    report = read_json(source.folder / "report.json")
+    done = report is not None and report.get("step2") == key
+    if not done:
+        (source.folder / "report.json").unlink(missing_ok=True)  # the source is unfinished until it is back
+    for stale in set((source.folder / "files").glob("*.jsonl.gz")) - {source.folder / "files" / f"{p}.jsonl.gz" for p in parts}:
+        stale.unlink()  # the output of an input no longer listed
+        stale.with_name(stale.name.replace(".jsonl.gz", ".done.json")).unlink(missing_ok=True)
+    tally = Tally()
+    for marker in markers:
+        tally.merge(Tally.from_dict(marker["tally"]))
+    source.work.mkdir(parents=True, exist_ok=True)
+    plan = {"key": key, "done": done, "parts": parts, "docs": [m["tally"]["docs_out"] for m in markers]}
+    write_json(source.work / "plan.json", {**plan, "tally": tally.to_dict()})
+    return {"docs": 0}
+
+
+# the passes: scan, bucket, apply
+
+
+def _scan_folder(source: Source, pass_name: str) -> Path:
+    return source.work / pass_name / "scan"
+
+
+def task_line_scan(cfg: Any, name: str, part: int) -> dict:
+    s = Source(cfg, name)
+    folder, plan = _scan_folder(s, "line"), s.plan
+
+    def work() -> dict:
+        first = sum(plan["docs"][:part])
+        docs = bk.read_jsonl_gz(s.input_of("line", part))
+        records = bk.line_scan(docs, part, first, s.options.line_dedup_group_docs)
+        bk.write_buckets(folder, part, records, records["h"], s.buckets)
+        return {"docs": plan["docs"][part]}
+
+    return once(folder / f"{part:08d}.done.json", plan["key"], work)
+
+
+def task_exact_scan(cfg: Any, name: str, part: int) -> dict:
+    s = Source(cfg, name)
+    folder = _scan_folder(s, "exact")
+
+    def work() -> dict:
+        ids: list[str] = []
+        records = bk.exact_scan(bk.read_jsonl_gz(s.input_of("exact", part)), part, ids)
+        bk.write_buckets(folder, part, records, records["h1"], s.buckets)
+        bk.write_ids(folder / f"{part:08d}.ids.gz", ids)
+        return {"docs": len(ids)}
+
+    return once(folder / f"{part:08d}.done.json", s.plan["key"], work)
+
+
+def _hasher(s: Source) -> bk.MinHasher:
+    return bk.MinHasher(threshold=s.config.near_dedup)
+
+
+def task_near_scan(cfg: Any, name: str, part: int) -> dict:
+    s = Source(cfg, name)
+    folder = _scan_folder(s, "near")
+
+    def work() -> dict:
+        ids: list[str] = []
+        signatures, sizes, records = bk.near_scan(bk.read_jsonl_gz(s.input_of("near", part)), part, _hasher(s), ids)
+        folder.mkdir(parents=True, exist_ok=True)
+        bk.save_array(folder / f"{part:08d}.sig.npy", signatures)
+        bk.save_array(folder / f"{part:08d}.size.npy", sizes)
+        bk.write_buckets(folder, part, records, records["h"], s.buckets)
+        bk.write_ids(folder / f"{part:08d}.ids.gz", ids)
+        return {"docs": len(ids)}
+
+    return once(folder / f"{part:08d}.done.json", s.plan["key"], work)
+
+
+_RECORDS = {"line": bk.LINE_RECORD, "exact": bk.EXACT_RECORD, "near": bk.BAND_RECORD}
+
+
+def _bucket_task(pass_name: str, reduce: Callable[[Source, np.ndarray], np.ndarray]) -> Callable:
+    def task(cfg: Any, name: str, bucket: int) -> dict:
+        s = Source(cfg, name)
+        out = s.work / pass_name / "bucket"
+
+        def work() -> dict:
+            records = bk.read_bucket(_scan_folder(s, pass_name), bucket, len(s.plan["parts"]), _RECORDS[pass_name])
+            out.mkdir(parents=True, exist_ok=True)
+            bk.save_array(out / f"{bucket:05d}.npy", reduce(s, records))
+            return {"docs": 0}
+
+        return once(out / f"{bucket:05d}.done.json", s.plan["key"], work)
+
+    task.__name__ = task.__qualname__ = f"task_{pass_name}_bucket"
+    return task
+
+
+task_line_bucket = _bucket_task("line", lambda s, records: bk.line_bucket(records))
+task_exact_bucket = _bucket_task("exact", lambda s, records: bk.exact_bucket(records))
+task_near_bucket = _bucket_task(
+    "near", lambda s, records: bk.near_bucket(records, bk.Signatures(_scan_folder(s, "near")), s.config.near_dedup)
+)
+
+
+def task_near_greedy(cfg: Any, name: str, index: int) -> dict:
+    """The near duplicates of the whole source, decided in input order from the pairs of every bucket."""
+    s = Source(cfg, name)
+    folder = s.work / "near"
+
+    def work() -> dict:
+        pairs = [np.load(folder / "bucket" / f"{b:05d}.npy") for b in range(s.buckets)]
+        bk.save_array(folder / "dropped.npy", bk.near_greedy(np.concatenate(pairs)))
+        return {"docs": 0}
+
+    return once(folder / "dropped.done.json", s.plan["key"], work)
+
+
+def _apply_task(pass_name: str) -> Callable:
+    def task(cfg: Any, name: str, part: int) -> dict:
+        s = Source(cfg, name)
+        out = s.work / pass_name / "out"
+
+        def work() -> dict:
+            tally = Tally()
+            docs = bk.read_jsonl_gz(s.input_of(pass_name, part))
+            if pass_name == "line":
+                files = [s.work / "line" / "bucket" / f"{b:05d}.npy" for b in range(s.buckets)]
+                kept = bk.line_apply(docs, part, bk.losers_in(files, part), s.options.min_chars, tally)
+            elif pass_name == "exact":
+                files = [s.work / "exact" / "bucket" / f"{b:05d}.npy" for b in range(s.buckets)]
+                name_of = bk.IdLookup(_scan_folder(s, "exact"))
+                kept = bk.drop_pairs(docs, part, bk.losers_in(files, part), "exact_duplicate", "same as", name_of, tally)
+            else:
+                losers = bk.losers_in([s.work / "near" / "dropped.npy"], part)
+                name_of = bk.IdLookup(_scan_folder(s, "near"))
+                kept = bk.drop_pairs(docs, part, losers, "near_duplicate", "~", name_of, tally)
+            out.mkdir(parents=True, exist_ok=True)
+            n = 0
+            with bk.GzipWriter(out / f"{part:08d}.jsonl.gz") as writer:
+                for doc in kept:
+                    writer.write(doc)
+                    n += 1
+            return {"kept": n, "tally": tally.to_dict(), "docs": n}
+
+        return once(out / f"{part:08d}.done.json", s.plan["key"], work)
+
+    task.__name__ = task.__qualname__ = f"task_{pass_name}_apply"
+    return task
+
+
+task_line_apply, task_exact_apply, task_near_apply = (_apply_task(p) for p in PASSES)
+
+
+# output shards
+
+
+def _kept_per_part(s: Source) -> list[int]:
+    if not s.passes:
+        return list(s.plan["docs"])
+    out = s.work / s.passes[-1] / "out"
+    return [read_json(out / f"{p:08d}.done.json")["kept"] for p in range(len(s.plan["parts"]))]
+
+
+def task_count(cfg: Any, name: str, index: int) -> dict:
+    """Documents kept per part and the number of output shards."""
+    s = Source(cfg, name)
+    kept = _kept_per_part(s)
+    shards = max(1, -(-sum(kept) // s.config.shard_docs))
+    write_json(s.work / "counts.json", {"key": s.plan["key"], "kept": kept, "shards": shards})
+    return {"docs": sum(kept)}
+
+
+def _counts(s: Source) -> dict:
+    counts = read_json(s.work / "counts.json")
+    assert counts is not None and counts["key"] == s.plan["key"], f"{s.name}: the count stage has not run"
+    return counts
+
+
+def task_write(cfg: Any, name: str, part: int) -> dict:
+    """The part's kept documents, one gzip piece per output shard they fall in."""
+    s = Source(cfg, name)
+    out = s.work / "write"
+
+    def work() -> dict:
+        counts, size = _counts(s), s.config.shard_docs
+        first = sum(counts["kept"][:part])
+        out.mkdir(parents=True, exist_ok=True)
+        tally, writer, shard = Tally(), None, -1
+        for i, doc in enumerate(bk.read_jsonl_gz(s.input_of(None, part))):
+            if (first + i) // size != shard:
+                if writer is not None:
+                    writer.commit()
+                shard = (first + i) // size
+                writer = bk.GzipWriter(out / f"{shard:05d}-{part:08d}.gz")
+            writer.write(tally.keep(doc))
+        if writer is not None:
+            writer.commit()
+        return {"tally": tally.to_dict(), "docs": tally.docs_out}
+
+    return once(out / f"{part:08d}.done.json", s.plan["key"], work)
+
+
+def task_concat(cfg: Any, name: str, shard: int) -> dict:
+    """Output shard `shard`: the pieces of the parts whose documents fall in it, in part order."""
+    s = Source(cfg, name)
+    counts, size = _counts(s), s.config.shard_docs
+    target = s.folder / f"{name}-{shard:05d}.jsonl.gz"
+
+    def work() -> dict:
+        tmp = target.with_name(target.name + ".tmp")
+        starts = np.cumsum([0, *counts["kept"]])
+        with open(tmp, "wb") as f:
+            for part, (lo, hi) in enumerate(zip(starts[:-1], starts[1:])):
+                if hi > lo and lo < (shard + 1) * size and hi > shard * size:
+                    with open(s.work / "write" / f"{shard:05d}-{part:08d}.gz", "rb") as piece:
+                        shutil.copyfileobj(piece, f)
+            if sum(counts["kept"]) == 0:  # a source with nothing kept still has one (empty) shard
+                bk.GzipWriter.empty(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        return {"docs": 0}
+
+    return once(s.work / "concat" / f"{shard:05d}.done.json", s.plan["key"], work)
+
+
+def source_report(s: Source) -> dict:
+    """Step 1's tally, each pass's drops and the documents written, merged in input order."""
+    plan = s.plan
+    total = Tally.from_dict(plan["tally"])
+    total.docs_out = total.bytes_out = 0  # the documents written are the ones step 2 kept
+    parts = range(len(plan["parts"]))
+    for pass_name in s.passes:
+        for p in parts:
+            total.merge(Tally.from_dict(read_json(s.work / pass_name / "out" / f"{p:08d}.done.json")["tally"]))
+    for p in parts:
+        total.merge(Tally.from_dict(read_json(s.work / "write" / f"{p:08d}.done.json")["tally"]))
+    return {"source": s.name, "kind": s.config.kind, "inputs": len(plan["parts"]), **total.to_dict(), "step2": plan["key"]}
+
+
+def task_report(cfg: Any, name: str, index: int) -> dict:
+    """Every source's report.json (a finished one is kept), OUTPUT/report.md; the work folders removed."""
+    from data_pipeline.raw.recipe import format_reports
+
+    reports = {}
+    for s in _sources(cfg):
+        if s.pending():
+            report = source_report(s)
+            shards = _counts(s)["shards"]
+            for old in s.folder.glob(f"{s.name}-*.jsonl.gz"):
+                number = old.name[len(s.name) + 1 : -len(".jsonl.gz")]
+                if not number.isdigit() or int(number) >= shards:  # from an earlier run with more documents
+                    old.unlink()
+            write_json(s.folder / "report.json", report)
+        reports[s.name] = read_json(s.folder / "report.json")
+        shutil.rmtree(s.work, ignore_errors=True)
+    out = Path(cfg.output) / "report.md"
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(format_reports(reports), encoding="utf-8")
+    os.replace(tmp, out)
+    return {"docs": 0}
