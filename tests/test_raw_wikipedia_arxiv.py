@@ -20,6 +20,7 @@ LATEX = DATA / "latex"
 ENWIKI = WIKI / "enwiki-shortened-first11pages.xml.bz2"
 TABLES = WIKI / "enwiki-table-markup.xml.bz2"
 BGWIKI = WIKI / "bgwiki-latest-pages-articles-shortened.xml.bz2"
+QUOTES_DIV = WIKI / "enwiki-shortened-quotes-and-div.xml.bz2"
 AOM = LATEX / "aomsample.tex.gz"
 MNRAS = LATEX / "mnras_template.tex.gz"
 IEEE = LATEX / "bare_jrnl.tex.gz"
@@ -54,11 +55,12 @@ def test_wikipedia_article_cleaned_and_redirects_dropped():
     assert tally.docs_in == 11
     assert tally.dropped == {"redirect": 10}
     [doc] = docs
-    assert doc["id"] == "wikipedia-en-12"
+    assert doc["id"] == "wikipedia-en-12-rev716551092"
     assert doc["meta"] == {
         "source": "wikipedia",
         "title": "Anarchism",
         "page_id": 12,
+        "revision_id": 716551092,
         "language": "en",
         "url": "https://en.wikipedia.org/wiki/Anarchism",
     }
@@ -96,7 +98,7 @@ def test_wikipedia_bulgarian_dump_keeps_its_language():
     docs, tally = wiki_docs(BGWIKI)
     assert tally.docs_in == 3 and tally.dropped == {"not_main_namespace": 2}
     [doc] = docs
-    assert doc["meta"]["language"] == "bg" and doc["id"] == "wikipedia-bg-558"
+    assert doc["meta"]["language"] == "bg" and doc["id"] == "wikipedia-bg-558-rev7862180"
     assert doc["meta"]["title"] == "Григориански календар"
     assert doc["meta"]["url"].startswith("https://bg.wikipedia.org/wiki/%D0%93")
     text = doc["text"]
@@ -143,6 +145,56 @@ def test_clean_wikitext_magic_words_and_empty_sections():
         "== Body ==\nSome text.<ref>A source</ref>\n== References ==\n{{Reflist}}\n[[Category:X]]"
     )
     assert text == "Intro with a label and.\n\nBody\n\nSome text."
+
+
+def test_wikipedia_bold_and_italic_quotes_paired_as_mediawiki_does():
+    """`''A Modest Proposal'''s satire`: a line with odd numbers of italics and bolds, which MediaWiki reads
+    as an italic title and an apostrophe; mwparserfromhell alone leaves `'''` glued to the text."""
+    xml = bz2.decompress(QUOTES_DIV.read_bytes()).decode()
+    assert "uses ''A Modest Proposal'''s satire technique" in xml
+    docs, tally = wiki_docs(QUOTES_DIV)
+    assert tally.docs_in == 2 and tally.dropped == {}
+    modest = next(doc for doc in docs if doc["meta"]["title"] == "A Modest Proposal")
+    assert "he uses A Modest Proposal's satire technique against the Vietnam War." in modest["text"]
+    assert "''" not in modest["text"]
+    assert wikipedia.balance_quotes("the ''Iliad'''s hero") == "the ''Iliad&#39;''s hero"
+    assert wikipedia.balance_quotes("a '''bold''' and ''italic''") == "a '''bold''' and ''italic''"  # paired
+    assert wikipedia.balance_quotes("l''''amour'''") == "l&#39;'''amour'''"  # four: an apostrophe and a bold
+
+
+def test_wikipedia_div_around_a_table_leaves_no_markup():
+    """Alkali metal (cut after its "Nuclear" section): a `<div style=...>` around a table closed by
+    `|}</div>` on one line; dropping that line whole left the `<div>` unclosed, and so as text."""
+    xml = bz2.decompress(QUOTES_DIV.read_bytes()).decode()
+    assert "===Nuclear===\n&lt;div style=&quot;float: right; margin: 5px;&quot;&gt;\n{|" in xml
+    assert "\n|}&lt;/div&gt;\nAll the alkali metals have odd atomic numbers" in xml
+    docs, _ = wiki_docs(QUOTES_DIV)
+    alkali = next(doc for doc in docs if doc["meta"]["title"] == "Alkali metal")["text"]
+    assert "Nuclear\n\nAll the alkali metals have odd atomic numbers;" in alkali
+    assert "<" not in alkali and ">" not in alkali and "style=" not in alkali
+    assert "Primordial isotopes of the alkali metals" not in alkali  # the table's caption: the table is gone
+
+
+def test_wikipedia_ids_unique_across_dumps_of_two_revisions(tmp_path):
+    """The same page in two dumps at two revisions (A Modest Proposal as bundled, and as a later dump would
+    hold it: a new revision id and one edit) gives two documents with two ids; a dump read again gives the
+    same ids, and a page unchanged between the dumps the same id and text (which exact dedup keeps once)."""
+    xml = bz2.decompress(QUOTES_DIV.read_bytes()).decode()
+    old_revision = "<id>713534992</id>\n      <parentid>"
+    assert xml.count(old_revision) == 1 and xml.count("]]ian [[Satire|satirical]] [[essay]]") == 1
+    later = xml.replace(old_revision, "<id>713600000</id>\n      <parentid>")
+    later = later.replace("]]ian [[Satire|satirical]] [[essay]]", "]]ian [[essay]]")
+    (tmp_path / "later.xml").write_text(later, encoding="utf-8")
+    first, _ = wiki_docs(QUOTES_DIV)
+    second, _ = wiki_docs(tmp_path / "later.xml")
+    [old] = [doc for doc in first if doc["meta"]["page_id"] == 665]
+    [new] = [doc for doc in second if doc["meta"]["page_id"] == 665]
+    assert old["id"] == "wikipedia-en-665-rev713534992" and new["id"] == "wikipedia-en-665-rev713600000"
+    assert old["meta"]["revision_id"] == 713534992 and "Juvenalian essay" in new["text"] != old["text"]
+    [alkali_first] = [doc for doc in first if doc["meta"]["page_id"] == 666]
+    [alkali_second] = [doc for doc in second if doc["meta"]["page_id"] == 666]
+    assert alkali_first == alkali_second and alkali_first["id"] == "wikipedia-en-666-rev717054770"
+    assert [doc["id"] for doc in wiki_docs(QUOTES_DIV)[0]] == [doc["id"] for doc in first]
 
 
 def test_wikipedia_truncated_bz2_raises_after_earlier_pages(tmp_path):

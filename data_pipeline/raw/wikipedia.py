@@ -5,7 +5,11 @@ comments and other formatting boilerplate. Here: the dump is streamed (iterparse
 once read), only main-namespace pages that are not redirects are kept, and the wikitext is reduced to
 plain text with mwparserfromhell: templates, references, tables, galleries, math, file/image and
 category links, comments and magic words go; link text stays; headings become plain lines and a
-heading whose section ends up empty (References, External links) goes with it.
+heading whose section ends up empty (References, External links) goes with it. Bold and italic quotes
+are first paired line by line as MediaWiki pairs them (`balance_quotes`).
+
+A document's id is `wikipedia-<language>-<page id>-rev<revision id>`: the same page from two dumps is two
+documents only when its revision differs (the same revision is the same text, kept once by exact dedup).
 
 The dump's language comes from its header (`<dbname>enwiki</dbname>`, else the base URL, else the
 root's `xml:lang`); a dump of a language not in `Options.languages` is dropped whole. The localised
@@ -53,6 +57,8 @@ _COMMENT = re.compile(r"<!--.*?(?:-->|$)", re.S)
 _REF = re.compile(r"<ref\b[^>]*?/>|<ref\b[^>]*>.*?</ref\s*>", re.S | re.I)  # also where the parser gives up
 _LINK_START = re.compile(r"\[\[\s*:?\s*([^:\[\]|\n]+?)\s*:")
 _MAGIC_WORD = re.compile(r"__([^\W_]+)__")
+_QUOTES = re.compile(r"('{2,})")
+_APOSTROPHE = "&#39;"  # an apostrophe that is text, not part of a bold or italic quote
 _REDIRECT = re.compile(r"\s*#[^\W\d_]+\s*:?\s*\[\[")  # "#REDIRECT [[", "#WEITERLEITUNG [[", "#ПРЕНАСОЧВАНЕ [["
 _INTERLANGUAGE = re.compile(r"[a-z]{2,3}(-[a-z]+)*$")
 _DBNAME = re.compile(r"([a-z_]+?)wiki$")
@@ -108,6 +114,7 @@ def clean_wikitext(wikitext: str, file_names: set[str] = FILE_NAMES, category_na
         raise ImportError("wikipedia sources need mwparserfromhell: pip install mwparserfromhell") from e
 
     wikitext = _drop_tables(_REF.sub("", _COMMENT.sub("", wikitext)))
+    wikitext = "\n".join(balance_quotes(line) for line in wikitext.split("\n"))
     code = mwparserfromhell.parse(_drop_links(wikitext, file_names | category_names))
     _prune(code, file_names, category_names)
     parts = []
@@ -122,9 +129,48 @@ def clean_wikitext(wikitext: str, file_names: set[str] = FILE_NAMES, category_na
     return "\n\n".join(parts)
 
 
+def balance_quotes(line: str) -> str:
+    """A line of wikitext with its bold and italic quotes paired as MediaWiki pairs them (its parser's
+    `doQuotes`): four quotes are an apostrophe and a bold, more than five are apostrophes and a bold
+    italic, and when a line has an odd number of both italics and bolds, one bold is an apostrophe and an
+    italic, so that `''Iliad'''s` is *Iliad'*s. mwparserfromhell leaves such quotes in the text. The
+    apostrophes that are text are written as `&#39;`, so that no parser takes them for quotes again."""
+    parts = _QUOTES.split(line)  # text, quotes, text, ...
+    if len(parts) == 1:
+        return line
+    italics = bolds = 0
+    for i in range(1, len(parts), 2):
+        n = len(parts[i])
+        if n == 4 or n > 5:
+            kept = 3 if n == 4 else 5
+            parts[i - 1] += _APOSTROPHE * (n - kept)
+            parts[i], n = "'" * kept, kept
+        italics += n in (2, 5)
+        bolds += n in (3, 5)
+    if italics % 2 and bolds % 2:
+        # the bold to split: the first after a one-letter word, else after a longer word, else after a space
+        single = multi = space = 0
+        for i in range(1, len(parts), 2):
+            if len(parts[i]) == 3:
+                before = parts[i - 1]
+                if before[-1:] == " ":
+                    space = space or i
+                elif before[-2:-1] == " ":
+                    single = i
+                    break
+                else:
+                    multi = multi or i
+        i = single or multi or space
+        if i:
+            parts[i - 1] += _APOSTROPHE
+            parts[i] = "''"
+    return "".join(parts)
+
+
 def _drop_tables(wikitext: str) -> str:
     """Wikitext without its {| ... |} tables (nested ones too), found line by line: the parser leaves a
-    table with bad attributes as text. An unclosed table is left to the parser."""
+    table with bad attributes as text. What follows a table's closing `|}` on its line (the `</div>` of a
+    `<div>` around the table) stays. An unclosed table is left to the parser."""
     lines = wikitext.split("\n")
     keep = [True] * len(lines)
     depth, start = 0, 0
@@ -136,7 +182,9 @@ def _drop_tables(wikitext: str) -> str:
         elif stripped.startswith("|}") and depth:
             depth -= 1
             if depth == 0:
-                keep[start : i + 1] = [False] * (i + 1 - start)
+                keep[start:i] = [False] * (i - start)
+                lines[i] = stripped[2:]
+                keep[i] = bool(lines[i].strip())
     return "\n".join(line for line, k in zip(lines, keep) if k)
 
 
@@ -265,6 +313,7 @@ def _page(page: ET.Element, path: Path, site: _Site, options: Options, tally: Ta
     page_id = (_child_text(page, "id") or "").strip()
     revision = _child(page, "revision")
     wikitext = (_child_text(revision, "text") if revision is not None else None) or ""
+    revision_id = ((_child_text(revision, "id") if revision is not None else None) or "").strip()
     tally.read(wikitext)
     origin = f"{path.name}:{title}"
     ns = _child_text(page, "ns")
@@ -281,12 +330,16 @@ def _page(page: ET.Element, path: Path, site: _Site, options: Options, tally: Ta
     if len(text) < options.min_chars:
         tally.drop("too_short", origin, text)
         return None
+    # the revision makes the id unique when two dumps hold the page: the same revision twice is the same
+    # text, which the source's exact dedup keeps once
+    doc_id = f"wikipedia-{site.language}-{page_id or title}" + (f"-rev{revision_id}" if revision_id else "")
     return make_doc(
         SOURCE,
-        f"wikipedia-{site.language}-{page_id or title}",
+        doc_id,
         text,
         title=title,
         page_id=int(page_id) if page_id.isdigit() else page_id,
+        revision_id=int(revision_id) if revision_id.isdigit() else revision_id,
         language=site.language,
         url=_article_url(site.base, site.language, title),
     )
