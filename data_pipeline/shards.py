@@ -15,9 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Iterator, Optional
 
 import numpy as np
 
@@ -85,38 +86,84 @@ class Manifest:
         return manifest
 
 
+@contextmanager
+def atomic_open(path: Path) -> Iterator[BinaryIO]:
+    """A file to write `path` through: `<path>.tmp`, fsynced and renamed to `path` (the folder fsynced
+    too) when the block ends, removed when it raises; so `path` is either absent or complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(path) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
-def write_shard(
-    folder: Path, name: str, split: str, docs: list[list[int]], dtype: np.dtype, inputs: list[str]
-) -> ShardInfo:
-    """Write one shard's token stream and document index atomically; return its manifest entry."""
-    lengths = np.fromiter((len(d) for d in docs), dtype=np.uint64, count=len(docs))
-    offsets = np.zeros(len(docs) + 1, dtype=np.uint64)
-    np.cumsum(lengths, out=offsets[1:])
-    tokens = np.fromiter((t for d in docs for t in d), dtype=dtype, count=int(offsets[-1]))
-    bin_bytes = tokens.astype(dtype.newbyteorder("<"), copy=False).tobytes()
-    idx_bytes = offsets.astype("<u8", copy=False).tobytes()
-    atomic_write_bytes(folder / f"{name}.idx", idx_bytes)
-    atomic_write_bytes(folder / f"{name}.bin", bin_bytes)
-    return ShardInfo(
-        name=name,
-        split=split,
-        tokens=int(offsets[-1]),
-        documents=len(docs),
-        bin_bytes=len(bin_bytes),
-        bin_sha256=hashlib.sha256(bin_bytes).hexdigest(),
-        idx_sha256=hashlib.sha256(idx_bytes).hexdigest(),
-        inputs=inputs,
-    )
+class ShardWriter:
+    """Writes one shard as its documents arrive, in memory bounded by one `write`, never by the shard.
+
+    Tokens stream to `<name>.bin.tmp` and offsets to `<name>.idx.tmp`, each hashed as written; leaving
+    the `with` block renames both (`.idx` first), and an error removes them. `info` is then its
+    manifest entry. The bytes are those of the whole shard written at once.
+    """
+
+    def __init__(self, folder: Path, name: str, split: str, dtype: np.dtype, inputs: list[str]):
+        self.folder, self.name, self.split, self.inputs = Path(folder), name, split, inputs
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.tokens = self.documents = 0
+        self._hashes = {"bin": hashlib.sha256(), "idx": hashlib.sha256()}
+        self._files = ExitStack()
+
+    def __enter__(self) -> "ShardWriter":
+        self._out = {
+            kind: self._files.enter_context(atomic_open(self.folder / f"{self.name}.{kind}")) for kind in self._hashes
+        }
+        self._put("idx", np.zeros(1, dtype="<u8"))
+        return self
+
+    def write(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append whole documents: their tokens concatenated, and each one's length in tokens."""
+        assert int(np.sum(lengths)) == len(tokens), "document lengths must add up to the tokens"
+        self._put("bin", tokens.astype(self.dtype, copy=False))
+        self._put("idx", (self.tokens + np.cumsum(lengths, dtype=np.uint64)).astype("<u8", copy=False))
+        self.tokens += len(tokens)
+        self.documents += len(lengths)
+
+    def _put(self, kind: str, values: np.ndarray) -> None:
+        data = values.tobytes()
+        self._hashes[kind].update(data)
+        self._out[kind].write(data)
+
+    def __exit__(self, *exc) -> None:
+        self._files.__exit__(*exc)
+
+    @property
+    def info(self) -> ShardInfo:
+        """The shard's manifest entry."""
+        return ShardInfo(
+            name=self.name,
+            split=self.split,
+            tokens=self.tokens,
+            documents=self.documents,
+            bin_bytes=self.tokens * self.dtype.itemsize,
+            bin_sha256=self._hashes["bin"].hexdigest(),
+            idx_sha256=self._hashes["idx"].hexdigest(),
+            inputs=self.inputs,
+        )
 
 
 class ShardReader:
@@ -190,13 +237,17 @@ class SourceShards:
         return out
 
     def doc_starts(self, start: int, length: int) -> np.ndarray:
-        """Positions (relative to `start`) where a document begins inside [start, start + length)."""
+        """Positions (relative to `start`) where a document begins inside [start, start + length).
+
+        Only the shards that overlap the range are looked at (found by bisection), so the cost does
+        not grow with the number of shards.
+        """
         found = []
-        for i, shard in enumerate(self.shards):
-            base = int(self.starts[i])
+        i = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while i < len(self.shards) and self.starts[i] < start + length:
+            shard, base = self.shards[i], int(self.starts[i])
             lo, hi = max(start - base, 0), min(start + length - base, shard.info.tokens)
-            if lo >= hi:
-                continue
             offs = shard.offsets[np.searchsorted(shard.offsets, lo) : np.searchsorted(shard.offsets, hi)]
             found.append(offs.astype(np.int64) + base - start)
+            i += 1
         return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)

@@ -13,14 +13,18 @@ the same bytes as an unbroken one.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from data_pipeline.shards import Manifest, ShardInfo, atomic_write_bytes, token_dtype, write_shard
+import numpy as np
+
+from data_pipeline.progress import Progress
+from data_pipeline.shards import Manifest, ShardInfo, ShardWriter, atomic_write_bytes, token_dtype
 from data_pipeline.sources import DataError, Document, read_documents
 from data_pipeline.tokenizer import Tokenizer
 
@@ -97,7 +101,8 @@ class TokenizeSettings:
     strict: bool = False
     text_field: str = "text"
     id_field: str = "id"
-    batch_docs: int = 512
+    batch_docs: int = 512  # documents encoded at a time
+    batch_bytes: int = 1 << 23  # ... or this much text, whichever comes first (bounds a worker's memory)
     threads: int = 1  # SentencePiece threads per worker
 
 
@@ -109,37 +114,47 @@ def part_path(output: Path, index: int) -> Path:
 def tokenize_file(index: int, path: Path, output: Path, settings: TokenizeSettings) -> dict[str, Any]:
     """Tokenize one input file into `train-<index>` and `val-<index>` shards, then write its part record.
 
-    The part record is written last and atomically: its presence means both shards are complete.
+    Documents are encoded a batch at a time (`batch_docs` documents or `batch_bytes` of text) and
+    streamed to the shards, so a worker's memory does not grow with the file. The part record is
+    written last and atomically: its presence means both shards are complete.
     """
     tokenizer = Tokenizer(settings.tokenizer_path)
     dtype = token_dtype(tokenizer.vocab_size)
     stats = TokenizeStats()
-    docs: dict[str, list[list[int]]] = {"train": [], "val": []}
     pending: list[Document] = []
-    for doc in read_documents(path, settings.text_field, settings.id_field):
-        stats.documents_in += 1
-        if doc.dropped:
-            if settings.strict:
-                raise DataError(f"{doc.origin}: {doc.dropped.replace('_', ' ')} (strict mode)")
-            stats.drop(doc)
-            continue
-        stats.bytes_in += len(doc.text.encode())
-        pending.append(doc)
-        if len(pending) >= settings.batch_docs:
-            _encode(pending, docs, tokenizer, settings)
-    _encode(pending, docs, tokenizer, settings)
-    shards = []
-    for split, split_docs in docs.items():
-        info = write_shard(output, f"{split}-{index:05d}", split, split_docs, dtype, [str(path)])
-        shards.append(asdict(info))
-        stats.documents_written[split] += info.documents
-        stats.tokens_written[split] += info.tokens
+    pending_bytes = reported = 0
+    with (
+        ShardWriter(output, f"train-{index:05d}", "train", dtype, [str(path)]) as train,
+        ShardWriter(output, f"val-{index:05d}", "val", dtype, [str(path)]) as val,
+    ):
+        shards = {"train": train, "val": val}
+        for doc in read_documents(path, settings.text_field, settings.id_field):
+            stats.documents_in += 1
+            if doc.dropped:
+                if settings.strict:
+                    raise DataError(f"{doc.origin}: {doc.dropped.replace('_', ' ')} (strict mode)")
+                stats.drop(doc)
+                continue
+            size = len(doc.text.encode())
+            stats.bytes_in += size
+            pending_bytes += size
+            pending.append(doc)
+            if len(pending) >= settings.batch_docs or pending_bytes >= settings.batch_bytes:
+                _encode(pending, shards, tokenizer, settings)
+                pending_bytes = 0
+                _report_documents(stats.documents_in - reported)
+                reported = stats.documents_in
+        _encode(pending, shards, tokenizer, settings)
+        _report_documents(stats.documents_in - reported)
+    for split, shard in shards.items():
+        stats.documents_written[split] += shard.documents
+        stats.tokens_written[split] += shard.tokens
     assert stats.documents_in == sum(stats.documents_written.values()) + sum(stats.dropped.values())
     part = {
         "index": index,
         "input": str(path),
         "tokenizer_sha256": tokenizer.sha256,
-        "shards": shards,
+        "shards": [asdict(shard.info) for shard in shards.values()],
         "stats": stats.to_dict(),
     }
     atomic_write_bytes(part_path(output, index), json.dumps(part, indent=1).encode())
@@ -147,14 +162,36 @@ def tokenize_file(index: int, path: Path, output: Path, settings: TokenizeSettin
 
 
 def _encode(
-    pending: list[Document], docs: dict[str, list[list[int]]], tokenizer: Tokenizer, settings: TokenizeSettings
+    pending: list[Document], shards: dict[str, ShardWriter], tokenizer: Tokenizer, settings: TokenizeSettings
 ) -> None:
-    """Encode the pending documents into their split's list, framed by BOS/EOS; empty `pending`."""
-    bos, eos = [tokenizer.bos_id] if settings.bos else [], [tokenizer.eos_id] if settings.eos else []
-    for doc, ids in zip(pending, tokenizer.encode_batch([d.text for d in pending], settings.threads)):
-        split = "val" if is_validation(settings.source, doc.id, settings.val_fraction) else "train"
-        docs[split].append(bos + ids + eos)
+    """Encode the pending documents, framed by BOS/EOS, onto their split's shard; empty `pending`."""
+    if not pending:
+        return
+    ids = tokenizer.encode_batch([d.text for d in pending], settings.threads)
+    held_out = [is_validation(settings.source, d.id, settings.val_fraction) for d in pending]
+    for split, shard in shards.items():
+        docs = [doc_ids for doc_ids, val in zip(ids, held_out) if val == (split == "val")]
+        if docs:
+            shard.write(*_framed(docs, tokenizer, settings, shard.dtype))
     pending.clear()
+
+
+def _framed(
+    docs: list[list[int]], tokenizer: Tokenizer, settings: TokenizeSettings, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """The documents as one array, each `[BOS] ids [EOS]`, and each one's length."""
+    lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs)) + settings.bos + settings.eos
+    ends = np.cumsum(lengths)
+    tokens = np.empty(int(ends[-1]), dtype=dtype)
+    body = np.ones(len(tokens), dtype=bool)
+    if settings.bos:
+        tokens[ends - lengths] = tokenizer.bos_id
+        body[ends - lengths] = False
+    if settings.eos:
+        tokens[ends - 1] = tokenizer.eos_id
+        body[ends - 1] = False
+    tokens[body] = np.fromiter(itertools.chain.from_iterable(docs), dtype=dtype, count=int(body.sum()))
+    return tokens, lengths
 
 
 def _finished(output: Path, index: int, path: Path, tokenizer_sha256: str) -> Optional[dict[str, Any]]:
@@ -173,6 +210,21 @@ def _run_file(job: tuple[int, Path, Path, TokenizeSettings]) -> dict[str, Any]:
     return tokenize_file(*job)
 
 
+_document_sink: Optional[Callable[[int], None]] = None  # where this process reports documents read
+
+
+def _report_documents(n: int) -> None:
+    """Tell the progress display that `n` more documents were read (a no-op without one)."""
+    if _document_sink is not None and n:
+        _document_sink(n)
+
+
+def _set_document_sink(sink: Optional[Callable[[int], None]]) -> None:
+    """Route this process's document counts to `sink` (a worker pool's initializer too)."""
+    global _document_sink
+    _document_sink = sink
+
+
 def tokenize_source(
     inputs: list[Path],
     output: Path,
@@ -187,7 +239,8 @@ def tokenize_source(
     Input `i` always becomes shards `train-<i>`/`val-<i>`. Files already done (a part record made
     from the same input and tokenizer) are skipped, so a killed run resumes. Machine `k` of `K` takes
     the inputs with `i % K == k`. Whoever finds every input done writes `manifest.json`, last; the
-    merged counts are returned then, else None.
+    merged counts are returned then, else None. With `progress`, files, documents and input bytes
+    done are shown as they go (`data_pipeline.progress`: a bar on a terminal, else a line every N s).
     """
     output.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(settings.tokenizer_path)
@@ -197,16 +250,21 @@ def tokenize_source(
         for i, p in enumerate(inputs)
         if i % n_machines == k and _finished(output, i, p, tokenizer.sha256) is None
     ]
-    bar = _progress_bar(settings.source, len(todo)) if progress else None
-    if workers > 1 and len(todo) > 1:
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(todo))) as pool:
-            for part in pool.imap_unordered(_run_file, todo):
-                _advance(bar, part)
-    else:
-        for job in todo:
-            _advance(bar, _run_file(job))
-    if bar is not None:
-        bar.close()
+    sizes = {i: Path(p).stat().st_size for i, p, _, _ in todo}
+    shown = Progress(f"tokenize {settings.source}", len(todo), sum(sizes.values())) if progress else None
+    try:
+        if workers > 1 and len(todo) > 1:
+            _run_pool(todo, min(workers, len(todo)), shown, sizes)
+        else:
+            _set_document_sink(None if shown is None else lambda n: shown.update(docs=n))
+            for job in todo:
+                part = _run_file(job)
+                if shown is not None:
+                    shown.update(files=1, nbytes=sizes[part["index"]])
+    finally:
+        _set_document_sink(None)
+        if shown is not None:
+            shown.close()
     parts = [_finished(output, i, p, tokenizer.sha256) for i, p in enumerate(inputs)]
     if any(part is None for part in parts):
         return None  # other machines still have inputs to do
@@ -229,22 +287,21 @@ def tokenize_source(
     return stats
 
 
-def _progress_bar(source: str, files: int):
-    """A tqdm bar over input files that also shows documents/s and tokens/s."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=files, desc=f"tokenize {source}", unit="file", dynamic_ncols=True)
-    bar.docs, bar.tokens = 0, 0
-    return bar
-
-
-def _advance(bar, part: dict[str, Any]) -> None:
-    """Count a finished file on the progress bar."""
-    if bar is None:
-        return
-    stats = part["stats"]
-    bar.docs += stats["documents_in"]
-    bar.tokens += sum(stats["tokens_written"].values())
-    elapsed = max(bar.format_dict["elapsed"], 1e-9)
-    bar.set_postfix_str(f"{bar.docs / elapsed:,.0f} docs/s, {bar.tokens / elapsed:,.0f} tokens/s")
-    bar.update(1)
+def _run_pool(todo: list, workers: int, shown: Optional[Progress], sizes: dict[int, int]) -> None:
+    """Tokenize the files of `todo` in `workers` processes; their document counts reach `shown` as they go."""
+    ctx = multiprocessing.get_context("spawn")
+    counts = ctx.SimpleQueue() if shown is not None else None
+    with ctx.Pool(workers, _set_document_sink, (None if counts is None else counts.put,)) as pool:
+        results = pool.imap_unordered(_run_file, todo)
+        while True:
+            try:
+                part = results.next(timeout=1.0)
+            except multiprocessing.TimeoutError:
+                part = None
+            except StopIteration:
+                break
+            if shown is not None:
+                while not counts.empty():
+                    shown.update(docs=counts.get())
+                if part is not None:
+                    shown.update(files=1, nbytes=sizes[part["index"]])

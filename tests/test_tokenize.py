@@ -1,12 +1,14 @@
 """Tokenization at scale: per-file shards, resume after a kill, machines and workers splitting a source."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 import data_pipeline.tokenize as tok_mod
 from data_pipeline.shards import Manifest
+from data_pipeline.sources import DataError
 from data_pipeline.tokenize import TokenizeSettings, tokenize_source
 
 
@@ -86,3 +88,43 @@ def test_a_changed_tokenizer_redoes_the_files(tiny_data, four_files, tmp_path):
     tokenize_source(four_files, out, settings(tiny_data))
     assert json.loads((out / "part-00000.json").read_text())["tokenizer_sha256"] != "0" * 64
     assert (out / "train-00001.bin").stat().st_mtime_ns == before
+
+
+def test_documents_stream_to_the_shard_before_the_file_ends(tiny_data, four_files, tmp_path, monkeypatch):
+    real = tok_mod.read_documents
+    seen = []
+
+    def watched(path, *args):
+        for n, doc in enumerate(real(path, *args)):
+            if n == 20:  # after 20 documents, batches of 2 are already on disk, not held in memory
+                seen.append((tmp_path / "small" / "train-00000.bin.tmp").stat().st_size)
+            yield doc
+
+    monkeypatch.setattr(tok_mod, "read_documents", watched)
+    tokenize_source(four_files[:1], tmp_path / "small", replace(settings(tiny_data), batch_docs=2))
+    assert seen and seen[0] > 0
+    monkeypatch.setattr(tok_mod, "read_documents", real)
+    tokenize_source(four_files[:1], tmp_path / "whole", settings(tiny_data))
+    tokenize_source(four_files[:1], tmp_path / "bytes", replace(settings(tiny_data), batch_bytes=1))
+    # chunked writing gives the bytes of one write, and leaves no temporary file
+    assert folder_bytes(tmp_path / "small") == folder_bytes(tmp_path / "whole") == folder_bytes(tmp_path / "bytes")
+
+
+def test_a_failed_file_leaves_no_temporary_shard(tiny_data, tmp_path):
+    src = tmp_path / "bad.jsonl"
+    src.write_text(json.dumps({"id": "a", "text": "fine text"}) + "\n{broken\n")
+    with pytest.raises(DataError, match="bad json"):
+        tokenize_source([src], tmp_path / "out", replace(settings(tiny_data), strict=True))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_progress_is_a_plain_line_off_a_terminal(tiny_data, four_files, tmp_path, capsys, monkeypatch, workers):
+    monkeypatch.setenv("LLAMA_PROGRESS_EVERY", "0")
+    stats = tokenize_source(four_files, tmp_path / "out", settings(tiny_data), workers=workers, progress=True)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("tokenize src: ")]
+    assert len(lines) >= 4 and "\r" not in err  # a line per update (interval 0), no bar
+    total = sum(p.stat().st_size for p in four_files)
+    assert lines[-1].startswith(f"tokenize src: 4/4 files (100.0%), {stats.documents_in:,} docs")
+    assert f"{total / 1e6:.1f} MB" in lines[-1] or f"{total / 1e3:.1f} kB" in lines[-1]
