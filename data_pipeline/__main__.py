@@ -102,7 +102,7 @@ def cmd_tokenize(cfg: PipelineConfig, force: bool = False, machine: tuple[int, i
             settings,
             cfg.tokenize.workers,
             machine,
-            progress=sys.stderr.isatty(),
+            progress=True,
             config={"source": source.name, "files": source.files, "tokenize": vars(cfg.tokenize)},
         )
         if stats is None:
