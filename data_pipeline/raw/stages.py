@@ -42,7 +42,11 @@ PASSES = ("line", "exact", "near")
 STAGES = (
     "files",
     "plan",
-    *(f"{p}-{s}" for p in PASSES for s in (("scan", "bucket", "greedy", "apply") if p == "near" else ("scan", "bucket", "apply"))),
+    *(
+        f"{p}-{s}"
+        for p in PASSES
+        for s in (("scan", "bucket", "greedy", "apply") if p == "near" else ("scan", "bucket", "apply"))
+    ),
     "count",
     "write",
     "concat",
@@ -183,7 +187,9 @@ def task_plan(cfg: Any, name: str, index: int) -> dict:
     done = report is not None and report.get("step2") == key
     if not done:
         (source.folder / "report.json").unlink(missing_ok=True)  # the source is unfinished until it is back
-    for stale in set((source.folder / "files").glob("*.jsonl.gz")) - {source.folder / "files" / f"{p}.jsonl.gz" for p in parts}:
+    for stale in set((source.folder / "files").glob("*.jsonl.gz")) - {
+        source.folder / "files" / f"{p}.jsonl.gz" for p in parts
+    }:
         stale.unlink()  # the output of an input no longer listed
         stale.with_name(stale.name.replace(".jsonl.gz", ".done.json")).unlink(missing_ok=True)
     tally = Tally()
@@ -305,7 +311,9 @@ def _apply_task(pass_name: str) -> Callable:
             elif pass_name == "exact":
                 files = [s.work / "exact" / "bucket" / f"{b:05d}.npy" for b in range(s.buckets)]
                 name_of = bk.IdLookup(_scan_folder(s, "exact"))
-                kept = bk.drop_pairs(docs, part, bk.losers_in(files, part), "exact_duplicate", "same as", name_of, tally)
+                kept = bk.drop_pairs(
+                    docs, part, bk.losers_in(files, part), "exact_duplicate", "same as", name_of, tally
+                )
             else:
                 losers = bk.losers_in([s.work / "near" / "dropped.npy"], part)
                 name_of = bk.IdLookup(_scan_folder(s, "near"))
@@ -411,7 +419,13 @@ def source_report(s: Source) -> dict:
             total.merge(Tally.from_dict(read_json(s.work / pass_name / "out" / f"{p:08d}.done.json")["tally"]))
     for p in parts:
         total.merge(Tally.from_dict(read_json(s.work / "write" / f"{p:08d}.done.json")["tally"]))
-    return {"source": s.name, "kind": s.config.kind, "inputs": len(plan["parts"]), **total.to_dict(), "step2": plan["key"]}
+    return {
+        "source": s.name,
+        "kind": s.config.kind,
+        "inputs": len(plan["parts"]),
+        **total.to_dict(),
+        "step2": plan["key"],
+    }
 
 
 def task_report(cfg: Any, name: str, index: int) -> dict:
@@ -429,7 +443,8 @@ def task_report(cfg: Any, name: str, index: int) -> dict:
                     old.unlink()
             write_json(s.folder / "report.json", report)
         reports[s.name] = read_json(s.folder / "report.json")
-        shutil.rmtree(s.work, ignore_errors=True)
+        if not cfg.keep_work:
+            shutil.rmtree(s.work, ignore_errors=True)
     out = Path(cfg.output) / "report.md"
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(format_reports(reports), encoding="utf-8")
