@@ -85,16 +85,28 @@ class PackedSamples:
         source, window, _ = self.mixture.locate(index)
         return source, window
 
+    def batch(self, indices: Sequence[int], positions: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Samples `indices` at once: their tokens, shape (n, seq_len + 1), their source numbers, shape
+        (n,), and with `positions` their position ids (`positions(i)` of each), shape (n, seq_len),
+        else an empty array. The mixture locates them all in one vectorised call."""
+        sources, windows, _ = self.mixture.locate_many(np.asarray(indices, dtype=np.int64))
+        tokens = np.empty((len(sources), self.seq_len + 1), dtype=np.int64)
+        ids = np.empty((len(sources), self.seq_len if positions else 0), dtype=np.int64)
+        for row, (source, start) in enumerate(zip(sources.tolist(), (windows * self.seq_len).tolist())):
+            stream = self.streams[source]
+            tokens[row] = stream.read(start, self.seq_len + 1)
+            if positions:
+                ids[row] = document_positions(stream.doc_starts(start, self.seq_len), self.seq_len)
+        return tokens, sources, ids
+
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         """(tokens of sample `index`, shape (seq_len + 1,), its source number)."""
-        source, window = self.locate(index)
-        return self.streams[source].read(window * self.seq_len, self.seq_len + 1), source
+        tokens, sources, _ = self.batch([index])
+        return tokens[0], int(sources[0])
 
     def positions(self, index: int) -> np.ndarray:
         """Position ids of sample `index`'s `seq_len` input tokens, reset at each document start."""
-        source, window = self.locate(index)
-        starts = self.streams[source].doc_starts(window * self.seq_len, self.seq_len)
-        return document_positions(starts, self.seq_len)
+        return self.batch([index], positions=True)[2][0]
 
 
 def document_positions(doc_starts: np.ndarray, length: int) -> np.ndarray:
@@ -152,18 +164,14 @@ class BatchLoader:
         (inputs, targets, positions) with `with_positions` (position ids reset at document starts)."""
         per_rank = self.global_batch_size // self.world_size
         first = self.index + self.rank * per_rank
+        tokens, sources, positions = self.samples.batch(range(first, first + per_rank), self.with_positions)
+        np.add.at(self.tokens_per_source, sources, self.samples.seq_len)
+        tokens, positions = torch.from_numpy(tokens), torch.from_numpy(positions)
         micro_batches = []
         for m in range(0, per_rank, self.micro_batch_size):
-            rows, positions = [], []
-            for i in range(first + m, first + m + self.micro_batch_size):
-                tokens, source = self.samples[i]
-                rows.append(tokens)
-                self.tokens_per_source[source] += self.samples.seq_len
-                if self.with_positions:
-                    positions.append(self.samples.positions(i))
-            batch = torch.from_numpy(np.stack(rows))
-            extra = (torch.from_numpy(np.stack(positions)),) if self.with_positions else ()
-            micro_batches.append((batch[:, :-1], batch[:, 1:], *extra))
+            rows = tokens[m : m + self.micro_batch_size]
+            extra = (positions[m : m + self.micro_batch_size],) if self.with_positions else ()
+            micro_batches.append((rows[:, :-1], rows[:, 1:], *extra))
         self.index += self.global_batch_size
         return micro_batches
 

@@ -38,6 +38,7 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x
 
 
+@lru_cache(maxsize=1 << 16)
 def derive_key(*parts: int) -> int:
     """A 64-bit key from integers (seed, source, epoch, ...)."""
     key = np.array([0x9E3779B97F4A7C15], dtype=np.uint64)
@@ -100,28 +101,50 @@ class Mixture:
         self.weights = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
         self.seed, self.block_size = seed, block_size
         self.counts = largest_remainder(self.weights, block_size)  # samples of each source per block
-        self._block, self._source, self._rank = -1, np.zeros(0, np.int64), np.zeros(0, np.int64)
+        self._cached = (-1, np.zeros(0, np.int64), np.zeros(0, np.int64))  # (block, source, rank) of its slots
 
-    def _load_block(self, block: int) -> None:
-        """Interleave the block's slots so that every prefix holds each source's share to within one
-        sample: source s's j-th slot comes at time (j + u_s) / counts[s], u_s a seeded random phase."""
+    def _block_slots(self, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """The source of each slot of a block, and which of that source's draws in the block it is.
+
+        Interleaved so that every prefix holds each source's share to within one sample: source s's
+        j-th slot comes at time (j + u_s) / counts[s], u_s a seeded random phase. The last block asked
+        for is kept (one tuple, so threads sharing a Mixture never see half of one).
+        """
+        cached = self._cached
+        if cached[0] == block:
+            return cached[1], cached[2]
         phase = np.random.Generator(np.random.PCG64([self.seed, block])).random(len(self.counts))
         times = np.concatenate([(np.arange(c) + u) / c for c, u in zip(self.counts, phase) if c])
         owner = np.repeat(np.arange(len(self.counts)), self.counts)
         rank = np.concatenate([np.arange(c) for c in self.counts])
         order = np.argsort(times, kind="stable")
-        self._block, self._source, self._rank = block, owner[order], rank[order]
+        self._cached = (block, owner[order], rank[order])
+        return self._cached[1], self._cached[2]
+
+    def locate_many(self, indices: np.ndarray | list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Global sample indices -> (source, window inside the source, epoch of that source), as arrays.
+
+        One permutation call per (source, epoch) present, over all of its indices at once.
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        blocks, slots = np.divmod(indices, self.block_size)
+        source, draw = np.empty_like(indices), np.empty_like(indices)
+        for block in np.unique(blocks).tolist():
+            here = blocks == block
+            owner, rank = self._block_slots(block)
+            source[here] = owner[slots[here]]
+            draw[here] = block * self.counts[source[here]] + rank[slots[here]]  # the k-th draw from its source
+        epoch, offset = np.divmod(draw, self.windows[source])
+        window = np.empty_like(indices)
+        for s, e in np.unique(np.stack([source, epoch], axis=1), axis=0).tolist():
+            group = (source == s) & (epoch == e)
+            window[group] = permute(offset[group], int(self.windows[s]), derive_key(self.seed, s, e))
+        return source, window, epoch
 
     def locate(self, index: int) -> tuple[int, int, int]:
         """Global sample index -> (source, window inside the source, epoch of that source)."""
-        block, slot = divmod(index, self.block_size)
-        if block != self._block:
-            self._load_block(block)
-        source = int(self._source[slot])
-        k = block * int(self.counts[source]) + int(self._rank[slot])  # this is the k-th draw from `source`
-        epoch, offset = divmod(k, int(self.windows[source]))
-        window = int(permute(offset, int(self.windows[source]), derive_key(self.seed, source, epoch)))
-        return source, window, epoch
+        source, window, epoch = self.locate_many([index])
+        return int(source[0]), int(window[0]), int(epoch[0])
 
 
 @dataclass

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT
 from data_pipeline.loader import BatchLoader, PackedSamples
-from data_pipeline.mixture import Mixture, permute, plan
+from data_pipeline.mixture import Mixture, derive_key, permute, plan
 
 LLAMA1_WEIGHTS = {
     "commoncrawl": 0.67,
@@ -131,3 +131,31 @@ def test_weights_naming_an_unknown_source_are_refused(tiny_data):
 
     with pytest.raises(ShardError, match=r"data.weights names \['nope'\]"):
         PackedSamples(tiny_data["root"], seq_len=32, sources=tiny_data["sources"], weights={"nope": 1.0})
+
+
+def reference_locate(mix: Mixture, index: int) -> tuple[int, int, int]:
+    """The documented order computed one index at a time, in plain Python where it can be."""
+    block, slot = divmod(index, mix.block_size)
+    phase = np.random.Generator(np.random.PCG64([mix.seed, block])).random(len(mix.counts))
+    slots = sorted(
+        ((j + u) / c, s, j) for s, (c, u) in enumerate(zip(mix.counts.tolist(), phase.tolist())) for j in range(c)
+    )  # (time, source, rank); ties keep source order, as a stable sort does
+    _, source, rank = slots[slot]
+    epoch, offset = divmod(block * int(mix.counts[source]) + rank, int(mix.windows[source]))
+    return source, int(permute(offset, int(mix.windows[source]), derive_key(mix.seed, source, epoch))), epoch
+
+
+def test_vectorised_order_equals_the_one_index_reference_and_is_unchanged():
+    mix = Mixture(
+        windows=[5000, 2000, 300, 40, 25, 10, 3], weights=list(LLAMA1_WEIGHTS.values()), seed=11, block_size=64
+    )
+    indices = list(range(300)) + [4097, 123456, 10**9 + 7]
+    got = list(zip(*(a.tolist() for a in mix.locate_many(np.array(indices[::-1])))))[::-1]  # any order, many blocks
+    assert got == [reference_locate(mix, i) for i in indices]
+    assert [mix.locate(i) for i in indices[-3:]] == got[-3:]
+    # values computed one index at a time by the code before vectorising (commit 724de5b)
+    pinned = [0, 1, 2, 3, 63, 64, 65, 500, 4097, 123456, 10**9 + 7]
+    assert [mix.locate(i) for i in pinned] == [
+        (0, 2731, 0), (3, 23, 0), (0, 3376, 0), (4, 8, 0), (0, 1838, 0), (0, 4050, 0),
+        (0, 1629, 0), (0, 4783, 0), (3, 34, 4), (0, 2519, 16), (0, 4861, 134375),
+    ]  # fmt: skip
