@@ -31,16 +31,16 @@ def sample_config(tmp_path: Path, output: Path, *overrides: str) -> RecipeConfig
 
     extra = tmp_path / "extra"
     if not extra.is_dir():
-        (extra / "mirror" / "cstheory.meta").mkdir(parents=True)
+        (extra / "mirror" / "cstheory.mirror").mkdir(parents=True)
         (extra / "pg1661-2023.txt").write_text(new_edition(raw_text("pg1661.txt.gz")))
-        (extra / "mirror" / "cstheory.meta" / "Posts.xml").write_bytes(POSTS.read_bytes())
+        (extra / "mirror" / "cstheory.mirror" / "Posts.xml").write_bytes(POSTS.read_bytes())
     cfg = load_structured(RecipeConfig, ROOT / "configs" / "recipe" / "sample.yaml", [f"output={output}", *overrides])
     for s in cfg.sources:
         s.inputs = [p if Path(p).is_absolute() else str(ROOT / p) for p in s.inputs]
         s.shard_docs = 4  # several output shards per source, some cut across inputs
     source = {s.name: s for s in cfg.sources}
     source["books"].inputs.append(str(extra / "pg1661-2023.txt"))
-    source["stackexchange"].inputs.append(str(extra / "mirror" / "cstheory.meta" / "Posts.xml"))
+    source["stackexchange"].inputs.append(str(extra / "mirror" / "cstheory.mirror" / "Posts.xml"))
     return cfg
 
 
@@ -248,10 +248,13 @@ def test_ray_two_node_cluster_gives_the_local_bytes_after_a_worker_is_killed(loc
         cluster.shutdown()
 
 
-def test_inputs_from_fsspec_urls_and_a_common_crawl_listing(tmp_path):
+def test_inputs_from_fsspec_urls_and_a_common_crawl_listing(tmp_path, monkeypatch, capsys):
     """Inputs on an fsspec filesystem (memory://, an object store's stand-in) and a warc.paths.gz listing
-    give the documents the local files give; the marker names the URL and its errors name it too."""
+    give the documents the local files give; the marker names the URL and its errors name it too; a batch
+    log (not a terminal) gets plain progress lines."""
     import fsspec
+
+    monkeypatch.setenv("LLAMA_PROGRESS_EVERY", "0")
 
     fs = fsspec.filesystem("memory")
     for p in sorted((RAW / "warc").glob("*.warc.gz")):
@@ -270,8 +273,53 @@ def test_inputs_from_fsspec_urls_and_a_common_crawl_listing(tmp_path):
     assert [f["file"] for f in report["failed_files"]] == ["memory:///crawl-data/CC-TEST/segments/1/warc/empty.warc.gz"]
     assert "empty input (0 bytes)" in report["failed_files"][0]["error"]
     assert expand_inputs(by_listing)[0] == f"memory://crawl-data/CC-TEST/segments/1/warc/{names[0]}"
+    log = capsys.readouterr().err
+    assert f"recipe files: 1/{len(names)} files (" in log and "docs" in log and "ETA" in log
+    assert f"recipe files: {len(names)}/{len(names)} files (100.0%)" in log and "recipe report: 1/1 tasks" in log
 
 
 def documents_of(output: Path, source: RawSourceConfig) -> list[dict]:
     run_recipe(RecipeConfig(output=str(output), sources=[source]))
     return documents(output / source.name)
+
+
+@pytest.mark.parametrize("group_docs", [0, 2])
+def test_line_dedup_in_buckets_removes_what_ccnet_line_dedup_removes(group_docs):
+    """Pages sharing lines (real StackExchange answers, each page some of them, in another order): the
+    scan/bucket/apply line pass, over 2 parts and 1 or 3 buckets, leaves what `finalize` leaves: the
+    first occurrence of a line in input order (within a group of `group_docs` pages) stays."""
+    import random
+    import xml.etree.ElementTree as ET
+
+    from data_pipeline.raw import commoncrawl
+    from data_pipeline.raw.stackexchange import html_to_text
+
+    rows = [r for r in ET.parse(POSTS).getroot() if r.get("PostTypeId") == "2"]
+    lines = [line for r in rows for line in html_to_text(r.get("Body")).split("\n") if len(line.split()) > 3][:60]
+    rng = random.Random(0)
+    docs = [
+        {"id": f"page-{n}", "text": "\n".join(rng.sample(lines, 12)), "meta": {"source": "commoncrawl"}}
+        for n in range(8)
+    ]
+    options = commoncrawl.Options(min_chars=300, line_dedup_group_docs=group_docs)
+    reference_tally = Tally()
+    expected = list(commoncrawl.finalize(iter(docs), options, reference_tally))
+    original = {d["id"]: d["text"] for d in docs}
+    assert any(e["text"] != original[e["id"]] for e in expected)  # lines were removed
+    assert len(expected) < len(docs) or group_docs  # and pages dropped, without groups
+    parts = [docs[:5], docs[5:]]
+    for buckets in (1, 3):
+        records = [bk.line_scan(iter(p), n, 5 * n, group_docs) for n, p in enumerate(parts)]
+        losers = [
+            bk.line_bucket(np.concatenate([split[b] for split in splits]))
+            for b in range(buckets)
+            for splits in [[bk.split_by_bucket(r, r["h"], buckets) for r in records]]
+        ]
+        tally, kept = Tally(), []
+        for n, part in enumerate(parts):
+            lo, hi = bk.part_range(n)
+            mine = np.sort(
+                np.concatenate([x[(x["pos"] >= lo) & (x["pos"] < hi)] for x in losers]), order=["pos", "line"]
+            )
+            kept += bk.line_apply(iter(part), n, mine, options.min_chars, tally)
+        assert kept == expected and tally.dropped == reference_tally.dropped, buckets
