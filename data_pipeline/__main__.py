@@ -13,14 +13,17 @@ from typing import Iterator
 from data_pipeline.config import PipelineConfig, SourceConfig, validate_pipeline
 from data_pipeline.configfile import ConfigError, load_structured
 from data_pipeline.shards import SourceShards, atomic_write_bytes
-from data_pipeline.sources import read_documents
+from data_pipeline.sources import Input, dataset_shards, keep_hub_on, read_documents
 from data_pipeline.tokenize import TokenizeSettings, part_path, tokenize_source
 from data_pipeline.tokenizer import LLAMA_TRAINER_SPEC, document_lines, file_sha256, train_tokenizer
 
 
-def source_files(source: SourceConfig) -> list[Path]:
-    """The input files of a source, globs expanded in sorted order; every pattern must match."""
-    files: list[Path] = []
+def source_inputs(source: SourceConfig) -> list[Input]:
+    """The units of work of a source: its dataset's shards, or its files with globs expanded in sorted
+    order (every pattern must match)."""
+    if source.dataset:
+        return dataset_shards(source.dataset, source.dataset_config, source.split or "train")
+    files: list[Input] = []
     for pattern in source.files:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         missing = [m for m in matches if not Path(m).is_file()]
@@ -30,16 +33,23 @@ def source_files(source: SourceConfig) -> list[Path]:
     return files
 
 
+def source_spec(source: SourceConfig) -> dict:
+    """Where a source's documents come from, as recorded beside the tokenizer and in manifests."""
+    if source.dataset:
+        return {"dataset": source.dataset, "dataset_config": source.dataset_config, "split": source.split or "train"}
+    return {"files": source.files}
+
+
 def tokenizer_sample(cfg: PipelineConfig, taken: dict[str, int]) -> Iterator[str]:
     """Text for tokenizer training: each source's share (`weight`) of `tokenizer.sample_bytes`, read
-    evenly from its files (a file stops contributing at its part of the quota). Bytes taken per source
-    are counted into `taken`."""
+    evenly from its files or dataset shards (each stops contributing at its part of the quota). Bytes
+    taken per source are counted into `taken`."""
     total_weight = sum(s.weight for s in cfg.sources)
     for source in cfg.sources:
-        files = source_files(source)
-        per_file = cfg.tokenizer.sample_bytes * source.weight / total_weight / len(files)
+        inputs = source_inputs(source)
+        per_file = cfg.tokenizer.sample_bytes * source.weight / total_weight / len(inputs)
         taken[source.name] = 0
-        for path in files:
+        for path in inputs:
             used = 0
             for doc in read_documents(path, source.text_field, source.id_field):
                 if used >= per_file:
@@ -65,7 +75,7 @@ def cmd_train_tokenizer(cfg: PipelineConfig) -> None:
         "vocab_size": cfg.tokenizer.vocab_size,
         "trainer_spec": LLAMA_TRAINER_SPEC,
         "sample_bytes": taken,
-        "sources": {s.name: s.files for s in cfg.sources},
+        "sources": {s.name: s.files or source_spec(s) for s in cfg.sources},
     }
     atomic_write_bytes(Path(cfg.tokenizer.path).with_suffix(".json"), json.dumps(record, indent=2).encode())
     mb = ", ".join(f"{name} {n / 1e6:.1f} MB" for name, n in taken.items())
@@ -80,7 +90,7 @@ def cmd_tokenize(cfg: PipelineConfig, force: bool = False, machine: tuple[int, i
     rows = []
     for source in cfg.sources:
         out = Path(cfg.tokenize.output) / source.name
-        inputs = source_files(source)
+        inputs = source_inputs(source)
         if force:
             for i in range(machine[0], len(inputs), machine[1]):
                 part_path(out, i).unlink(missing_ok=True)
@@ -103,7 +113,7 @@ def cmd_tokenize(cfg: PipelineConfig, force: bool = False, machine: tuple[int, i
             cfg.tokenize.workers,
             machine,
             progress=True,
-            config={"source": source.name, "files": source.files, "tokenize": vars(cfg.tokenize)},
+            config={"source": source.name, **source_spec(source), "tokenize": vars(cfg.tokenize)},
         )
         if stats is None:
             print(f"{source.name}: this machine's files are done; other machines' are not yet (no manifest)")
@@ -191,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             type=parse_machine,
             default=(0, 1),
             metavar="k/K",
-            help="tokenize only input files i with i %% K == k (machine k of K)",
+            help="tokenize only input files (or dataset shards) i with i %% K == k (machine k of K)",
         )
     p = sub.add_parser("recipe", help="raw dumps (WARC, Wikipedia XML, books, LaTeX, code, Posts.xml) -> clean docs")
     p.add_argument("config", help="a recipe YAML, e.g. configs/recipe/sample.yaml")
@@ -215,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = args.overrides + (["tokenize.strict=true"] if args.strict else [])
         cfg: PipelineConfig = load_structured(PipelineConfig, args.config, overrides)
         validate_pipeline(cfg)
+        if any(s.dataset and not Path(s.dataset).exists() for s in cfg.sources):
+            keep_hub_on()
         if args.command == "train-tokenizer" or (
             args.command == "prepare" and (args.force or not Path(cfg.tokenizer.path).is_file())
         ):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 from omegaconf import MISSING
 
@@ -12,12 +12,16 @@ from data_pipeline.configfile import ConfigError
 
 @dataclass
 class SourceConfig:
-    """One source: a name and its files (globs allowed): .jsonl[.gz|.zst], .parquet or .txt (one book)."""
+    """One source: a name and either its files (globs allowed: .jsonl[.gz|.zst], .parquet or .txt, one
+    book) or a Hugging Face dataset (a hub name, or a local folder `datasets.load_dataset` reads)."""
 
     name: str = MISSING
     files: List[str] = field(default_factory=list)
+    dataset: Optional[str] = None  # e.g. wikimedia/wikipedia, streamed; its data files are the units of work
+    dataset_config: Optional[str] = None  # load_dataset's `name`, e.g. 20231101.en
+    split: Optional[str] = None  # of the dataset (default train)
     text_field: str = "text"
-    id_field: str = "id"  # records without it are named by file:line
+    id_field: str = "id"  # records without it are named by file:line (or dataset shard:row)
     weight: float = 1.0  # share of the tokenizer's training sample
 
 
@@ -65,8 +69,13 @@ def validate_pipeline(cfg: PipelineConfig) -> None:
     """Check values the types cannot; raise ConfigError naming the key."""
     check_source_names(cfg.sources)
     for i, s in enumerate(cfg.sources):
-        if not s.files:
-            raise ConfigError(f"sources[{i}].files: no input files for source '{s.name}'")
+        if s.files and s.dataset:
+            raise ConfigError(f"sources[{i}].dataset: source '{s.name}' has files too; give one of files or dataset")
+        if not s.files and not s.dataset:
+            raise ConfigError(f"sources[{i}].files: no input files (nor a dataset) for source '{s.name}'")
+        for key in ("dataset_config", "split"):
+            if s.files and getattr(s, key) is not None:
+                raise ConfigError(f"sources[{i}].{key}: only for a dataset source, and '{s.name}' has files")
     if cfg.tokenizer.vocab_size < 259 + 3:  # 256 byte-fallback pieces + unk/bos/eos
         raise ConfigError(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is too small (byte fallback needs 259+)")
     bad = [s.name for s in cfg.sources if not s.weight > 0]

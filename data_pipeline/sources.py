@@ -3,21 +3,24 @@
 - JSONL, optionally `.gz` or `.zst` compressed: one JSON object per line (RedPajama, SlimPajama, C4's
   `{"text", "url", "timestamp"}`), the text and id under configurable fields;
 - Parquet through Hugging Face `datasets` (streamed, nothing cached), same fields;
-- plain text (`.txt`, e.g. books): one document per file, its name as id.
+- plain text (`.txt`, e.g. books): one document per file, its name as id;
+- a Hugging Face dataset by name (`wikimedia/wikipedia`) or local folder, streamed: each of its shards
+  (`n_shards`, one per data file) is a `DatasetShard`, an input read like one file.
 
 A record that cannot be used is yielded with the reason (`bad_json`, `not_utf8`, `missing_text`,
-`empty_text`) and its `file:line` (or `file:row N`), never skipped silently.
+`empty_text`) and its `file:line` (or `file:row N`, `<dataset shard>:row N`), never skipped silently.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator, Optional
+from typing import IO, Any, Iterator, Optional, Union
 
 
 class DataError(ValueError):
@@ -85,14 +88,29 @@ def _from_record(record: object, origin: str, text_field: str, id_field: str) ->
     return Document(origin, id=str(doc_id) if doc_id is not None else origin, text=text)
 
 
-def read_parquet(path: Path, text_field: str = "text", id_field: str = "id") -> Iterator[Document]:
-    """Every row of a Parquet file, streamed through Hugging Face `datasets` (offline, no cache)."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def _import_datasets(what: str, offline: bool) -> Any:
+    """Hugging Face `datasets`, or a DataError saying how to install it. With `offline` (local inputs),
+    the hub is off unless the environment says otherwise (read when `datasets` is first imported)."""
+    if offline:
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{path}: reading Parquet needs Hugging Face datasets: pip install -e '.[data]'") from None
+        raise DataError(f"{what} needs Hugging Face datasets: pip install -e '.[data]'") from None
+    return datasets
+
+
+def keep_hub_on() -> None:
+    """Let this process reach the hub (a source is a hub dataset) unless the environment says otherwise;
+    called before `datasets` is imported, so that a local input read first does not turn it off."""
+    hub_offline = os.environ.setdefault("HF_HUB_OFFLINE", "0")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", hub_offline)  # `datasets` reads this one first
+
+
+def read_parquet(path: Path, text_field: str = "text", id_field: str = "id") -> Iterator[Document]:
+    """Every row of a Parquet file, streamed through Hugging Face `datasets` (offline, no cache)."""
+    datasets = _import_datasets(f"{path}: reading Parquet", offline=True)
     rows = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
     for n, row in enumerate(rows, start=1):
         yield _from_record(row, f"{path}:row {n}", text_field, id_field)
@@ -109,8 +127,62 @@ def read_text_file(path: Path) -> Iterator[Document]:
     yield _from_record({"text": text, "id": path.stem}, origin, "text", "id")
 
 
-def read_documents(path: Path, text_field: str = "text", id_field: str = "id") -> Iterator[Document]:
-    """Documents of any supported file, chosen by its suffix."""
+@dataclass(frozen=True)
+class DatasetShard:
+    """Shard `index` of the `n_shards` of a Hugging Face dataset split: a unit of work, read like a file."""
+
+    dataset: str  # a hub name, or a local folder (or loading script) `datasets.load_dataset` reads
+    config: Optional[str]  # load_dataset's `name`
+    split: str
+    index: int
+    n_shards: int
+
+    def __str__(self) -> str:
+        config = f"{self.config}, " if self.config else ""
+        return f"{self.dataset} ({config}{self.split} shard {self.index}/{self.n_shards})"
+
+
+Input = Union[Path, DatasetShard]  # what `read_documents` reads: a file or a dataset shard
+
+
+@functools.lru_cache(maxsize=16)
+def _streaming_dataset(dataset: str, config: Optional[str], split: str) -> Any:
+    """`datasets.load_dataset(dataset, config, split=split, streaming=True)`, once per process."""
+    local = Path(dataset).exists()
+    datasets = _import_datasets(f"dataset {dataset}", offline=local)
+    try:
+        return datasets.load_dataset(dataset, config, split=split, streaming=True)
+    except (OSError, ValueError) as e:  # not found (or offline), no such config or split
+        offline = not local and datasets.config.HF_HUB_OFFLINE
+        hint = " (hub offline; HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0 to reach it)" if offline else ""
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"dataset {dataset} ({config or 'default'}, {split}): cannot load: {reason}{hint}") from None
+
+
+def dataset_shards(dataset: str, config: Optional[str] = None, split: str = "train") -> list[DatasetShard]:
+    """The units of work of a dataset split: one per shard it streams (`n_shards`, its data files)."""
+    n_shards = _streaming_dataset(dataset, config, split).n_shards
+    return [DatasetShard(dataset, config, split, i, n_shards) for i in range(n_shards)]
+
+
+def read_dataset_shard(shard: DatasetShard, text_field: str = "text", id_field: str = "id") -> Iterator[Document]:
+    """Every row of one dataset shard, streamed, in the dataset's order."""
+    rows = _streaming_dataset(shard.dataset, shard.config, shard.split)
+    if rows.n_shards != shard.n_shards:
+        raise DataError(f"{shard}: the dataset now has {rows.n_shards} shards; its shards changed since listed")
+    for n, row in enumerate(rows.shard(shard.n_shards, shard.index), start=1):
+        yield _from_record(row, f"{shard}:row {n}", text_field, id_field)
+
+
+def input_bytes(path: Input) -> Optional[int]:
+    """The size of an input file; None for a dataset shard (not known before it is read)."""
+    return None if isinstance(path, DatasetShard) else Path(path).stat().st_size
+
+
+def read_documents(path: Input, text_field: str = "text", id_field: str = "id") -> Iterator[Document]:
+    """Documents of any supported input: a dataset shard, or a file by its suffix."""
+    if isinstance(path, DatasetShard):
+        return read_dataset_shard(path, text_field, id_field)
     path = Path(path)
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes[-1:] == [".parquet"]:

@@ -1,9 +1,10 @@
 """Documents (JSONL) -> token shards of one source, with a manifest and a count of what was dropped.
 
-Each input file becomes one shard per split (`train-00000`, `val-00000`, ... by input index), so a
-source split across files gives stable shard names. A document goes to the validation split when a
-hash of its id falls under `val_fraction`: held-out documents, never trained on, the same on every
-rerun. Nothing is dropped silently: documents in = documents written + documents dropped (by reason).
+Each input file (or shard of a Hugging Face dataset, `DatasetShard`) becomes one shard per split
+(`train-00000`, `val-00000`, ... by input index), so a source split across files gives stable shard
+names. A document goes to the validation split when a hash of its id falls under `val_fraction`:
+held-out documents, never trained on, the same on every rerun. Nothing is dropped silently:
+documents in = documents written + documents dropped (by reason).
 
 Files are independent: N worker processes take them in parallel, K machines split them by index, and
 a rerun skips the files whose part record exists, so a killed job resumes where it stopped and gives
@@ -25,7 +26,7 @@ import numpy as np
 
 from data_pipeline.progress import Progress
 from data_pipeline.shards import Manifest, ShardInfo, ShardWriter, atomic_write_bytes, token_dtype
-from data_pipeline.sources import DataError, Document, read_documents
+from data_pipeline.sources import DataError, Document, Input, input_bytes, read_documents
 from data_pipeline.tokenizer import Tokenizer
 
 
@@ -111,8 +112,9 @@ def part_path(output: Path, index: int) -> Path:
     return output / f"part-{index:05d}.json"
 
 
-def tokenize_file(index: int, path: Path, output: Path, settings: TokenizeSettings) -> dict[str, Any]:
-    """Tokenize one input file into `train-<index>` and `val-<index>` shards, then write its part record.
+def tokenize_file(index: int, path: Input, output: Path, settings: TokenizeSettings) -> dict[str, Any]:
+    """Tokenize one input (a file or dataset shard) into `train-<index>` and `val-<index>` shards, then
+    write its part record.
 
     Documents are encoded a batch at a time (`batch_docs` documents or `batch_bytes` of text) and
     streamed to the shards, so a worker's memory does not grow with the file. The part record is
@@ -194,7 +196,7 @@ def _framed(
     return tokens, lengths
 
 
-def _finished(output: Path, index: int, path: Path, tokenizer_sha256: str) -> Optional[dict[str, Any]]:
+def _finished(output: Path, index: int, path: Input, tokenizer_sha256: str) -> Optional[dict[str, Any]]:
     """The part record of input `index` if it is complete and made from this input and tokenizer."""
     record = part_path(output, index)
     if not record.is_file():
@@ -205,7 +207,7 @@ def _finished(output: Path, index: int, path: Path, tokenizer_sha256: str) -> Op
     return part
 
 
-def _run_file(job: tuple[int, Path, Path, TokenizeSettings]) -> dict[str, Any]:
+def _run_file(job: tuple[int, Input, Path, TokenizeSettings]) -> dict[str, Any]:
     """Worker entry point (a top-level function, so it pickles)."""
     return tokenize_file(*job)
 
@@ -226,7 +228,7 @@ def _set_document_sink(sink: Optional[Callable[[int], None]]) -> None:
 
 
 def tokenize_source(
-    inputs: list[Path],
+    inputs: list[Input],
     output: Path,
     settings: TokenizeSettings,
     workers: int = 1,
@@ -234,13 +236,14 @@ def tokenize_source(
     config: Optional[dict] = None,
     progress: bool = False,
 ) -> Optional[TokenizeStats]:
-    """Tokenize a source's input files into shards under `output/`; resumable and splittable.
+    """Tokenize a source's input files (or dataset shards) into shards under `output/`; resumable and splittable.
 
     Input `i` always becomes shards `train-<i>`/`val-<i>`. Files already done (a part record made
     from the same input and tokenizer) are skipped, so a killed run resumes. Machine `k` of `K` takes
     the inputs with `i % K == k`. Whoever finds every input done writes `manifest.json`, last; the
     merged counts are returned then, else None. With `progress`, files, documents and input bytes
-    done are shown as they go (`data_pipeline.progress`: a bar on a terminal, else a line every N s).
+    done are shown as they go (`data_pipeline.progress`: a bar on a terminal, else a line every N s);
+    a dataset shard's size is not known before it is read, so its text bytes count once it is done.
     """
     output.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(settings.tokenizer_path)
@@ -250,8 +253,12 @@ def tokenize_source(
         for i, p in enumerate(inputs)
         if i % n_machines == k and _finished(output, i, p, tokenizer.sha256) is None
     ]
-    sizes = {i: Path(p).stat().st_size for i, p, _, _ in todo}
-    shown = Progress(f"tokenize {settings.source}", len(todo), sum(sizes.values())) if progress else None
+    sizes = {i: input_bytes(p) for i, p, _, _ in todo}
+    known = None not in sizes.values()
+    shown = None
+    if progress:
+        total = sum(sizes.values()) if known else None
+        shown = Progress(f"tokenize {settings.source}", len(todo), total, unit="files" if known else "shards")
     try:
         if workers > 1 and len(todo) > 1:
             _run_pool(todo, min(workers, len(todo)), shown, sizes)
@@ -260,7 +267,7 @@ def tokenize_source(
             for job in todo:
                 part = _run_file(job)
                 if shown is not None:
-                    shown.update(files=1, nbytes=sizes[part["index"]])
+                    shown.update(files=1, nbytes=_bytes_done(part, sizes))
     finally:
         _set_document_sink(None)
         if shown is not None:
@@ -287,7 +294,13 @@ def tokenize_source(
     return stats
 
 
-def _run_pool(todo: list, workers: int, shown: Optional[Progress], sizes: dict[int, int]) -> None:
+def _bytes_done(part: dict[str, Any], sizes: dict[int, Optional[int]]) -> int:
+    """The input bytes a finished part adds to the progress: its file's size, else the text it read."""
+    size = sizes[part["index"]]
+    return part["stats"]["bytes_in"] if size is None else size
+
+
+def _run_pool(todo: list, workers: int, shown: Optional[Progress], sizes: dict[int, Optional[int]]) -> None:
     """Tokenize the files of `todo` in `workers` processes; their document counts reach `shown` as they go."""
     ctx = multiprocessing.get_context("spawn")
     counts = ctx.SimpleQueue() if shown is not None else None
@@ -304,4 +317,4 @@ def _run_pool(todo: list, workers: int, shown: Optional[Progress], sizes: dict[i
                 while not counts.empty():
                     shown.update(docs=counts.get())
                 if part is not None:
-                    shown.update(files=1, nbytes=sizes[part["index"]])
+                    shown.update(files=1, nbytes=_bytes_done(part, sizes))
