@@ -103,15 +103,23 @@ def copy_of(doc: dict, copy: int) -> dict:
     return {"id": f"{doc['id']}-copy{copy}", "text": "\n".join(lines), "meta": {"source": "commoncrawl"}}
 
 
-def prepare(work: Path, parts: int) -> Path:
-    """Step 1's outputs and markers for `parts` copies of the corpus; returns the recipe config's path."""
+def prepare(work: Path, parts: int, passes: tuple[str, ...] = ("line", "exact", "near")) -> Path:
+    """Step 1's outputs and markers for `parts` copies of the corpus, for a source with the dedup `passes`;
+    returns the recipe config's path."""
     docs = [json.loads(line) for path in sorted(CORPUS.glob("*.jsonl")) for line in path.open(encoding="utf-8")]
     docs = [{"id": d["id"], "text": d["text"], "meta": {"source": "commoncrawl"}} for d in docs]
     inputs = work / "inputs"
     inputs.mkdir(parents=True)
     for copy in range(parts):
         (inputs / f"part-{copy:05d}.jsonl").write_text("")  # what the markers name as the input
-    source = RawSourceConfig(name="cc", kind="commoncrawl", inputs=[str(inputs / "*.jsonl")], near_dedup=0.9)
+    source = RawSourceConfig(
+        name="cc",
+        kind="commoncrawl",
+        inputs=[str(inputs / "*.jsonl")],
+        options={"line_dedup": "line" in passes},
+        exact_dedup="exact" in passes,
+        near_dedup=0.9 if "near" in passes else None,
+    )
     files = work / "out" / "cc" / "files"
     files.mkdir(parents=True)
     for copy, entry in enumerate(sorted(inputs.glob("*.jsonl"))):

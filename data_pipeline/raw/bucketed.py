@@ -29,15 +29,16 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 
 from data_pipeline.raw.common import Tally
 from data_pipeline.raw.dedup import content_key, shingles
 from data_pipeline.raw.filters import normalize_line, too_short
+from data_pipeline.shards import atomic_open
 
 PART_SHIFT = 32  # a position is part << 32 | document index within the part
 
@@ -64,53 +65,24 @@ def read_jsonl_gz(path: Path) -> Iterator[dict]:
             yield json.loads(line)
 
 
-class GzipWriter:
-    """A JSONL.gz file written under a temporary name and renamed on `commit`, with no time or name in the
-    gzip header, so equal documents give equal bytes on every run and machine."""
+@contextmanager
+def jsonl_gz(path: Path) -> Iterator[Callable[[dict], None]]:
+    """A function writing documents to the JSONL.gz file `path`, put in place whole when the block ends
+    (`shards.atomic_open`), with no time or name in the gzip header, so equal documents give equal bytes
+    on every run and machine."""
+    with atomic_open(path) as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+        yield lambda doc: gz.write((json.dumps(doc, ensure_ascii=False) + "\n").encode("utf-8"))
 
-    def __init__(self, path: Path) -> None:
-        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
-        self.raw = open(self.tmp, "wb")
-        self.gz = gzip.GzipFile(filename="", mode="wb", fileobj=self.raw, mtime=0)
 
-    def write(self, doc: dict) -> None:
-        self.gz.write((json.dumps(doc, ensure_ascii=False) + "\n").encode("utf-8"))
-
-    def commit(self) -> None:
-        """Finish the file and put it in place (fsync, then rename)."""
-        self.gz.close()
-        self.raw.flush()
-        os.fsync(self.raw.fileno())
-        self.raw.close()
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        """Remove the unfinished file."""
-        self.gz.close()
-        self.raw.close()
-        self.tmp.unlink(missing_ok=True)
-
-    @staticmethod
-    def empty(fileobj) -> None:
-        """Write a gzip member with nothing in it (what an output shard without documents holds)."""
-        with gzip.GzipFile(filename="", mode="wb", fileobj=fileobj, mtime=0):
-            pass
-
-    def __enter__(self) -> "GzipWriter":
-        return self
-
-    def __exit__(self, kind, *rest) -> None:
-        self.commit() if kind is None else self.abort()
+def empty_gzip(fileobj: BinaryIO) -> None:
+    """Write a gzip member with nothing in it (what an output shard without documents holds)."""
+    gzip.GzipFile(filename="", mode="wb", fileobj=fileobj, mtime=0).close()
 
 
 def save_array(path: Path, array: np.ndarray) -> None:
-    """`np.save` under a temporary name, then fsync and rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    """`np.save` to `path`, put in place whole."""
+    with atomic_open(path) as f:
         np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def split_by_bucket(records: np.ndarray, key: np.ndarray, buckets: int) -> list[np.ndarray]:
@@ -145,10 +117,8 @@ def losers_in(files: list[Path], part: int) -> np.ndarray:
 
 def write_ids(path: Path, docs_ids: list[str]) -> None:
     """The part's document ids in order (to name the document kept in a drop's example)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with gzip.GzipFile(tmp, "wb", mtime=0) as f:
+    with atomic_open(path) as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
         f.write("".join(json.dumps(i) + "\n" for i in docs_ids).encode("utf-8"))
-    os.replace(tmp, path)
 
 
 class IdLookup:

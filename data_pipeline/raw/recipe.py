@@ -4,16 +4,21 @@
 with its kind (the module in this package that reads and cleans it), its raw inputs (files, folders
 or globs) and its options. Two steps per source:
 
-1. each input file alone (in parallel over `workers` processes): read, clean, filter, count ->
-   `OUTPUT/<source>/files/<hash of the path>.jsonl.gz`, streamed, and a completion marker `.done.json`
-   (the input's path, size and mtime (a folder: of every file in it), a hash of the kind and options,
-   and its tally). A rerun skips an input whose marker matches, so a killed run resumes; changed
-   options or inputs are redone, and inputs no longer listed are forgotten.
-2. the whole source, inputs in order: the module's own pass when it has one (CommonCrawl's line
-   dedup), exact dedup, near dedup when `near_dedup` is set (books: 0.9) -> `OUTPUT/<source>/
-   <source>-NNNNN.jsonl.gz` shards of `shard_docs` documents and `report.json`, removed when the step
-   starts and written last (a source without it is unfinished). A rerun whose inputs, options and
-   dedup settings are unchanged finds the report and skips the step.
+1. each input file alone (a task per file): read, clean, filter, count -> `OUTPUT/<source>/files/<hash
+   of the path>.jsonl.gz`, streamed, and a completion marker `.done.json` (the input's path, size and
+   mtime (a folder: of every file in it; a URL: size and ETag), a hash of the kind and options, and its
+   tally). A rerun skips an input whose marker matches, so a killed run resumes; changed options or
+   inputs are redone, and inputs no longer listed are forgotten.
+2. the whole source, inputs in order: CommonCrawl's line dedup, exact dedup, near dedup when
+   `near_dedup` is set (books: 0.9), each split into hash buckets on disk (`bucketed.py`), then
+   `OUTPUT/<source>/<source>-NNNNN.jsonl.gz` shards of `shard_docs` documents and `report.json`,
+   removed when the step starts and written last (a source without it is unfinished). A rerun whose
+   inputs, options and dedup settings are unchanged finds the report and skips the step.
+
+Both steps are stages of independent tasks (`stages.py`) that an executor runs (`executors.py`): a
+local process pool (`workers`), Ray tasks (`executor=ray`), or Slurm job arrays (`executor=slurm`,
+`slurm.py`); the output bytes are the same under each. Inputs are local paths, globs, folders, fsspec
+URLs (s3://, https://, hf://) or Common Crawl `*.paths.gz` listings.
 
 A damaged input (truncated or corrupt gzip/bz2/XML/archive) is reported by name in the report and the
 rest is processed; with `strict` the run stops there. The outputs are JSONL documents in the data
@@ -39,7 +44,7 @@ from omegaconf import MISSING
 
 from data_pipeline.config import check_source_names
 from data_pipeline.configfile import ConfigError
-from data_pipeline.raw.bucketed import GzipWriter
+from data_pipeline.raw.bucketed import jsonl_gz
 from data_pipeline.raw.common import CorruptInput, Tally
 from data_pipeline.raw.executors import LocalExecutor, RayExecutor
 from data_pipeline.raw.stages import STAGES, function, tasks, write_json
@@ -244,12 +249,12 @@ def process_file(source: RawSourceConfig, entry: str, out_dir: Path, strict: boo
             path = _local_copy(entry, Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="recipe-"))))
         files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
         tally.input_bytes = sum(p.stat().st_size for p in files)
-        with GzipWriter(output) as writer:  # documents go to disk as they come; removed if this stops
+        with jsonl_gz(output) as write:  # documents go to disk as they come; removed if this stops
             try:
                 if tally.input_bytes == 0:
                     raise CorruptInput(f"{entry}: empty input (0 bytes)")
                 for doc in module.documents(path, options, tally):
-                    writer.write(tally.keep(doc))
+                    write(tally.keep(doc))
             except CorruptInput as e:
                 message = str(e).replace(str(path), entry)  # a URL's error names the URL, not the local copy
                 if strict:

@@ -27,8 +27,8 @@ inputs and its dedup settings, so other inputs or settings redo step 2 (and only
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -37,6 +37,7 @@ import numpy as np
 
 from data_pipeline.raw import bucketed as bk
 from data_pipeline.raw.common import Tally
+from data_pipeline.shards import atomic_open, atomic_write_bytes
 
 PASSES = ("line", "exact", "near")
 STAGES = (
@@ -55,13 +56,8 @@ STAGES = (
 
 
 def write_json(path: Path, value: Any) -> None:
-    """A JSON file written under a temporary name, fsynced, then renamed."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """A JSON file, put in place whole."""
+    atomic_write_bytes(path, json.dumps(value, indent=1, ensure_ascii=False).encode("utf-8"))
 
 
 def read_json(path: Path) -> Optional[Any]:
@@ -320,9 +316,9 @@ def _apply_task(pass_name: str) -> Callable:
                 kept = bk.drop_pairs(docs, part, losers, "near_duplicate", "~", name_of, tally)
             out.mkdir(parents=True, exist_ok=True)
             n = 0
-            with bk.GzipWriter(out / f"{part:08d}.jsonl.gz") as writer:
+            with bk.jsonl_gz(out / f"{part:08d}.jsonl.gz") as write:
                 for doc in kept:
-                    writer.write(doc)
+                    write(doc)
                     n += 1
             return {"kept": n, "tally": tally.to_dict(), "docs": n}
 
@@ -369,16 +365,12 @@ def task_write(cfg: Any, name: str, part: int) -> dict:
         counts, size = _counts(s), s.config.shard_docs
         first = sum(counts["kept"][:part])
         out.mkdir(parents=True, exist_ok=True)
-        tally, writer, shard = Tally(), None, -1
-        for i, doc in enumerate(bk.read_jsonl_gz(s.input_of(None, part))):
-            if (first + i) // size != shard:
-                if writer is not None:
-                    writer.commit()
-                shard = (first + i) // size
-                writer = bk.GzipWriter(out / f"{shard:05d}-{part:08d}.gz")
-            writer.write(tally.keep(doc))
-        if writer is not None:
-            writer.commit()
+        tally = Tally()
+        docs = enumerate(bk.read_jsonl_gz(s.input_of(None, part)))
+        for shard, group in itertools.groupby(docs, key=lambda item: (first + item[0]) // size):
+            with bk.jsonl_gz(out / f"{shard:05d}-{part:08d}.gz") as write:
+                for _, doc in group:
+                    write(tally.keep(doc))
         return {"tally": tally.to_dict(), "docs": tally.docs_out}
 
     return once(out / f"{part:08d}.done.json", s.plan["key"], work)
@@ -391,18 +383,14 @@ def task_concat(cfg: Any, name: str, shard: int) -> dict:
     target = s.folder / f"{name}-{shard:05d}.jsonl.gz"
 
     def work() -> dict:
-        tmp = target.with_name(target.name + ".tmp")
         starts = np.cumsum([0, *counts["kept"]])
-        with open(tmp, "wb") as f:
+        with atomic_open(target) as f:
             for part, (lo, hi) in enumerate(zip(starts[:-1], starts[1:])):
                 if hi > lo and lo < (shard + 1) * size and hi > shard * size:
                     with open(s.work / "write" / f"{shard:05d}-{part:08d}.gz", "rb") as piece:
                         shutil.copyfileobj(piece, f)
             if sum(counts["kept"]) == 0:  # a source with nothing kept still has one (empty) shard
-                bk.GzipWriter.empty(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+                bk.empty_gzip(f)
         return {"docs": 0}
 
     return once(s.work / "concat" / f"{shard:05d}.done.json", s.plan["key"], work)
@@ -445,8 +433,5 @@ def task_report(cfg: Any, name: str, index: int) -> dict:
         reports[s.name] = read_json(s.folder / "report.json")
         if not cfg.keep_work:
             shutil.rmtree(s.work, ignore_errors=True)
-    out = Path(cfg.output) / "report.md"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(format_reports(reports), encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_bytes(Path(cfg.output) / "report.md", format_reports(reports).encode("utf-8"))
     return {"docs": 0}

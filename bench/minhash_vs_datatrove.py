@@ -1,0 +1,118 @@
+"""Our MinHash near dedup against datatrove's four-stage MinHash, on the same documents, one core.
+
+The documents are bench/recipe_scale.py's (the sample corpus, real text, as `--parts` parts, every copy
+after the first new text of the same shape), written once as JSONL.gz. Ours: the recipe's near-dedup
+stages (`near-scan`, `near-bucket`, `near-greedy`, `near-apply`; 128 permutations, LSH bands for
+Jaccard 0.7, containment checked, `dedup_buckets=16`), each stage a `python -m data_pipeline recipe
+--stage` process. datatrove's: `MinhashDedupSignature` -> `MinhashDedupBuckets` -> `MinhashDedupCluster`
+-> `MinhashDedupFilter` with its defaults (5-grams, 14 bands x 8 hashes = 112 permutations), read and
+written as JSONL.gz by its own reader and writer, `LocalPipelineExecutor` with one worker. Both run one
+task at a time; the figure is the CPU seconds of all processes. datatrove is not a dependency of the
+project: give a Python that has it (`python -m venv /tmp/dt && /tmp/dt/bin/pip install datatrove`).
+
+    python bench/minhash_vs_datatrove.py --datatrove-python /tmp/dt/bin/python [--parts 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.recipe_scale import prepare  # noqa: E402
+from bench.report import provenance, publish  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+DATATROVE = """
+import sys, time
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
+from datatrove.pipeline.dedup.minhash import MinhashConfig
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.writers import JsonlWriter
+
+inputs, work, tasks = sys.argv[1], sys.argv[2], int(sys.argv[3])
+config = MinhashConfig()
+read = lambda: JsonlReader(inputs, glob_pattern="*.jsonl.gz")
+stages = [
+    ([read(), MinhashDedupSignature(output_folder=f"{work}/signatures", config=config)], tasks),
+    ([MinhashDedupBuckets(input_folder=f"{work}/signatures", output_folder=f"{work}/buckets", config=config)],
+     config.num_buckets),
+    ([MinhashDedupCluster(input_folder=f"{work}/buckets", output_folder=f"{work}/remove", config=config)], 1),
+    ([read(), MinhashDedupFilter(input_folder=f"{work}/remove"), JsonlWriter(f"{work}/out")], tasks),
+]
+for n, (pipeline, count) in enumerate(stages):
+    LocalPipelineExecutor(pipeline=pipeline, tasks=count, workers=1, logging_dir=f"{work}/logs/{n}").run()
+"""
+
+
+def cpu_of(command: list[str]) -> float:
+    """CPU seconds of a command and its children."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datatrove-python", required=True)
+    parser.add_argument("--parts", type=int, default=16)
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "bench" / "results" / f"{datetime.date.today()}-minhash-vs-datatrove.md"
+    )
+    args = parser.parse_args()
+    version = subprocess.run(
+        [args.datatrove_python, "-c", "from importlib.metadata import version; print(version('datatrove'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    with tempfile.TemporaryDirectory(prefix="minhash-") as tmp:
+        work = Path(tmp)
+        config = prepare(work / "ours", args.parts, passes=("near",))
+        files = work / "ours" / "out" / "cc" / "files"
+        mb = sum(json.loads(p.read_text())["tally"]["bytes_in"] for p in files.glob("*.done.json")) / 1e6
+        ours = {}
+        for stage in (
+            "plan",
+            "near-scan",
+            "near-bucket",
+            "near-greedy",
+            "near-apply",
+            "count",
+            "write",
+            "concat",
+            "report",
+        ):
+            ours[stage] = cpu_of([sys.executable, "-m", "data_pipeline", "recipe", str(config), "--stage", stage])
+        kept = json.loads((work / "ours" / "out" / "cc" / "report.json").read_text())
+        theirs = cpu_of([args.datatrove_python, "-c", DATATROVE, str(files), str(work / "datatrove"), str(args.parts)])
+        out_lines = sum(1 for p in (work / "datatrove" / "out").glob("*.jsonl.gz") for _ in gzip.open(p, "rt"))
+    near = sum(v for k, v in ours.items() if k.startswith("near"))
+    lines = ["# MinHash near dedup: ours against datatrove's, one core", ""]
+    lines += [f"- {line}" for line in provenance(torch.device("cpu"), "n/a")]
+    lines += [f"- datatrove {version}; {args.parts} parts, {mb:.0f} MB of text, {kept['docs_in']:,} documents", ""]
+    lines += ["| pipeline | CPU s | MB/s per core | documents kept |", "|---|---:|---:|---:|"]
+    lines.append(f"| ours (near- scan, bucket, greedy, apply) | {near:.1f} | {mb / near:.2f} | {kept['docs_out']:,} |")
+    lines.append(
+        f"| datatrove (signature + buckets + cluster + filter) | {theirs:.1f} | {mb / theirs:.2f} | {out_lines:,} |"
+    )
+    lines += ["", f"ours is {theirs / near:.2f}x datatrove's speed per core. Ours by stage (CPU s): "]
+    lines[-1] += ", ".join(f"{k} {v:.1f}" for k, v in ours.items() if k.startswith("near"))
+    publish(lines, args.out)
+
+
+if __name__ == "__main__":
+    main()
