@@ -323,3 +323,23 @@ def test_line_dedup_in_buckets_removes_what_ccnet_line_dedup_removes(group_docs)
             )
             kept += bk.line_apply(iter(part), n, mine, options.min_chars, tally)
         assert kept == expected and tally.dropped == reference_tally.dropped, buckets
+
+
+def test_empty_inputs_are_named_and_a_strict_stop_leaves_no_temporary_file(tmp_path):
+    """A 0-byte .warc.gz is a damaged input (named; --strict stops, leaving no *.tmp behind); a WARC read
+    whole that holds no record is named as empty."""
+    from data_pipeline.sources import DataError
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "zero.warc.gz").write_bytes(b"")
+    (tmp_path / "in" / "no-records.warc.gz").write_bytes(gzip.compress(b""))
+    cut = (RAW / "warc" / "iana.warc.gz").read_bytes()
+    (tmp_path / "in" / "cut.warc.gz").write_bytes(cut[: len(cut) // 2])
+    source = RawSourceConfig(name="cc", kind="commoncrawl", inputs=[str(tmp_path / "in" / "*.warc.gz")])
+    report = run_recipe(RecipeConfig(output=str(tmp_path / "out"), sources=[source]))["cc"]
+    assert sorted(Path(f["file"]).name for f in report["failed_files"]) == ["cut.warc.gz", "zero.warc.gz"]
+    assert [Path(f).name for f in report["empty_files"]] == ["no-records.warc.gz"]
+    assert "no-records.warc.gz" in (tmp_path / "out" / "report.md").read_text()
+    with pytest.raises(DataError, match="cut.warc.gz"):
+        run_recipe(RecipeConfig(output=str(tmp_path / "strict"), sources=[source], strict=True))
+    assert not list((tmp_path / "strict").rglob("*.tmp"))
