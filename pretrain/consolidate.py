@@ -16,8 +16,7 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 
-from pretrain.parallel.base import DCP_DIR
-from pretrain.parallel.deepspeed import LAYOUT, TAG
+from pretrain.checkpoint_layout import DCP_DIR, DEEPSPEED_LAYOUT, DEEPSPEED_TAG, dcp_without_process_group
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -40,14 +39,16 @@ class WeightReader:
             }
             self.shapes = {name: tuple(meta.size) for name, meta in self._meta.items()}
             self._get: Callable[[str], torch.Tensor] = self._read_dcp
-        elif (path / TAG / LAYOUT).is_file():
-            if json.loads((path / TAG / LAYOUT).read_text())["zero_stage"] == 0:
-                module = torch.load(path / TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        elif (path / DEEPSPEED_TAG / DEEPSPEED_LAYOUT).is_file():
+            if json.loads((path / DEEPSPEED_TAG / DEEPSPEED_LAYOUT).read_text())["zero_stage"] == 0:
+                module = torch.load(
+                    path / DEEPSPEED_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+                )
                 self._state = dict(module["module"])
             else:
                 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-                self._state = dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG))
+                self._state = dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DEEPSPEED_TAG))
         elif path.is_file() and path.suffix == ".safetensors":
             from safetensors import safe_open
 
@@ -65,7 +66,8 @@ class WeightReader:
                 raise ValueError(f"{path}: expected a dict of tensors by parameter name")
         else:
             raise FileNotFoundError(
-                f"{path}: not a checkpoint (no {DCP_DIR}/ and no {TAG}/{LAYOUT}) and not a .pth or .safetensors file"
+                f"{path}: not a checkpoint (no {DCP_DIR}/ and no {DEEPSPEED_TAG}/{DEEPSPEED_LAYOUT}) "
+                "and not a .pth or .safetensors file"
             )
         if self._state is not None:
             self.shapes = {name: tuple(t.shape) for name, t in self._state.items()}
@@ -73,8 +75,6 @@ class WeightReader:
 
     def _read_dcp(self, name: str) -> torch.Tensor:
         import torch.distributed.checkpoint as dcp
-
-        from pretrain.parallel.base import dcp_without_process_group
 
         meta = self._meta[name]
         tensor = torch.empty(meta.size, dtype=meta.properties.dtype)

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
+from pretrain.checkpoint_layout import DCP_DIR, dcp_without_process_group
 from pretrain.consolidate import DTYPES
 from pretrain.hf import from_hf_state_dict
 from pretrain.model import ModelArgs, param_shapes
-from pretrain.parallel.base import DCP_DIR
 
 
 class ConversionError(ValueError):
@@ -166,7 +166,6 @@ def import_weights(
     from omegaconf import OmegaConf
 
     from pretrain.checkpoint import code_version, fsync_tree
-    from pretrain.parallel.base import dcp_without_process_group
 
     source, output = Path(source), Path(output)
     if (source / "config.json").is_file():

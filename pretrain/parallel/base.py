@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from pathlib import Path
@@ -16,9 +15,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
+from pretrain.checkpoint_layout import DCP_DIR, dcp_without_process_group
 from pretrain.config import ConfigError, ExperimentConfig, Precision
-
-DCP_DIR = "dcp"  # where `single` and `fsdp` keep model and optimizer state inside a checkpoint folder
 
 
 class Strategy(ABC):
@@ -114,14 +112,6 @@ class Strategy(ABC):
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
-
-
-@contextlib.contextmanager
-def dcp_without_process_group():
-    """torch.distributed.checkpoint warns when used without a process group, which `single` is by design."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        yield
 
 
 class DataParallelStrategy(Strategy):

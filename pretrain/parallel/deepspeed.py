@@ -28,14 +28,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pretrain.checkpoint_layout import DEEPSPEED_LAYOUT as LAYOUT
+from pretrain.checkpoint_layout import DEEPSPEED_TAG as TAG
 from pretrain.config import Checkpointing, ConfigError, ExperimentConfig, Precision
 from pretrain.model import Transformer, build_model
 from pretrain.optim import build_optimizer
 from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
 from pretrain.parallel.base import DataParallelStrategy, init_from_weights, launched_device, resolve_precision
-
-TAG = "deepspeed"  # the sub-folder of a checkpoint folder that DeepSpeed's engine writes
-LAYOUT = "layout.json"  # stage and world size of a saved ZeRO checkpoint
 
 
 def deep_update(base: dict, override: dict) -> dict:
