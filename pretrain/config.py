@@ -86,6 +86,7 @@ class TrainConfig:
     save_every: int = 1000  # 0: only at the end
     async_save: bool = False  # single/fsdp: periodic saves copy to CPU memory, then write in the background
     keep_last: int = 3  # checkpoints kept; older ones are deleted
+    verify_checkpoints: bool = True  # sha256 of every checkpoint file, written on save and checked on load
     on_nan: str = "stop"  # a NaN/Inf loss or gradient norm: stop the run, or skip the update
     stop_at: Optional[int] = None  # end this job after this step (checkpointed); the schedule still spans `steps`
     resume: str = "auto"  # auto (latest checkpoint of run_dir if any) | never | a checkpoint folder
