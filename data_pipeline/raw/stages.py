@@ -368,7 +368,7 @@ def task_write(cfg: Any, name: str, part: int) -> dict:
         tally = Tally()
         docs = enumerate(bk.read_jsonl_gz(s.input_of(None, part)))
         for shard, group in itertools.groupby(docs, key=lambda item: (first + item[0]) // size):
-            with bk.jsonl_gz(out / f"{shard:05d}-{part:08d}.gz") as write:
+            with bk.jsonl_gz(out / f"{shard:05d}-{part:08d}.gz", bk.OUTPUT_LEVEL) as write:
                 for _, doc in group:
                     write(tally.keep(doc))
         return {"tally": tally.to_dict(), "docs": tally.docs_out}
