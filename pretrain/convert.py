@@ -23,12 +23,8 @@ import torch
 
 from pretrain.checkpoint_layout import DCP_DIR, dcp_without_process_group
 from pretrain.consolidate import DTYPES
-from pretrain.hf import from_hf_state_dict
+from pretrain.hf import ConversionError, from_hf_state_dict, hf_model_args
 from pretrain.model import ModelArgs, param_shapes
-
-
-class ConversionError(ValueError):
-    """A source folder that cannot be imported; the message names the file and the key."""
 
 
 def _read_json(path: Path) -> dict:
@@ -36,43 +32,6 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConversionError(f"{path}: {e}") from None
-
-
-def hf_model_args(config: dict, path: Path) -> ModelArgs:
-    """Our model section from a `LlamaForCausalLM` `config.json`; refuses what our model does not compute."""
-    if config.get("model_type") != "llama":
-        raise ConversionError(f"{path}: model_type {config.get('model_type')!r}, expected 'llama'")
-    refused = {
-        "tie_word_embeddings": False,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "rope_scaling": None,
-        "hidden_act": "silu",
-    }
-    for key, ours in refused.items():
-        if config.get(key, ours) != ours:
-            raise ConversionError(f"{path}: {key}={config[key]!r} is not supported (our LLaMA has {key}={ours!r})")
-    rope_theta = config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-    rope_type = (config.get("rope_parameters") or {}).get("rope_type", "default")
-    if rope_type != "default":
-        raise ConversionError(f"{path}: rope_parameters.rope_type={rope_type!r} is not supported (plain RoPE only)")
-    args = ModelArgs(
-        dim=config["hidden_size"],
-        n_layers=config["num_hidden_layers"],
-        n_heads=config["num_attention_heads"],
-        n_kv_heads=config.get("num_key_value_heads") or None,
-        vocab_size=config["vocab_size"],
-        ffn_hidden_dim=config["intermediate_size"],
-        norm_eps=config.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope_theta),
-        max_seq_len=config.get("max_position_embeddings", 2048),
-        init_std=config.get("initializer_range", 0.02),
-    )
-    if config.get("head_dim", args.head_dim) != args.head_dim:
-        raise ConversionError(f"{path}: head_dim={config['head_dim']} differs from hidden_size / num_attention_heads")
-    if args.n_kv_heads == args.n_heads:
-        args = dataclasses.replace(args, n_kv_heads=None)
-    return args
 
 
 def read_hf(folder: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:

@@ -15,35 +15,8 @@ import shutil
 from pathlib import Path
 
 from pretrain.consolidate import DTYPES, checkpoint_config, consolidated_state_dict
-from pretrain.hf import to_hf_state_dict
+from pretrain.hf import hf_config_dict, to_hf_state_dict
 from pretrain.model import ModelArgs
-
-
-def hf_config_dict(args: ModelArgs, dtype: str, bos_id: int, eos_id: int) -> dict:
-    """`config.json` of a `LlamaForCausalLM` with our shapes."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": args.vocab_size,
-        "hidden_size": args.dim,
-        "intermediate_size": args.hidden_dim,
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.kv_heads,
-        "head_dim": args.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": args.max_seq_len,
-        "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta,
-        "tie_word_embeddings": False,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "initializer_range": args.init_std,
-        "bos_token_id": bos_id,
-        "eos_token_id": eos_id,
-        "torch_dtype": str(DTYPES[dtype]).removeprefix("torch."),
-        "use_cache": True,
-    }
 
 
 def tokenizer_json(model_file: str | os.PathLike) -> dict:
@@ -210,7 +183,16 @@ def export_hf(
                 **special,
             },
         )
-    _write_json(tmp / "config.json", hf_config_dict(args, dtype, bos_id, eos_id))
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **hf_config_dict(args),
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": str(DTYPES[dtype]).removeprefix("torch."),
+        "use_cache": True,
+    }
+    _write_json(tmp / "config.json", config)
     _write_json(tmp / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": False})
     shutil.rmtree(output, ignore_errors=True)
     os.replace(tmp, output)

@@ -54,7 +54,7 @@ DEFAULT_OUT = ROOT / "data_pipeline" / "sample_corpus"
 DEFAULT_POSTS = ROOT.parent / "shared" / "data" / "stackexchange" / "cstheory.meta" / "Posts.xml"
 sys.path.insert(0, str(ROOT))  # the cleaning code is the recipe's (data_pipeline/raw/)
 
-from data_pipeline.raw.arxiv import braced as arxiv_braced  # noqa: E402
+from data_pipeline.raw.latex_macros import braced as latex_braced  # noqa: E402
 from data_pipeline.raw.stackexchange import html_to_text, post_license  # noqa: E402
 
 
@@ -328,7 +328,7 @@ _VERBATIM_ENVS = "verbatim|Verbatim|Code|CodeInput|CodeOutput|Scode|Sinput|Soutp
 
 def braced(text: str, start: int) -> str | None:
     """The contents of the balanced {...} group opening at text[start], or None if there is none."""
-    group = arxiv_braced(text, start)
+    group = latex_braced(text, start)
     return group[0] if group else None
 
 

@@ -204,3 +204,28 @@ def test_generate_greedy_equals_transformers_and_top_p_is_seeded(tiny_data, tmp_
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "The history of" in result.stdout and "(8 new tokens)" in result.stdout
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2], ids=["mha", "gqa"])
+def test_one_config_mapping_both_ways(n_kv_heads):
+    """Export and import read one table: every model value survives our config.json and transformers' own."""
+    from pretrain.hf import ConversionError, hf_config, hf_config_dict, hf_model_args
+    from pretrain.model import ModelArgs
+
+    args = ModelArgs(
+        dim=64,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=n_kv_heads,
+        vocab_size=300,
+        ffn_hidden_dim=176,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_seq_len=96,
+        init_std=0.01,
+    )
+    assert hf_model_args({"model_type": "llama", **hf_config_dict(args)}, "config.json") == args
+    assert hf_model_args(hf_config(args).to_dict(), "config.json") == args  # as transformers writes it
+    without = {k: v for k, v in hf_config_dict(args).items() if k != "num_hidden_layers"}
+    with pytest.raises(ConversionError, match="config.json: no num_hidden_layers"):
+        hf_model_args({"model_type": "llama", **without}, "config.json")
