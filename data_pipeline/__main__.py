@@ -12,7 +12,15 @@ from typing import Iterator
 
 from data_pipeline.config import PipelineConfig, SourceConfig, validate_pipeline
 from data_pipeline.configfile import ConfigError, load_structured
-from data_pipeline.shards import SourceShards, atomic_write_bytes
+from data_pipeline.shards import (
+    MANIFEST,
+    Manifest,
+    ShardError,
+    SourceShards,
+    atomic_write_bytes,
+    source_folders,
+    unlisted_files,
+)
 from data_pipeline.sources import Input, dataset_shards, keep_hub_on, read_documents
 from data_pipeline.tokenize import TokenizeSettings, part_path, tokenize_source
 from data_pipeline.tokenizer import LLAMA_TRAINER_SPEC, document_lines, file_sha256, train_tokenizer
@@ -174,12 +182,29 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(root: Path, tokenizer: str | None) -> None:
-    """Check every shard under `root` against its manifest (sizes and sha256) and the tokenizer."""
+    """Check every source folder under `root` (or `root` itself, a source folder) against its manifest:
+    every listed shard's size and sha256, the tokenizer, no shard file left out of the list. A folder
+    of shards without a manifest, or none at all, is refused. Every problem is printed, then counted
+    in the error raised."""
     sha = file_sha256(tokenizer) if tokenizer else None
-    for folder in sorted(p for p in root.iterdir() if (p / "manifest.json").is_file()):
-        for split in ("train", "val"):
-            shards = SourceShards(folder, split, sha, verify_checksum=True)
-            print(f"{folder.name}/{split}: {len(shards.shards)} shards, {shards.n_tokens} tokens OK")
+    folders = [root] if (root / MANIFEST).is_file() else source_folders(root)
+    problems = []
+    for folder in folders:
+        try:
+            unlisted = unlisted_files(folder, Manifest.load(folder))
+            if unlisted:
+                raise ShardError(
+                    f"{', '.join(map(str, unlisted))}: not listed in {folder / MANIFEST} (an entry removed, or "
+                    "left from another run); retokenize the source with --force, or remove the files"
+                )
+            for split in ("train", "val"):
+                shards = SourceShards(folder, split, sha, verify_checksum=True)
+                print(f"{folder.name}/{split}: {len(shards.shards)} shards, {shards.n_tokens} tokens OK")
+        except ShardError as e:
+            print(f"error: {e}", file=sys.stderr)
+            problems.append(e)
+    if problems:
+        raise ShardError(f"{len(problems)} of {len(folders)} source folders under {root} failed verification")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,8 @@ their boundaries, as LLaMA-1 did); windows start every `seq_len` tokens, so the 
 window is the first of the next and no target is lost. Sources are blended by sampling weight, each
 visited without replacement within its epoch and reshuffled each epoch (`data_pipeline.mixture`).
 A global batch is a contiguous range of that order, the same for any world size; each data-parallel
-rank takes its slice.
+rank takes its slice. Every token id read is checked against the vocabulary size, and each rank checks
+the sha256 of its share of the shards once, in the background (`shards.ShardVerifier`).
 """
 
 from __future__ import annotations
@@ -20,18 +21,13 @@ import numpy as np
 import torch
 
 from data_pipeline.mixture import Mixture
-from data_pipeline.shards import ShardError, SourceShards
+from data_pipeline.shards import ShardError, ShardVerifier, SourceShards, source_folders
 
 
 def list_sources(root: str | os.PathLike) -> list[str]:
-    """Source folders (those holding a manifest.json) under a token root."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ShardError(f"{root}: data folder not found (run `python -m data_pipeline prepare`?)")
-    sources = sorted(p.name for p in root.iterdir() if (p / "manifest.json").is_file())
-    if not sources:
-        raise ShardError(f"{root}: no source folder with a manifest.json inside")
-    return sources
+    """Source folders (those holding a manifest.json) under a token root; a folder of shards without
+    its manifest is an error naming it (`shards.source_folders`)."""
+    return [p.name for p in source_folders(root)]
 
 
 def resolve_sources(
@@ -74,6 +70,7 @@ class PackedSamples:
                 f"data.weights: every source needs a positive weight, got {dict(zip(self.sources, self.weights))}"
             )
         self.mixture = Mixture(self.windows, self.weights, seed)
+        self.vocab_size = min(st.vocab_size for st in self.streams)
 
     @property
     def n_windows(self) -> int:
@@ -97,6 +94,9 @@ class PackedSamples:
             tokens[row] = stream.read(start, self.seq_len + 1)
             if positions:
                 ids[row] = document_positions(stream.doc_starts(start, self.seq_len), self.seq_len)
+        if len(tokens) and tokens.max() >= self.vocab_size:  # one pass over the batch; then find the culprit
+            for row, (source, start) in enumerate(zip(sources.tolist(), (windows * self.seq_len).tolist())):
+                self.streams[source].check_ids(start, tokens[row])
         return tokens, sources, ids
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
@@ -132,6 +132,8 @@ class BatchLoader:
 
     Step s uses global samples [s * B, (s + 1) * B) with B = `global_batch_size` samples; rank r of
     W takes [r * B / W, (r + 1) * B / W) of those. `state_dict()` holds the next global sample index.
+    With `verify_shards`, rank r checks the sha256 of shards r, r + W, ... (of all sources, in order)
+    in a background thread, and `next_batch` raises a mismatch once found.
     """
 
     def __init__(
@@ -143,6 +145,7 @@ class BatchLoader:
         world_size: int = 1,
         start_index: int = 0,
         with_positions: bool = False,
+        verify_shards: bool = True,
     ):
         if global_batch_size % (micro_batch_size * world_size):
             raise ValueError(
@@ -153,6 +156,8 @@ class BatchLoader:
         self.rank, self.world_size = rank, world_size
         self.index, self.with_positions = start_index, with_positions
         self.tokens_per_source = np.zeros(len(samples.sources), dtype=np.int64)  # seen by this rank
+        shards = [shard for stream in samples.streams for shard in stream.shards]
+        self.verifier = ShardVerifier(shards[rank::world_size] if verify_shards else [])
 
     @property
     def grad_accum_steps(self) -> int:
@@ -162,6 +167,7 @@ class BatchLoader:
     def next_batch(self) -> list[tuple[torch.Tensor, ...]]:
         """This rank's micro-batches of the next global batch, as (inputs, targets) int64 pairs, or
         (inputs, targets, positions) with `with_positions` (position ids reset at document starts)."""
+        self.verifier.check()
         per_rank = self.global_batch_size // self.world_size
         first = self.index + self.rank * per_rank
         tokens, sources, positions = self.samples.batch(range(first, first + per_rank), self.with_positions)
@@ -188,15 +194,41 @@ class BatchLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the position; refuse one taken over different data or a different order."""
+        """Restore the position and the tokens seen per source; refuse a damaged state, or one taken over
+        different data (`n_windows`), another mixture (`sources`, `weights`) or another order (`seed`)."""
         mine = self.state_dict()
-        for key in ("seed", "n_windows", "sources", "weights"):
+        missing = [key for key in mine if key not in state]
+        if missing:
+            raise ValueError(f"data loader state lacks {missing} (a damaged checkpoint?)")
+        for key in ("sources", "weights", "seed", "n_windows"):
             if state[key] != mine[key]:
                 raise ValueError(
                     f"data loader state was saved with {key}={state[key]!r}, but this run has {mine[key]!r}"
                 )
-        self.index = state["index"]
-        self.tokens_per_source = np.array(state["tokens_per_source"], dtype=np.int64)
+        index, counts = state["index"], state["tokens_per_source"]
+        if not _is_count(index):
+            raise ValueError(f"data loader state: index={index!r} is not a sample index (a damaged checkpoint?)")
+        if (
+            not isinstance(counts, (list, tuple))
+            or len(counts) != len(self.samples.sources)
+            or not all(map(_is_count, counts))
+            or sum(counts) > index * self.samples.seq_len
+        ):
+            raise ValueError(
+                f"data loader state: tokens_per_source={counts!r} is not one count per source of "
+                f"{self.samples.sources} within the {index} samples read (a damaged checkpoint?)"
+            )
+        self.index = index
+        self.tokens_per_source = np.array(counts, dtype=np.int64)
+
+    def close(self) -> None:
+        """Stop the background shard check."""
+        self.verifier.close()
+
+
+def _is_count(value: object) -> bool:
+    """Whether `value` is a non-negative integer (a bool is not)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0
 
 
 class PrefetchLoader:
@@ -253,7 +285,8 @@ class PrefetchLoader:
         self._state = self.loader.state_dict()
 
     def close(self) -> None:
-        """Stop the background thread."""
+        """Stop the background threads."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.loader.close()

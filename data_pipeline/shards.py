@@ -8,6 +8,10 @@ and one `manifest.json` describing every shard: format version, dtype, tokenizer
 per-shard split, token and document counts, byte sizes and sha256 checksums, the input files and the
 config that made them. Files are written under a temporary name then renamed, so a crash never leaves
 a half-written shard under its final name.
+
+Reading checks what is cheap every time (sizes against the manifest, token ids below the vocabulary
+size) and the sha256 of each shard once per run, in a background thread (`ShardVerifier`), each shard
+by one data-parallel rank; `python -m data_pipeline verify` checks every shard at once.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -171,7 +176,9 @@ class ShardReader:
 
     def __init__(self, folder: Path, info: ShardInfo, dtype: np.dtype, verify_checksum: bool = False):
         self.info = info
-        bin_path, idx_path = folder / f"{info.name}.bin", folder / f"{info.name}.idx"
+        self.bin_path = bin_path = folder / f"{info.name}.bin"
+        self.idx_path = idx_path = folder / f"{info.name}.idx"
+        self.verified = False
         for path in (bin_path, idx_path):
             if not path.is_file():
                 raise ShardError(f"{path}: missing, but listed in {folder / MANIFEST}")
@@ -184,16 +191,104 @@ class ShardReader:
         if idx_path.stat().st_size != (info.documents + 1) * 8:
             raise ShardError(f"{idx_path}: size disagrees with the manifest's {info.documents} documents")
         if verify_checksum:
-            from data_pipeline.tokenizer import file_sha256
-
-            for path, want in ((bin_path, info.bin_sha256), (idx_path, info.idx_sha256)):
-                if file_sha256(path) != want:
-                    raise ShardError(f"{path}: sha256 differs from the manifest (corrupted?)")
+            self.verify()
         little = dtype.newbyteorder("<")
         self.tokens = np.memmap(bin_path, dtype=little, mode="r") if info.tokens else np.zeros(0, little)
         self.offsets = np.fromfile(idx_path, dtype="<u8")
         if self.offsets[-1] != info.tokens:
             raise ShardError(f"{idx_path}: last offset {self.offsets[-1]} != {info.tokens} tokens")
+
+    def verify(self) -> None:
+        """Check both files' sha256 against the manifest (once: later calls return at once)."""
+        if self.verified:
+            return
+        from data_pipeline.tokenizer import file_sha256
+
+        for path, want in ((self.bin_path, self.info.bin_sha256), (self.idx_path, self.info.idx_sha256)):
+            if file_sha256(path) != want:
+                raise ShardError(
+                    f"{path}: sha256 differs from {path.parent / MANIFEST} (corrupted?); "
+                    "retokenize this source (`python -m data_pipeline tokenize --force`)"
+                )
+        self.verified = True
+
+
+class ShardVerifier:
+    """Checks shards' sha256 against their manifest, one after another, in a background thread.
+
+    Reading goes on meanwhile (every batch's token ids are range-checked anyway, `SourceShards.check_ids`);
+    the first mismatch is kept and raised, naming the file, by the next `check()`. Hashing reads each
+    listed file once: one pass over the data per run, which callers share out between ranks.
+    """
+
+    def __init__(self, shards: list[ShardReader]):
+        self.shards = shards
+        self.error: Optional[ShardError] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="shard-verify", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for shard in self.shards:
+            if self._stop.is_set():
+                return
+            try:
+                shard.verify()
+            except ShardError as e:
+                self.error = e
+                return
+            except OSError as e:
+                self.error = ShardError(f"{e.filename}: cannot be read to check its sha256 ({e.strerror})")
+                return
+
+    def check(self) -> None:
+        """Raise the mismatch found so far, if any."""
+        if self.error is not None:
+            raise ShardError(*self.error.args)
+
+    def wait(self) -> None:
+        """Wait until every shard is checked (or one failed); raise the mismatch, if any."""
+        self._thread.join()
+        self.check()
+
+    def close(self) -> None:
+        """Stop after the shard being hashed."""
+        self._stop.set()
+
+
+def _holds_shards(folder: Path) -> bool:
+    """Whether a folder holds token shards or tokenize's part records."""
+    return any(next(folder.glob(pattern), None) for pattern in ("*.bin", "*.idx", "part-*.json"))
+
+
+def source_folders(root: str | os.PathLike) -> list[Path]:
+    """The source folders under a token root: those holding a manifest.json, sorted by name.
+
+    A folder that holds shards or part records but no manifest is refused by name, never skipped:
+    its tokenization is unfinished (other machines still at work, or a killed run) or the manifest
+    was deleted. A root without any source folder is refused too.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ShardError(f"{root}: data folder not found (run `python -m data_pipeline prepare`?)")
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    orphans = [p for p in folders if not (p / MANIFEST).is_file() and _holds_shards(p)]
+    if orphans:
+        raise ShardError(
+            f"{', '.join(map(str, orphans))}: token shards without a {MANIFEST} (tokenization unfinished, or "
+            "the manifest deleted); rerun `python -m data_pipeline tokenize` for the source, which writes "
+            "it once every input is done, or remove the folder"
+        )
+    sources = [p for p in folders if (p / MANIFEST).is_file()]
+    if not sources:
+        raise ShardError(f"{root}: no source folder with a {MANIFEST} inside")
+    return sources
+
+
+def unlisted_files(folder: Path, manifest: Manifest) -> list[Path]:
+    """Shard files (`.bin`, `.idx`) in a source folder that its manifest does not list."""
+    listed = {s.name for s in manifest.shards}
+    return sorted(p for p in folder.iterdir() if p.suffix in (".bin", ".idx") and p.stem not in listed)
 
 
 class SourceShards:
@@ -222,6 +317,7 @@ class SourceShards:
         ]
         self.starts = np.cumsum([0] + [s.info.tokens for s in self.shards])
         self.n_tokens = int(self.starts[-1])
+        self.vocab_size = self.manifest.vocab_size
 
     def read(self, start: int, length: int) -> np.ndarray:
         """`length` tokens from global position `start` of the concatenated stream (crossing shards)."""
@@ -235,6 +331,22 @@ class SourceShards:
             filled += take
             i += 1
         return out
+
+    def check_ids(self, start: int, tokens: np.ndarray) -> None:
+        """Refuse tokens read from position `start` that hold an id >= the vocabulary size, naming the
+        shard and offset: bytes changed on disk, which would otherwise fail in the model's embedding."""
+        bad = np.flatnonzero(tokens >= self.vocab_size)
+        if not len(bad):
+            return
+        position = start + int(bad[0])
+        i = int(np.searchsorted(self.starts, position, side="right")) - 1
+        shard, offset = self.shards[i], position - int(self.starts[i])
+        raise ShardError(
+            f"{shard.bin_path}: token id {int(tokens[bad[0]])} at token offset {offset} (byte "
+            f"{offset * shard.tokens.dtype.itemsize}) is not below the vocabulary size {self.vocab_size}: "
+            f"the shard is corrupted; `python -m data_pipeline verify {self.folder.parent}` checks every "
+            "shard, and retokenizing the source (`tokenize --force`) rewrites it"
+        )
 
     def doc_starts(self, start: int, length: int) -> np.ndarray:
         """Positions (relative to `start`) where a document begins inside [start, start + length).

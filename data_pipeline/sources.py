@@ -7,12 +7,15 @@
 - a Hugging Face dataset by name (`wikimedia/wikipedia`) or local folder, streamed: each of its shards
   (`n_shards`, one per data file) is a `DatasetShard`, an input read like one file.
 
-A record that cannot be used is yielded with the reason (`bad_json`, `not_utf8`, `missing_text`,
+A record that cannot be used is yielded with the reason (`bad_json`, `not_utf8`, `bad_unicode`: a text
+or id holding a lone surrogate such as JSON's `"\\ud800"`, which no UTF-8 can hold; `missing_text`,
 `empty_text`) and its `file:line` (or `file:row N`, `<dataset shard>:row N`), never skipped silently.
+A UTF-8 byte-order mark opening a file is not part of its first record.
 """
 
 from __future__ import annotations
 
+import codecs
 import functools
 import gzip
 import io
@@ -34,7 +37,7 @@ class Document:
     origin: str  # file:line
     id: Optional[str] = None
     text: Optional[str] = None
-    dropped: Optional[str] = None  # reason: bad_json | not_utf8 | missing_text | empty_text
+    dropped: Optional[str] = None  # reason: bad_json | not_utf8 | bad_unicode | missing_text | empty_text
 
 
 def open_text(path: Path) -> IO[bytes]:
@@ -62,6 +65,8 @@ def read_jsonl(path: Path, text_field: str = "text", id_field: str = "id") -> It
     with open_text(path) as f:
         for line_no, raw in enumerate(f, start=1):
             origin = f"{path}:{line_no}"
+            if line_no == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -85,7 +90,19 @@ def _from_record(record: object, origin: str, text_field: str, id_field: str) ->
     if not text.strip():
         return Document(origin, dropped="empty_text")
     doc_id = record.get(id_field)
-    return Document(origin, id=str(doc_id) if doc_id is not None else origin, text=text)
+    doc_id = str(doc_id) if doc_id is not None else origin
+    if not _encodable(text) or not _encodable(doc_id):
+        return Document(origin, dropped="bad_unicode")
+    return Document(origin, id=doc_id, text=text)
+
+
+def _encodable(text: str) -> bool:
+    """Whether `text` is valid Unicode, which UTF-8 can hold: no lone surrogate (`"\\ud800"` in JSON)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _import_datasets(what: str, offline: bool) -> Any:
@@ -120,7 +137,7 @@ def read_text_file(path: Path) -> Iterator[Document]:
     """A whole plain-text file (a book) as one document, its file name as id."""
     origin = f"{path}:1"
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError:
         yield Document(origin, dropped="not_utf8")
         return

@@ -6,9 +6,10 @@ names. A document goes to the validation split when a hash of its id falls under
 held-out documents, never trained on, the same on every rerun. Nothing is dropped silently:
 documents in = documents written + documents dropped (by reason).
 
-Files are independent: N worker processes take them in parallel, K machines split them by index, and
-a rerun skips the files whose part record exists, so a killed job resumes where it stopped and gives
-the same bytes as an unbroken one.
+Files are independent: N worker processes take them in parallel (and end with the process that
+started them, even when it is killed), K machines split them by index, and a rerun skips the files
+whose part record exists, so a killed job resumes where it stopped and gives the same bytes as an
+unbroken one.
 """
 
 from __future__ import annotations
@@ -17,53 +18,49 @@ import hashlib
 import itertools
 import json
 import multiprocessing
-from collections import Counter
+import os
+import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import numpy as np
 
 from data_pipeline.progress import Progress
 from data_pipeline.shards import Manifest, ShardInfo, ShardWriter, atomic_write_bytes, token_dtype
 from data_pipeline.sources import DataError, Document, Input, input_bytes, read_documents
+from data_pipeline.tally import Tally
 from data_pipeline.tokenizer import Tokenizer
 
 
 @dataclass
-class TokenizeStats:
-    """Counts for one input file or a whole source: what came in, what was written, what was dropped."""
+class TokenizeStats(Tally):
+    """A `Tally` of one input file or a whole source that also counts the documents and tokens each
+    split received. Part records and manifests keep their field names (`documents_in`, `dropped_examples`)."""
 
-    documents_in: int = 0
     documents_written: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})
     tokens_written: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})
-    bytes_in: int = 0
-    dropped: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> a few file:line
 
-    def drop(self, doc: Document) -> None:
-        """Count a dropped document and keep its origin as an example."""
-        self.dropped[doc.dropped] += 1
-        examples = self.examples.setdefault(doc.dropped, [])
-        if len(examples) < 5:
-            examples.append(doc.origin)
+    examples_per_reason: ClassVar[int] = 5
 
-    def add(self, other: "TokenizeStats") -> None:
-        """Add another file's counts to these."""
-        self.documents_in += other.documents_in
-        self.bytes_in += other.bytes_in
+    @property
+    def documents_in(self) -> int:
+        """Documents read, written or dropped."""
+        return self.docs_in
+
+    def merge(self, other: "TokenizeStats") -> "TokenizeStats":
+        """Add another file's counts to these; returns self."""
+        super().merge(other)
         for split in ("train", "val"):
             self.documents_written[split] += other.documents_written[split]
             self.tokens_written[split] += other.tokens_written[split]
-        self.dropped.update(other.dropped)
-        for reason, examples in other.examples.items():
-            mine = self.examples.setdefault(reason, [])
-            mine += examples[: 5 - len(mine)]
+        return self
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able counts."""
+        """Plain JSON-able counts, as part records and manifests hold them."""
         return {
-            "documents_in": self.documents_in,
+            "documents_in": self.docs_in,
             "documents_written": self.documents_written,
             "tokens_written": self.tokens_written,
             "bytes_in": self.bytes_in,
@@ -73,14 +70,16 @@ class TokenizeStats:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TokenizeStats":
-        """Inverse of `to_dict`."""
+        """Inverse of `to_dict` (reasons in the order their first examples came, as they were counted)."""
+        examples = {reason: list(found) for reason, found in d["dropped_examples"].items()}
         return cls(
-            d["documents_in"],
-            dict(d["documents_written"]),
-            dict(d["tokens_written"]),
-            d["bytes_in"],
-            Counter(d["dropped"]),
-            {k: list(v) for k, v in d["dropped_examples"].items()},
+            docs_in=d["documents_in"],
+            docs_out=sum(d["documents_written"].values()),
+            bytes_in=d["bytes_in"],
+            dropped={reason: d["dropped"][reason] for reason in [*examples, *d["dropped"]]},
+            examples=examples,
+            documents_written=dict(d["documents_written"]),
+            tokens_written=dict(d["tokens_written"]),
         )
 
 
@@ -131,27 +130,26 @@ def tokenize_file(index: int, path: Input, output: Path, settings: TokenizeSetti
     ):
         shards = {"train": train, "val": val}
         for doc in read_documents(path, settings.text_field, settings.id_field):
-            stats.documents_in += 1
+            stats.read(doc.text or "")
             if doc.dropped:
                 if settings.strict:
                     raise DataError(f"{doc.origin}: {doc.dropped.replace('_', ' ')} (strict mode)")
-                stats.drop(doc)
+                stats.drop(doc.dropped, doc.origin)
                 continue
-            size = len(doc.text.encode())
-            stats.bytes_in += size
-            pending_bytes += size
+            pending_bytes += len(doc.text.encode())
             pending.append(doc)
             if len(pending) >= settings.batch_docs or pending_bytes >= settings.batch_bytes:
                 _encode(pending, shards, tokenizer, settings)
                 pending_bytes = 0
-                _report_documents(stats.documents_in - reported)
-                reported = stats.documents_in
+                _report_documents(stats.docs_in - reported)
+                reported = stats.docs_in
         _encode(pending, shards, tokenizer, settings)
-        _report_documents(stats.documents_in - reported)
+        _report_documents(stats.docs_in - reported)
     for split, shard in shards.items():
         stats.documents_written[split] += shard.documents
         stats.tokens_written[split] += shard.tokens
-    assert stats.documents_in == sum(stats.documents_written.values()) + sum(stats.dropped.values())
+    stats.docs_out = sum(stats.documents_written.values())
+    assert stats.docs_in == stats.docs_out + sum(stats.dropped.values())
     part = {
         "index": index,
         "input": str(path),
@@ -222,9 +220,24 @@ def _report_documents(n: int) -> None:
 
 
 def _set_document_sink(sink: Optional[Callable[[int], None]]) -> None:
-    """Route this process's document counts to `sink` (a worker pool's initializer too)."""
+    """Route this process's document counts to `sink`."""
     global _document_sink
     _document_sink = sink
+
+
+def _start_worker(sink: Optional[Callable[[int], None]], parent: int) -> None:
+    """A pool worker's initializer: report documents to `sink`, and exit as soon as process `parent`
+    (the one running `tokenize_source`) is gone. A killed parent closes nothing the workers wait on
+    (each holds both ends of the pool's queues), so without this they would wait forever."""
+    _set_document_sink(sink)
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="exit-with-parent", daemon=True).start()
+
+
+def _exit_with_parent(parent: int, every: float = 0.2) -> None:
+    """End this process when its parent is no longer `parent` (it died and this one was adopted)."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)
 
 
 def tokenize_source(
@@ -288,7 +301,7 @@ def tokenize_source(
     )
     for part in parts:
         manifest.shards += [ShardInfo(**s) for s in part["shards"]]
-        stats.add(TokenizeStats.from_dict(part["stats"]))
+        stats.merge(TokenizeStats.from_dict(part["stats"]))
     manifest.stats = stats.to_dict()
     manifest.save(output)
     return stats
@@ -304,7 +317,7 @@ def _run_pool(todo: list, workers: int, shown: Optional[Progress], sizes: dict[i
     """Tokenize the files of `todo` in `workers` processes; their document counts reach `shown` as they go."""
     ctx = multiprocessing.get_context("spawn")
     counts = ctx.SimpleQueue() if shown is not None else None
-    with ctx.Pool(workers, _set_document_sink, (None if counts is None else counts.put,)) as pool:
+    with ctx.Pool(workers, _start_worker, (None if counts is None else counts.put, os.getpid())) as pool:
         results = pool.imap_unordered(_run_file, todo)
         while True:
             try:
