@@ -7,11 +7,12 @@ order); its own keys come next, then `key=value` overrides from the command line
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
@@ -90,6 +91,7 @@ class TrainConfig:
     on_nan: str = "stop"  # a NaN/Inf loss or gradient norm: stop the run, or skip the update
     stop_at: Optional[int] = None  # end this job after this step (checkpointed); the schedule still spans `steps`
     resume: str = "auto"  # auto (latest checkpoint of run_dir if any) | never | a checkpoint folder
+    resume_changes: List[str] = field(default_factory=list)  # keys (or sections) whose new values a resumed run applies
     init_from: Optional[str] = None  # a new run starts from these weights: a checkpoint, an `import` folder, a .pth
 
 
@@ -131,9 +133,24 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     return config
 
 
+def _numbers(value: Any, key: str = "") -> Iterator[tuple[str, float]]:
+    """(key, value) of every float in a config (the values of mappings such as data.weights included)."""
+    if is_dataclass(value):
+        for f in fields(value):
+            yield from _numbers(getattr(value, f.name), f"{key}.{f.name}".lstrip("."))
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _numbers(v, f"{key}.{k}")
+    elif isinstance(value, float):
+        yield key, value
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Check the values that the schema's types cannot; raise ConfigError naming the key."""
     m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
+    for key, value in _numbers(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
     positive = {
         "model.dim": m.dim,
         "model.n_layers": m.n_layers,
@@ -148,9 +165,16 @@ def validate(cfg: ExperimentConfig) -> None:
         "train.log_every": t.log_every,
         "train.keep_last": t.keep_last,
         "optim.lr": o.lr,
+        "optim.eps": o.eps,
     }
+    if t.stop_at is not None:
+        positive["train.stop_at"] = t.stop_at
+    if t.eval_every:
+        positive["train.eval_batches"] = t.eval_batches  # batches of each evaluation (train.eval_every=0: none)
+    if cfg.metrics.peak_flops is not None:
+        positive["metrics.peak_flops"] = cfg.metrics.peak_flops
     for key, value in positive.items():
-        if value <= 0:
+        if not value > 0:
             raise ConfigError(f"{key} must be positive, got {value}")
     if m.dim % m.n_heads:
         raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
@@ -168,8 +192,13 @@ def validate(cfg: ExperimentConfig) -> None:
         )
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    for key, value in {"optim.beta1": o.beta1, "optim.beta2": o.beta2}.items():
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {value}")
     for key, value in {
         "optim.warmup_steps": o.warmup_steps,
+        "optim.weight_decay": o.weight_decay,
+        "metrics.skip_steps": cfg.metrics.skip_steps,
         "train.eval_every": t.eval_every,
         "train.save_every": t.save_every,
         "train.loss_chunk_tokens": t.loss_chunk_tokens,
@@ -206,6 +235,88 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"wandb.mode='{cfg.wandb.mode}' must be auto, online, offline or disabled")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device='{t.device}' must be auto, cpu, cuda or cuda:N")
+    keys = flat_config(to_dict(cfg))
+    for entry in t.resume_changes:
+        if not any(_covers(entry, key) for key in keys):
+            raise ConfigError(f"train.resume_changes: unknown config key '{entry}'")
+        if any(_covers(fixed, entry) for fixed in FIXED_ON_RESUME):
+            raise ConfigError(
+                f"train.resume_changes: {entry} cannot change in a run; start a new run from its weights "
+                "(train.init_from=<checkpoint>, another train.run_dir)"
+            )
+
+
+# What a resumed run cannot change: the model, and what the data position of its checkpoint means.
+FIXED_ON_RESUME = ("model", "data.seq_len", "data.seed", "data.sources", "data.weights", "train.global_batch_tokens")
+# What it may change freely: names, logging and saving, and where and how the same steps are computed.
+FREE_ON_RESUME = (
+    "name",
+    "wandb",
+    "metrics",
+    "data.root",
+    "data.tokenizer",
+    *(
+        f"train.{key}"
+        for key in (
+            "micro_batch_size device precision strategy fsdp_shard_size reshard_after_forward zero_stage "
+            "offload_optimizer offload_params deepspeed_json activation_checkpointing compile loss_chunk_tokens "
+            "seed run_dir log_every eval_every eval_batches save_every async_save keep_last on_nan stop_at resume "
+            "init_from resume_changes verify_checkpoints"
+        ).split()
+    ),
+)
+# Any other key (optim.*, train.steps, data.document_attention, and keys added later) changes what the rest
+# of the run trains: a resumed run applies its new value only when train.resume_changes names it.
+
+
+def _covers(entry: str, key: str) -> bool:
+    """Whether `entry` (a key or a section) is `key` or a section holding it."""
+    return key == entry or key.startswith(entry + ".")
+
+
+def flat_config(config: dict[str, Any]) -> dict[str, Any]:
+    """`section.key` -> value of a config as `to_dict` gives it (a mapping such as data.weights stays one value)."""
+    flat = {}
+    for name, value in config.items():
+        if isinstance(value, dict):
+            flat.update({f"{name}.{key}": v for key, v in value.items()})
+        else:
+            flat[name] = value
+    return flat
+
+
+def resume_changes(saved: dict[str, Any], cfg: ExperimentConfig, checkpoint: str | os.PathLike) -> list[str]:
+    """The changes from `saved` (the config in `checkpoint`) that this resumed run applies, as
+    "key: old -> new": those that `train.resume_changes` names. Any other change to what is trained is
+    refused with one ConfigError naming every such key, its two values and what to do instead."""
+    old, new = flat_config(saved), flat_config(to_dict(cfg))
+    changed = [
+        key
+        for key in old
+        if key in new and old[key] != new[key] and not any(_covers(free, key) for free in FREE_ON_RESUME)
+    ]
+    fixed = [key for key in changed if any(_covers(entry, key) for entry in FIXED_ON_RESUME)]
+    unnamed = [
+        key for key in changed if key not in fixed and not any(_covers(e, key) for e in cfg.train.resume_changes)
+    ]
+
+    def values(keys: list[str]) -> str:
+        return ", ".join(f"{key}: {old[key]} -> {new[key]}" for key in keys)
+
+    problems = []
+    if fixed:
+        problems.append(
+            f"{values(fixed)} cannot change in a run; set them back, or start a new run from its weights: "
+            f"train.init_from={checkpoint} with another train.run_dir"
+        )
+    if unnamed:
+        problems.append(
+            f"{values(unnamed)} would change the rest of the run; set them back, or apply them on purpose with "
+            f"train.resume_changes=[{','.join(unnamed)}] (README: extending a run)"
+        )
+    if problems:
+        raise ConfigError(f"resuming {checkpoint} with a changed config: {'; '.join(problems)}")
+    return [f"{key}: {old[key]} -> {new[key]}" for key in changed]
 
 
 def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -49,3 +49,17 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
     )
+
+
+def apply_optim_config(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: OptimConfig
+) -> None:
+    """Put `cfg` into an optimizer and scheduler restored from a checkpoint made with other values: AdamW's
+    betas, eps and weight decay, and the peak rate; the current rate is recomputed on the schedule the
+    scheduler was built with (`build_scheduler`), so the next step already uses it."""
+    for group in optimizer.param_groups:
+        group.update(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, initial_lr=cfg.lr)
+    optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # the matrices (build_optimizer's first group)
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    scheduler.last_epoch -= 1
+    scheduler.step()  # the rate of the step it is at, on the new schedule

@@ -17,10 +17,11 @@ from data_pipeline.loader import BatchLoader, PackedSamples, PrefetchLoader, res
 from data_pipeline.shards import SourceShards
 from data_pipeline.tokenizer import file_sha256
 from pretrain.checkpoint import CheckpointManager
-from pretrain.config import ConfigError, ExperimentConfig, to_dict, to_yaml
+from pretrain.config import ConfigError, ExperimentConfig, resume_changes, to_dict, to_yaml
+from pretrain.consolidate import checkpoint_config
 from pretrain.metrics import MetricLogger, ThroughputMeter, device_peak_flops, perplexity
 from pretrain.model import Transformer, flops_per_token
-from pretrain.optim import build_scheduler
+from pretrain.optim import apply_optim_config, build_scheduler
 from pretrain.parallel import Strategy, build_strategy
 
 
@@ -169,6 +170,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     check_init_tokenizer(cfg)
     checkpoints = CheckpointManager(run_dir, strategy, t.keep_last)
     resume_from = checkpoints.latest() if t.resume == "auto" else None if t.resume == "never" else Path(t.resume)
+    # a changed config is refused before anything is built, unless train.resume_changes names the keys
+    applied = [] if resume_from is None else resume_changes(checkpoint_config(resume_from), cfg, resume_from)
     torch.manual_seed(t.seed)
     # a resumed run takes its weights from its checkpoint: `init_from` only starts a new one
     model, optimizer = strategy.setup(cfg if resume_from is None else replace(cfg, train=replace(t, init_from=None)))
@@ -185,8 +188,23 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             data_state["tokens_per_source"] = [0] * len(data_state["tokens_per_source"])
         loader.load_state_dict(data_state)
         step, run_id = state["step"], state["wandb_run_id"]
+        if t.stop_at is not None and t.stop_at <= step:
+            raise ConfigError(
+                f"train.stop_at={t.stop_at}, but {resume_from} is at step {step}: nothing to train; "
+                "raise train.stop_at or leave it unset"
+            )
+        lr_before = scheduler.get_last_lr()[0]
+        if applied:
+            apply_optim_config(optimizer, scheduler, cfg.optim)
         if strategy.is_main:
             print(f"resumed from {resume_from} at step {step}")
+            if applied:
+                print(
+                    f"applied on resume (train.resume_changes): {'; '.join(applied)}; the learning rate of step "
+                    f"{step + 1} is {scheduler.get_last_lr()[0]:.6g} (the checkpoint's schedule: {lr_before:.6g})"
+                )
+            if step >= t.steps:
+                print(f"train.steps={t.steps} are done: nothing to train (README: extending a run)")
     if strategy.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))

@@ -152,7 +152,9 @@ def test_wandb_offline_run_id_is_kept_on_resume(tiny_data, tmp_path):
     run = tmp_path / "run"
     train(tiny_config(tiny_data, run, "train.steps=2", "train.save_every=2", "wandb.mode=offline"))
     first = torch.load(run / "checkpoints" / "step-00000002" / "trainer.pt", weights_only=False)["wandb_run_id"]
-    summary = train(tiny_config(tiny_data, run, "train.steps=4", "wandb.mode=offline"))
+    summary = train(
+        tiny_config(tiny_data, run, "train.steps=4", "wandb.mode=offline", "train.resume_changes=[train.steps]")
+    )
     second = torch.load(run / "checkpoints" / "step-00000004" / "trainer.pt", weights_only=False)["wandb_run_id"]
     assert first == second and "offline" in summary["wandb"]
     assert any(first in p.name for p in (run / "wandb").iterdir())
@@ -205,7 +207,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(tiny_data, tmp_path):
 
     run = tmp_path / "run"
     train(tiny_config(tiny_data, run, "train.steps=2"))
-    with pytest.raises(ConfigError, match=r"step-00000002 holds a different model \(model.n_layers: 2 there, 3 here\)"):
+    with pytest.raises(ConfigError, match=r"step-00000002 with a changed config: model.n_layers: 2 -> 3 cannot change"):
         train(tiny_config(tiny_data, run, "train.steps=4", "model.n_layers=3"))
 
 
