@@ -2,26 +2,46 @@
 
 The strategy writes model and optimizer state in its own form; this module adds what every strategy
 shares (scheduler, data position, RNG of every rank, step, resolved config, code version, wandb run
-id). A checkpoint is written under `step-XXXXXXXX.tmp` and renamed when complete; `latest` is updated
-last, so a crash mid-save never damages the previous checkpoint.
+id). A checkpoint is written under `step-XXXXXXXX.tmp`, listed with the size and sha256 of every file
+in `checksums.json` (written last), and renamed when complete; `latest` is updated after that, and
+a folder is renamed to `step-XXXXXXXX.deleting` before it is deleted. So a process killed at any
+point leaves `latest` on a complete checkpoint, every `step-XXXXXXXX` folder complete, and only
+`.tmp` / `.deleting` leftovers, which the next run removes when it takes the run folder's lock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import io
+import json
 import os
 import random
 import shutil
+import socket
 import subprocess
+import tempfile
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 
+from data_pipeline.shards import atomic_write_bytes
+from data_pipeline.tokenizer import file_sha256
 from pretrain.config import ConfigError
 from pretrain.parallel.base import Strategy
 
 LATEST = "latest"
+TRAINER = "trainer.pt"
+CHECKSUMS = "checksums.json"  # {"files": {relative path: [size, sha256 or null]}}, the last file written
+LOCK = "run.lock"  # in the run folder, held (fcntl.flock) by rank 0 of the trainer using it
+TMP, DELETING = ".tmp", ".deleting"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that could not be written, or one that is incomplete or damaged; names the file."""
 
 
 def code_version() -> str:
@@ -62,26 +82,114 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (names created, renamed or removed) to disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_tree(folder: Path) -> None:
     """Flush every file and folder under `folder` to disk, so the rename publishes whole files."""
     for root, _, files in os.walk(folder):
         for name in files:
             with open(os.path.join(root, name), "rb") as f:
                 os.fsync(f.fileno())
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(Path(root))
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """`torch.save` through the one atomic write, so a failed write raises the OSError (errno) itself."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())
+
+
+def load_torch(path: Path) -> Any:
+    """`torch.load` of a checkpoint file; a file that cannot be read is named."""
+    try:
+        return torch.load(path, weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete") from None
+    except Exception as e:  # a truncated or damaged pickle/zip raises any of several types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: damaged, cannot be read ({type(e).__name__}: {first})") from None
+
+
+def checkpoint_files(folder: Path) -> list[str]:
+    """Every file under `folder` but `checksums.json`, as sorted paths relative to it."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+
+
+def describe_files(folder: Path, names: list[str], hashes: bool) -> dict[str, list]:
+    """[size, sha256] of each named file (sha256 None without `hashes`), each flushed to disk as it goes."""
+    described = {}
+    for name in names:
+        path = folder / name
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        described[name] = [path.stat().st_size, file_sha256(path) if hashes else None]
+    return described
+
+
+def damaged_files(folder: Path, rank: int = 0, world_size: int = 1, hashes: bool = True) -> list[str]:
+    """What is wrong with this rank's share (every `world_size`-th file) of checkpoint `folder`
+    against its `checksums.json`: a missing file, a size other than written (truncated), a sha256
+    other than written (damaged; checked with `hashes`). Empty when the share is whole."""
+    listing = folder / CHECKSUMS
+    if not listing.is_file():
+        return [f"{listing} is missing: the checkpoint is incomplete (or written before checksums)"]
+    try:
+        expected = json.loads(listing.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        return [f"{listing} is damaged"]
+    problems = []
+    for name in sorted(expected)[rank::world_size]:
+        size, digest = expected[name]
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{path} is {path.stat().st_size} bytes, {size} when written (truncated or damaged)")
+        elif hashes and digest is not None and file_sha256(path) != digest:
+            problems.append(f"{path} does not match the sha256 it was written with (damaged)")
+    return problems
+
+
+def first_os_error(error: BaseException) -> Optional[OSError]:
+    """The first OSError with an errno behind `error`: its cause, context, or a rank's failure inside a
+    torch.distributed.checkpoint CheckpointException."""
+    stack, seen = [error], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return e
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):  # {rank: (exception, traceback)}
+            stack += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        stack += [e.__context__, e.__cause__]
+    return None
+
+
+def newest_file(folder: Path) -> Optional[Path]:
+    """The file under `folder` written last (the one a failed write was writing)."""
+    files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+    return max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
 
 
 class CheckpointManager:
     """Saves, finds and loads the checkpoints of one run; each stateful part saves itself."""
 
-    def __init__(self, run_dir: str | os.PathLike, strategy: Strategy, keep_last: int):
+    def __init__(self, run_dir: str | os.PathLike, strategy: Strategy, keep_last: int, verify: bool = True):
         self.dir = Path(run_dir) / "checkpoints"
-        self.strategy, self.keep_last = strategy, keep_last
+        self.strategy, self.keep_last, self.verify = strategy, keep_last, verify
         self._pending: Optional[tuple[Path, Path, Any]] = None  # (tmp, final, future) of a background save
+        self._checked: Optional[Path] = None  # the checkpoint `check` last found whole
 
     def latest(self) -> Optional[Path]:
         """The checkpoint `latest` points to, if any."""
@@ -89,31 +197,58 @@ class CheckpointManager:
         if not pointer.is_file():
             return None
         path = self.dir / pointer.read_text().strip()
-        if not (path / "trainer.pt").is_file():
+        if not (path / TRAINER).is_file():
             raise FileNotFoundError(f"{pointer} points to {path}, which is not a complete checkpoint")
         return path
+
+    def clean(self) -> None:
+        """Remove what killed saves and prunes left (main rank, before the run saves anything).
+
+        `*.tmp` goes; `step-X.deleting` goes too, unless it was renamed away for a new `step-X` that
+        never arrived while `latest` still names `step-X`: then it is complete and is put back.
+        """
+        if not self.dir.is_dir():
+            return
+        pointer = self.dir / LATEST
+        latest = pointer.read_text().strip() if pointer.is_file() else None
+        for path in sorted(self.dir.iterdir()):
+            if path.name.endswith(DELETING):
+                final = path.with_name(path.name[: -len(DELETING)])
+                if final.name == latest and not final.exists():
+                    os.replace(path, final)
+                    continue
+            elif not path.name.endswith(TMP):
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        fsync_dir(self.dir)
 
     def save(self, step: int, model, optimizer, state: dict[str, Any], asynchronous: bool = False) -> Path:
         """Write checkpoint `step`; `state` holds the common parts (scheduler, data, config, ...).
 
         With `asynchronous` the strategy writes model and optimizer in the background; the checkpoint
         is published (renamed, `latest` updated) by `poll` once every rank has finished, or by `wait`.
+        A write that fails (disk full, file too large) raises one `CheckpointError` naming the errno, the
+        file and the free space, with the partial `.tmp` removed.
         """
         self.wait()
         final = self.dir / f"step-{step:08d}"
-        tmp = final.with_name(final.name + ".tmp")
-        if self.strategy.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.strategy.barrier()
-        written = self.strategy.save(tmp, model, optimizer, asynchronous)
-        torch.save(rng_state(), tmp / f"rng-rank{self.strategy.rank:05d}.pt")
-        if self.strategy.is_main:
-            torch.save({**state, "step": step, "code_version": code_version()}, tmp / "trainer.pt")
-        if written is not None:
-            self._pending = (tmp, final, written)
-        else:
-            self._publish(tmp, final)
+        tmp = final.with_name(final.name + TMP)
+        with self._failing_save(tmp):
+            if self.strategy.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            self.strategy.barrier()
+            written = self.strategy.save(tmp, model, optimizer, asynchronous)
+            save_torch(rng_state(), tmp / f"rng-rank{self.strategy.rank:05d}.pt")
+            if self.strategy.is_main:
+                save_torch({**state, "step": step, "code_version": code_version()}, tmp / TRAINER)
+            if written is not None:
+                self._pending = (tmp, final, written)
+            else:
+                self._publish(tmp, final)
         return final
 
     def poll(self) -> None:
@@ -127,37 +262,68 @@ class CheckpointManager:
             return
         tmp, final, written = self._pending
         self._pending = None
-        written.result()
-        self._publish(tmp, final)
+        with self._failing_save(tmp):
+            written.result()
+            self._publish(tmp, final)
+
+    @contextlib.contextmanager
+    def _failing_save(self, tmp: Path) -> Iterator[None]:
+        """A block in which a failed write removes `tmp` and, when an OSError is behind it, becomes one
+        line: the errno, the file being written and the free space."""
+        try:
+            yield
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as error:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+            os_error = first_os_error(error)
+            culprit = os_error.filename if os_error is not None and os_error.filename else newest_file(tmp)
+            if self.strategy.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if os_error is None:
+                raise
+            free = shutil.disk_usage(self.dir if self.dir.is_dir() else self.dir.parent).free
+            raise CheckpointError(
+                f"saving {tmp.name[: -len(TMP)]} failed: [Errno {os_error.errno}] {os_error.strerror}: {culprit} "
+                f"({free / 1e9:.2f} GB free on {self.dir}); the partial {tmp.name} was removed"
+            ) from None
 
     def _publish(self, tmp: Path, final: Path) -> None:
-        """Flush `tmp` to disk, rename it to `final`, point `latest` at it, prune old checkpoints."""
-        fsync_tree(tmp)
+        """List every file of `tmp` in its checksums.json (the share of each rank hashed and flushed by
+        that rank), rename it to `final`, point `latest` at it, prune old checkpoints."""
         self.strategy.barrier()
+        names = checkpoint_files(tmp)
+        mine = describe_files(tmp, names[self.strategy.rank :: self.strategy.world_size], self.verify)
+        described = {name: entry for share in self.strategy.gather(mine) for name, entry in share.items()}
         if self.strategy.is_main:
-            shutil.rmtree(final, ignore_errors=True)
+            for folder in {(tmp / name).parent for name in names}:
+                fsync_dir(folder)
+            atomic_write_bytes(tmp / CHECKSUMS, json.dumps({"files": described}, indent=1).encode())
+            replaced = final.with_name(final.name + DELETING)
+            if final.exists():  # saved again (a run resumed from an earlier step): set the old one aside first
+                shutil.rmtree(replaced, ignore_errors=True)
+                os.replace(final, replaced)
             os.replace(tmp, final)
-            pointer_tmp = self.dir / f"{LATEST}.tmp"
-            pointer_tmp.write_text(final.name)
-            os.replace(pointer_tmp, self.dir / LATEST)
-            self._prune()
+            fsync_dir(self.dir)
+            atomic_write_bytes(self.dir / LATEST, final.name.encode())
+            if replaced.exists():
+                shutil.rmtree(replaced)
+            self._prune(final)
         self.strategy.barrier()
 
     def load(self, path: str | os.PathLike, model, optimizer, expect_model: Optional[dict] = None) -> dict[str, Any]:
         """Restore model, optimizer and this rank's RNG from `path`; return the common state.
 
-        With `expect_model` (the `model` section of the config), a checkpoint of another shape is
-        refused with the keys that differ, before any tensor is loaded.
+        Every file is first checked against `checksums.json` (sizes always, sha256 unless
+        `train.verify_checkpoints=false`; each rank checks a share), so a truncated or damaged file is
+        named before anything is read. With `expect_model` (the `model` section of the config), a
+        checkpoint of another shape is refused with the keys that differ, before any tensor is loaded.
         """
         path = Path(path)
-        if not (path / "trainer.pt").is_file():
-            raise FileNotFoundError(f"{path}: not a checkpoint folder (no trainer.pt)")
-        state = torch.load(path / "trainer.pt", weights_only=False)
+        if path != self._checked:
+            self.check(path)
+        state = load_torch(path / TRAINER)
         if "scheduler" not in state:
-            raise ConfigError(
-                f"{path} holds weights only (imported from {state.get('imported_from', 'elsewhere')}), nothing to "
-                f"resume: start a new run from it with train.init_from={path}"
-            )
+            self._refuse_weights_only(path, state)
         if expect_model is not None:
             saved = state["config"]["model"]
             diff = [
@@ -171,11 +337,103 @@ class CheckpointManager:
         self.strategy.load(path, model, optimizer)
         rng = path / f"rng-rank{self.strategy.rank:05d}.pt"
         if rng.is_file():  # absent when resuming on more ranks than saved: this rank keeps its seeded state
-            set_rng_state(torch.load(rng, weights_only=False))
+            set_rng_state(load_torch(rng))
         return state
 
-    def _prune(self) -> None:
-        """Delete all but the newest `keep_last` complete checkpoints."""
-        done = sorted(p for p in self.dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in done[: -self.keep_last]:
-            shutil.rmtree(old)
+    def check(self, path: Path) -> None:
+        """Every file of checkpoint `path` against its checksums.json, each rank a share (sizes only with
+        `verify` off; nothing to compare in a folder without checksums.json then), and trainer.pt read;
+        raises on every rank, naming each file that is missing, truncated or damaged."""
+        if not (path / TRAINER).is_file():
+            raise FileNotFoundError(f"{path}: not a checkpoint folder (no {TRAINER})")
+        listed = (path / CHECKSUMS).is_file()
+        if listed or self.verify:
+            if not listed and "scheduler" not in (state := load_torch(path / TRAINER)):
+                self._refuse_weights_only(path, state)  # an `import` folder: say what it is for
+            mine = damaged_files(path, self.strategy.rank, self.strategy.world_size, self.verify)
+            problems = list(dict.fromkeys(p for share in self.strategy.gather(mine) for p in share))
+            if problems:
+                hint = "" if listed else ", or set train.verify_checkpoints=false"
+                raise CheckpointError(
+                    f"{path} is damaged: {'; '.join(problems)}. Resume from another checkpoint "
+                    f"(train.resume=<folder>){hint}"
+                )
+        load_torch(path / TRAINER)
+        self._checked = path
+
+    @staticmethod
+    def _refuse_weights_only(path: Path, state: dict[str, Any]) -> None:
+        """Say that an `import` folder starts runs (`train.init_from`) and resumes none."""
+        raise ConfigError(
+            f"{path} holds weights only (imported from {state.get('imported_from', 'elsewhere')}), nothing to "
+            f"resume: start a new run from it with train.init_from={path}"
+        )
+
+    def _prune(self, keep: Path) -> None:
+        """Delete the oldest complete checkpoints but `keep` (the one `latest` names) until `keep_last`
+        are left; each is renamed to `.deleting` first, so a half-deleted one never looks complete."""
+        done = sorted(self.dir.glob("step-" + "[0-9]" * 8))
+        others = [p for p in done if p != keep]
+        for old in others[: max(len(done) - self.keep_last, 0)]:
+            gone = old.with_name(old.name + DELETING)
+            os.replace(old, gone)
+            fsync_dir(self.dir)
+            shutil.rmtree(gone)
+
+
+class RunFolder:
+    """A run folder held by one trainer: refused when read-only or locked by another trainer (an
+    `fcntl.flock` on `run.lock`, held by rank 0 until the run ends and dropped by the system when
+    its holder dies), then cleaned of what killed saves and prunes left."""
+
+    def __init__(self, run_dir: str | os.PathLike, strategy: Strategy, checkpoints: CheckpointManager):
+        self.dir, self.strategy, self.checkpoints = Path(run_dir), strategy, checkpoints
+        self._lock = None
+
+    def __enter__(self) -> "RunFolder":
+        error = None
+        if self.strategy.is_main:
+            try:
+                self._take()
+                self.checkpoints.clean()
+            except (ConfigError, OSError) as e:
+                error = e
+        if self.strategy.any(error is not None):
+            self.__exit__(None, None, None)
+            if isinstance(error, ConfigError):
+                raise error
+            raise ConfigError(f"train.run_dir={self.dir}: {error or 'refused on rank 0 (see its error)'}")
+        return self
+
+    def _take(self) -> None:
+        """Lock the run folder for this process, after checking that it (and its checkpoints) can be written."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.dir / LOCK, "a+")
+            for folder in (self.dir, self.checkpoints.dir):
+                if folder.is_dir():
+                    tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            raise ConfigError(
+                f"train.run_dir={self.dir} cannot be written ({e}): checkpoints and metrics go there; "
+                "make it writable or choose another train.run_dir"
+            ) from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "another process"
+            self._lock.close()
+            self._lock = None
+            raise ConfigError(
+                f"train.run_dir={self.dir} is in use by another trainer ({holder}); wait for it to end, "
+                "or choose another train.run_dir"
+            ) from None
+        self._lock.truncate(0)
+        self._lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self._lock.flush()
+
+    def __exit__(self, *exc) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the lock
+            self._lock = None

@@ -16,7 +16,7 @@ from torch import nn
 from data_pipeline.loader import BatchLoader, PackedSamples, PrefetchLoader, resolve_sources
 from data_pipeline.shards import SourceShards
 from data_pipeline.tokenizer import file_sha256
-from pretrain.checkpoint import CheckpointManager
+from pretrain.checkpoint import CheckpointManager, RunFolder
 from pretrain.config import ConfigError, ExperimentConfig, resume_changes, to_dict, to_yaml
 from pretrain.consolidate import checkpoint_config
 from pretrain.metrics import MetricLogger, ThroughputMeter, device_peak_flops, perplexity
@@ -150,9 +150,20 @@ class PreemptionSignal:
 
 
 def train(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Run (or resume) the experiment; return a summary with the final loss and where things went."""
-    t, run_dir = cfg.train, Path(cfg.train.run_dir)
+    """Run (or resume) the experiment; return a summary with the final loss and where things went.
+
+    The run folder is held from start to end: locked against a second trainer, refused when it cannot
+    be written, and cleaned of what a killed save left before anything is read from it.
+    """
     strategy = build_strategy(cfg)
+    checkpoints = CheckpointManager(cfg.train.run_dir, strategy, cfg.train.keep_last, cfg.train.verify_checkpoints)
+    with RunFolder(cfg.train.run_dir, strategy, checkpoints):
+        return _train(cfg, strategy, checkpoints)
+
+
+def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointManager) -> dict[str, Any]:
+    """`train` in its held run folder."""
+    t, run_dir = cfg.train, Path(cfg.train.run_dir)
     train_data = load_data(cfg, "train")
     val_data = load_data(cfg, "val") if t.eval_every else None
     global_batch = t.global_batch_tokens // cfg.data.seq_len
@@ -168,8 +179,9 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     )
 
     check_init_tokenizer(cfg)
-    checkpoints = CheckpointManager(run_dir, strategy, t.keep_last)
     resume_from = checkpoints.latest() if t.resume == "auto" else None if t.resume == "never" else Path(t.resume)
+    if resume_from is not None:
+        checkpoints.check(resume_from)  # every file whole (sizes, checksums) before any is read
     # a changed config is refused before anything is built, unless train.resume_changes names the keys
     applied = [] if resume_from is None else resume_changes(checkpoint_config(resume_from), cfg, resume_from)
     torch.manual_seed(t.seed)

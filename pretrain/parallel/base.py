@@ -7,6 +7,7 @@ import os
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -75,6 +76,10 @@ class Strategy(ABC):
     def barrier(self) -> None:
         """Wait for every rank (no-op on one process)."""
 
+    def gather(self, value: Any) -> list[Any]:
+        """`value` (any picklable object) of every rank, in rank order, on every rank."""
+        return [value]
+
     def save(
         self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, asynchronous: bool = False
     ) -> Future | None:
@@ -129,6 +134,11 @@ class DataParallelStrategy(Strategy):
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def gather(self, value: Any) -> list[Any]:
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
 
 
 def launched_device(cfg: ExperimentConfig, how_to_launch: str) -> torch.device:
