@@ -4,9 +4,11 @@ Measures, in one run: raw `SentencePieceProcessor.encode` on one thread over the
 tokenization with 1 and 2 worker processes (tokens/s overall and per worker, and the per-worker ratio
 to raw encode), and the packed loader reading global batches of `seq_len`-token samples in one
 process, without and with document positions (`data.document_attention`), over the same tokens cut
-into 8, 1,000 and 10,000 shards (`--shards`). Each loader run is a fresh process that counts its CPU
-seconds; with `--before DIR` the loader runs are repeated with the code in DIR (a checkout of an
-earlier commit) for a before/after table. Writes a Markdown table to bench/results/<date>-data-throughput.md.
+into 8, 1,000 and 10,000 shards (`--shards`), with and without the background sha256 check of the
+shards (`verify_shards`; its CPU counts, the thread's time being the process's), and the time that
+check takes alone. Each loader run is a fresh process that counts its CPU seconds; with `--before DIR`
+the loader runs are repeated with the code in DIR (a checkout of an earlier commit) for a before/after
+table. Writes a Markdown table to bench/results/<date>-data-throughput.md.
 
     git archive <commit> data_pipeline | tar -x -C /tmp/before   # optional: the loader to compare
     python bench/data_throughput.py [--copies 24] [--files 8] [--seq-len 2048] [--before /tmp/before]
@@ -27,24 +29,41 @@ ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "data_pipeline" / "sample_corpus"
 
 
-def loader_worker(code: str, root: str, seq_len: int, batch: int, micro: int, positions: int, seconds: float) -> None:
-    """Child process: read batches with the loader under `code` for `seconds` of CPU; print JSON."""
+def loader_worker(
+    code: str, root: str, seq_len: int, batch: int, micro: int, positions: int, verify: int, seconds: float
+) -> None:
+    """Child process: read batches with the loader under `code` for `seconds` of CPU; print JSON. With
+    `verify` 0, the shards' background sha256 check is off (an older loader has none: pass 1)."""
     sys.path.insert(0, code)
     from data_pipeline.loader import BatchLoader, PackedSamples
 
     t0 = time.perf_counter()
     samples = PackedSamples(root, seq_len=seq_len, seed=0)
     opened = time.perf_counter() - t0
-    loader = BatchLoader(samples, global_batch_size=batch, micro_batch_size=micro, with_positions=bool(positions))
+    off = {} if verify else {"verify_shards": False}
+    loader = BatchLoader(samples, batch, micro, with_positions=bool(positions), **off)
     loader.next_batch()  # first touch of the pages and caches
     batches, cpu0, wall0 = 0, time.process_time(), time.perf_counter()
     while time.process_time() - cpu0 < seconds or batches < 3:
         loader.next_batch()
         batches += 1
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    check = None
+    if verify and hasattr(loader, "verifier"):  # the check alone, on shards not yet checked
+        fresh = PackedSamples(root, seq_len=seq_len, seed=0)
+        t0 = time.perf_counter()
+        BatchLoader(fresh, batch, micro).verifier.wait()
+        check = time.perf_counter() - t0
     print(
         json.dumps(
-            {"open_s": opened, "batches": batches, "tokens": batches * batch * seq_len, "cpu": cpu, "wall": wall}
+            {
+                "open_s": opened,
+                "batches": batches,
+                "tokens": batches * batch * seq_len,
+                "cpu": cpu,
+                "wall": wall,
+                "check_s": check,
+            }
         )
     )
 
@@ -85,7 +104,7 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results" / f"{datetime.date.today()}-data-throughput.md"
     )
-    parser.add_argument("--loader-worker", nargs=7, help=argparse.SUPPRESS)
+    parser.add_argument("--loader-worker", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.loader_worker:
         code, root, *numbers = args.loader_worker
@@ -135,15 +154,18 @@ def main() -> None:
     }
     codes = ([("before", args.before.resolve())] if args.before else []) + [("this commit", ROOT)]
     loader_rows = []
+    shard_mb = 2 * max(per_shard * n for n, (per_shard, _) in layouts.items()) / 1e6  # uint16 tokens
     for name, code in codes:
         for n, (per_shard, root) in layouts.items():
-            for positions in (0, 1):
-                numbers = [args.seq_len, args.batch, 4, positions, args.loader_seconds]
+            for positions, verify in [(0, 1), (1, 1)] + ([(0, 0), (1, 0)] if code == ROOT else []):
+                numbers = [args.seq_len, args.batch, 4, positions, verify, args.loader_seconds]
                 cmd = [sys.executable, __file__, "--loader-worker", str(code), str(root), *map(str, numbers)]
                 r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+                checked = "no" if not verify or r["check_s"] is None else f"yes ({r['check_s']:.2f} s alone)"
                 loader_rows.append(
-                    f"| {name} | {n:,} | {per_shard:,} | {'yes' if positions else 'no'} | {r['open_s']:.2f} | "
-                    f"{r['batches']:,} | {r['tokens'] / r['cpu']:,.0f} | {r['tokens'] / r['wall']:,.0f} |"
+                    f"| {name} | {n:,} | {per_shard:,} | {'yes' if positions else 'no'} | {checked} | "
+                    f"{r['open_s']:.2f} | {r['batches']:,} | {r['tokens'] / r['cpu']:,.0f} | "
+                    f"{r['tokens'] / r['wall']:,.0f} |"
                 )
 
     table = ["# Data pipeline throughput", ""]
@@ -166,10 +188,11 @@ def main() -> None:
         f"Loader: the same train tokens cut into N shards of whole documents; global batches of {args.batch} x "
         f"{args.seq_len} tokens (micro-batches of 4), one process, each run a fresh process reading for "
         f"{args.loader_seconds:g} CPU seconds after a first batch; open = building `PackedSamples` (reading every "
-        "shard's index).",
+        f"shard's index); sha256 = the shards' ({shard_mb:.0f} MB) background check, with the time it takes alone.",
         "",
-        "| code | shards | tokens per shard | positions | open s | batches | tokens per CPU-second | tokens/s (wall) |",
-        "|---|---:|---:|---|---:|---:|---:|---:|",
+        "| code | shards | tokens per shard | positions | sha256 | open s | batches | tokens per CPU-second | "
+        "tokens/s (wall) |",
+        "|---|---:|---:|---|---|---:|---:|---:|---:|",
         *loader_rows,
     ]
     publish(table, args.out)
