@@ -167,6 +167,21 @@ def test_flipped_bytes_are_caught_by_one_ranks_background_checksum(tiny_data, tm
     unchecked.next_batch()
 
 
+def test_training_on_flipped_shards_stops_naming_the_shard(tiny_data, tmp_path):
+    from conftest import tiny_config
+    from pretrain.trainer import train
+
+    root = copy_tokens(tiny_data, tmp_path)
+    for source in tiny_data["sources"]:
+        bin_path = root / source / "train-00000.bin"
+        tokens = np.fromfile(bin_path, dtype="<u2")
+        tokens[::16] = 0xFFFF  # every sample holds one; the file keeps its size
+        tokens.tofile(bin_path)
+    expected = r"train-00000.bin: (token id 65535 at token offset \d+|sha256 differs)"  # whichever comes first
+    with pytest.raises(ShardError, match=expected):
+        train(tiny_config(tiny_data, tmp_path / "run", f"data.root={root}", "train.steps=2"))
+
+
 # --- a killed tokenize job ---------------------------------------------------------------------------
 
 
