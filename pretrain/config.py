@@ -289,6 +289,8 @@ def resume_changes(saved: dict[str, Any], cfg: ExperimentConfig, checkpoint: str
     """The changes from `saved` (the config in `checkpoint`) that this resumed run applies, as
     "key: old -> new": those that `train.resume_changes` names. Any other change to what is trained is
     refused with one ConfigError naming every such key, its two values and what to do instead."""
+    if "train" not in saved:  # weights only (`import`): nothing to resume, as CheckpointManager.load says
+        return []
     old, new = flat_config(saved), flat_config(to_dict(cfg))
     changed = [
         key

@@ -62,6 +62,8 @@ def test_only_named_changes_to_what_is_trained_pass_a_resume():
     free += ["train.stop_at=3", "train.keep_last=9", "train.seed=5", "wandb.mode=offline", "name=other"]
     free += ["data.root=elsewhere", "train.activation_checkpointing=llama", "metrics.skip_steps=0"]
     assert same == [] and resume_changes(saved, load_config(DEBUG_EXPERIMENT, free), "ckpt") == []
+    imported = {"model": {**saved["model"], "dim": 512}}  # an `import` folder: the trainer says to init_from it
+    assert resume_changes(imported, load_config(DEBUG_EXPERIMENT), "ckpt") == []
     changed = ["optim.lr=1e-3", "optim.beta2=0.99", "train.steps=240", "data.document_attention=true"]
     with pytest.raises(ConfigError) as refused:
         resume_changes(saved, load_config(DEBUG_EXPERIMENT, changed), "ckpt")
