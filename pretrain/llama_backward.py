@@ -18,6 +18,7 @@ model; under autocast the matmuls, RoPE and attention run in the autocast dtype 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -148,9 +149,10 @@ def llama_block_forward(
     if mask is not None:
         raise ValueError("activation_checkpointing=llama does not support data.document_attention yet")
     attn, ffn = block.attention, block.feed_forward
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else attn.wq.weight.dtype
-    with torch.autocast(device, enabled=False):
+    device = x.device.type  # `meta` has no autocast: there the weights' dtype is the compute dtype
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else attn.wq.weight.dtype
+    with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
         return LlamaBlockFunction.apply(
             x,
             cos_sin,

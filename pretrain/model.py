@@ -187,6 +187,24 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def initial_value(args: ModelArgs, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The initial value of parameter `name` (of `shape`) as a full fp32 CPU tensor, from its own generator.
+
+    Normal(0, init_std) for embeddings and linear layers; the two projections that write into
+    the residual stream (wo, w2) are scaled by 1/sqrt(2 * n_layers) (GPT-2); norms start at 1.
+    Each parameter draws from a generator seeded by (seed, name), so the model starts the same
+    whatever the order of initialisation, the sharding or the number of ranks.
+    """
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    std = args.init_std
+    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        std /= math.sqrt(2 * args.n_layers)
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.randn(shape, generator=generator).mul_(std)  # in place: one full tensor at a time
+
+
 class Transformer(nn.Module):
     """LLaMA: token embedding, n_layers blocks, final RMSNorm, untied output projection."""
 
@@ -200,32 +218,13 @@ class Transformer(nn.Module):
         cos_sin = rope_cos_sin(args.head_dim, args.max_seq_len, args.rope_theta)
         self.register_buffer("rope_cos_sin", cos_sin, persistent=False)
 
-    def initial_value(self, name: str, seed: int) -> torch.Tensor:
-        """The initial value of parameter `name` as a full fp32 CPU tensor, from its own generator.
-
-        Normal(0, init_std) for embeddings and linear layers; the two projections that write into
-        the residual stream (wo, w2) are scaled by 1/sqrt(2 * n_layers) (GPT-2); norms start at 1.
-        Each parameter draws from a generator seeded by (seed, name), so the model starts the same
-        whatever the order of initialisation, the sharding or the number of ranks.
-        """
-        param = self.get_parameter(name)
-        shape = getattr(param, "ds_shape", param.shape)  # a ZeRO-3 partitioned parameter keeps its shape there
-        if name.endswith("norm.weight"):
-            return torch.ones(shape)
-        std = self.args.init_std
-        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-            std /= math.sqrt(2 * self.args.n_layers)
-        digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-        return torch.randn(shape, generator=generator).mul_(std)  # in place: one full tensor at a time
-
     @torch.no_grad()
     def init_weights(self, seed: int = 0, values: Optional[Callable[[str], torch.Tensor]] = None) -> None:
         """Initialise every parameter and buffer in place (after `to_empty` from `meta`): parameters
         from `values` (name -> full tensor, e.g. a `WeightReader`) when given, else `initial_value`."""
         self.rope_cos_sin.copy_(rope_cos_sin(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta))
         for name, param in self.named_parameters():
-            param.copy_(values(name) if values is not None else self.initial_value(name, seed))
+            param.copy_(values(name) if values is not None else initial_value(self.args, name, param.shape, seed))
 
     loss_chunk_tokens = 0  # with targets: compute the loss this many tokens at a time (0: all at once)
 

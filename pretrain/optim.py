@@ -11,20 +11,22 @@ from pretrain.config import OptimConfig
 
 
 def build_optimizer(
-    model: nn.Module, cfg: OptimConfig, fused: bool = False, optimizer_class: type = torch.optim.AdamW
+    model: nn.Module,
+    cfg: OptimConfig,
+    shapes: dict[str, tuple[int, ...]],
+    fused: bool = False,
+    optimizer_class: type = torch.optim.AdamW,
 ) -> torch.optim.Optimizer:
     """AdamW; weight decay on parameters with 2+ dimensions (matrices, embeddings), none on norms.
 
-    `optimizer_class` is another AdamW implementation with the same arguments (DeepSpeedCPUAdam).
+    `shapes` are the parameters' shapes by name as the model declares them (`pretrain.model.param_shapes`),
+    which a sharded or partitioned parameter no longer shows. `optimizer_class` is another AdamW
+    implementation with the same arguments (DeepSpeedCPUAdam).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def ndim(p: torch.Tensor) -> int:
-        return len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partitioned parameter keeps its shape there
-
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if ndim(p) >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if ndim(p) < 2], "weight_decay": 0.0},
+        {"params": [p for name, p in params if len(shapes[name]) >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for name, p in params if len(shapes[name]) < 2], "weight_decay": 0.0},
     ]
     extra = {"fused": fused or None} if optimizer_class is torch.optim.AdamW else {}
     return optimizer_class(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **extra)

@@ -20,7 +20,7 @@ from pretrain.checkpoint import CheckpointManager, RunFolder
 from pretrain.config import ConfigError, ExperimentConfig, resume_changes, to_dict, to_yaml
 from pretrain.consolidate import checkpoint_config
 from pretrain.metrics import MetricLogger, ThroughputMeter, device_peak_flops, perplexity
-from pretrain.model import Transformer, flops_per_token
+from pretrain.model import flops_per_token
 from pretrain.optim import apply_optim_config, build_scheduler
 from pretrain.parallel import Strategy, build_strategy
 
@@ -187,9 +187,6 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
     torch.manual_seed(t.seed)
     # a resumed run takes its weights from its checkpoint: `init_from` only starts a new one
     model, optimizer = strategy.setup(cfg if resume_from is None else replace(cfg, train=replace(t, init_from=None)))
-    for module in model.modules():  # the Transformer inside any wrapper
-        if isinstance(module, Transformer):
-            module.loss_chunk_tokens = t.loss_chunk_tokens
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
     step, run_id = 0, uuid.uuid4().hex[:12]
     if resume_from is not None:

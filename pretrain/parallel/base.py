@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -16,12 +15,18 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
+from pretrain import optim
 from pretrain.checkpoint_layout import DCP_DIR, dcp_without_process_group
 from pretrain.config import ConfigError, ExperimentConfig, Precision
+from pretrain.model import ModelArgs, Transformer, initial_value, param_shapes, rope_cos_sin
+from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
 
 
-class Strategy(ABC):
-    """How the model is placed, run and saved: one device, FSDP2 or DeepSpeed ZeRO."""
+class Strategy:
+    """How the model is placed, run and saved: one device, FSDP2 or DeepSpeed ZeRO.
+
+    The defaults are those of one device; a strategy changes only the steps that differ for it.
+    """
 
     device: torch.device
     rank: int = 0
@@ -33,11 +38,54 @@ class Strategy(ABC):
         """Whether this process writes logs and shared files."""
         return self.rank == 0
 
-    @abstractmethod
     def setup(self, cfg: ExperimentConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """The model, built without ever holding all of it on one rank (on `meta`, or sharded as it is
-        built), with activation checkpointing and the strategy's wrapping applied, materialised and
-        initialised; and its optimizer. The module returned is the one the trainer calls."""
+        """The model (`build_model`) and its optimizer (`build_optimizer`). The module returned is the
+        one the trainer calls."""
+        model = self.build_model(cfg)
+        return model, self.build_optimizer(model, cfg)
+
+    def build_model(self, cfg: ExperimentConfig) -> nn.Module:
+        """The model, built in the same order under every strategy, so that no rank ever holds all of it:
+
+        1. the modules without values (`new_model`: on `meta`, or partitioned as they are built);
+        2. activation checkpointing (and `torch.compile` of each block) applied to the blocks;
+        3. the strategy's wrapping or sharding (`shard`);
+        4. memory for this rank's part (`materialise`), then the initial values, one full parameter at
+           a time, each rank keeping its part (`write_initial_value`): `train.init_from`'s weights or
+           the seeded ones, the same whatever the strategy and the number of ranks;
+        5. the loss computed `train.loss_chunk_tokens` tokens at a time.
+        """
+        model = self.new_model(cfg.model)
+        apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.compile)
+        self.shard(model, cfg)
+        self.materialise(model)
+        values, args = initial_values(cfg), cfg.model
+        with torch.no_grad():
+            model.rope_cos_sin.copy_(rope_cos_sin(args.head_dim, args.max_seq_len, args.rope_theta))
+            for name, param in model.named_parameters():
+                self.write_initial_value(param, values(name))
+        model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
+        return model
+
+    def new_model(self, args: ModelArgs) -> Transformer:
+        """The modules, on `meta`: shapes without memory."""
+        with torch.device("meta"):
+            return Transformer(args)
+
+    def shard(self, model: Transformer, cfg: ExperimentConfig) -> None:
+        """Wrap or shard the model in place (nothing on one device)."""
+
+    def materialise(self, model: nn.Module) -> None:
+        """Memory for this rank's part of every parameter and buffer, values not yet written."""
+        model.to_empty(device=self.device)
+
+    def write_initial_value(self, param: nn.Parameter, value: torch.Tensor) -> None:
+        """Write this rank's part of `value` (the whole parameter, on the CPU) into `param`."""
+        param.copy_(value)
+
+    def build_optimizer(self, model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
+        """AdamW over the model's parameters, the fused kernel on a GPU."""
+        return optim.build_optimizer(model, cfg.optim, param_shapes(cfg.model), fused=self.device.type == "cuda")
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed-precision context for the forward pass (none by default)."""
@@ -159,13 +207,22 @@ def resolve_precision(cfg: ExperimentConfig, device: torch.device) -> Precision:
     return cfg.train.precision
 
 
+def initial_values(cfg: ExperimentConfig) -> Callable[[str], torch.Tensor]:
+    """Parameter name -> its initial value, a full tensor: `train.init_from`'s weights, else the seeded
+    initialisation (`pretrain.model.initial_value`)."""
+    reader = init_from_weights(cfg)
+    if reader is not None:
+        return reader
+    shapes = param_shapes(cfg.model)
+    return lambda name: initial_value(cfg.model, name, shapes[name], cfg.train.seed)
+
+
 def init_from_weights(cfg: ExperimentConfig):
     """`train.init_from` as a `WeightReader` (name -> full tensor), checked against the model's names
     and shapes before anything is built; None when the run starts from the seeded initialisation."""
     if not cfg.train.init_from:
         return None
     from pretrain.consolidate import WeightReader
-    from pretrain.model import param_shapes
 
     try:
         reader = WeightReader(cfg.train.init_from)

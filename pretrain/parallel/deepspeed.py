@@ -4,7 +4,7 @@ The DeepSpeed JSON is generated from the experiment config (batch sizes, clippin
 stage, offload) and a user JSON (`train.deepspeed_json`) may override any key. Under ZeRO-3 the model
 is built inside `deepspeed.zero.Init`, so each module's parameters are partitioned as soon as that
 module exists, and each rank then writes its own partition of the initial values a single process
-would draw (`Transformer.initial_value`): no rank ever holds the whole model. Stages 0-2 replicate
+would draw (`pretrain.model.initial_value`): no rank ever holds the whole model. Stages 0-2 replicate
 the parameters and are built like `single`.
 
 Gradient accumulation: the strategy marks the last micro-batch of a step as DeepSpeed's accumulation
@@ -20,9 +20,8 @@ import importlib
 import json
 import math
 from datetime import timedelta
-from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,10 +30,9 @@ from torch import nn
 from pretrain.checkpoint_layout import DEEPSPEED_LAYOUT as LAYOUT
 from pretrain.checkpoint_layout import DEEPSPEED_TAG as TAG
 from pretrain.config import Checkpointing, ConfigError, ExperimentConfig, Precision
-from pretrain.model import Transformer, build_model
+from pretrain.model import ModelArgs, Transformer, TransformerBlock, param_shapes
 from pretrain.optim import build_optimizer
-from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
-from pretrain.parallel.base import DataParallelStrategy, init_from_weights, launched_device, resolve_precision
+from pretrain.parallel.base import DataParallelStrategy, launched_device, resolve_precision
 
 
 def deep_update(base: dict, override: dict) -> dict:
@@ -122,39 +120,53 @@ class DeepSpeed(DataParallelStrategy):
         self._backwards = 0
         self.engine = None
 
-    def build_model(self, cfg: ExperimentConfig) -> nn.Module:
-        """ZeRO-3: partitioned as it is built, then each rank initialises its partitions; else replicated."""
+    def new_model(self, args: ModelArgs) -> Transformer:
+        """ZeRO-3: inside `deepspeed.zero.Init`, each module partitioned as soon as it exists; else on `meta`."""
+        if self.stage != 3:
+            return super().new_model(args)
         import deepspeed
 
-        if self.stage == 3:
-            with deepspeed.zero.Init(config_dict_or_path=self.config):
-                model = Transformer(cfg.model)
-            self._write_initial_partitions(
-                model, init_from_weights(cfg) or partial(model.initial_value, seed=cfg.train.seed)
-            )
-        else:
-            model = build_model(cfg.model, self.device, cfg.train.seed, init_from_weights(cfg))
-        apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.compile)
+        with deepspeed.zero.Init(config_dict_or_path=self.config):
+            return Transformer(args)
+
+    def shard(self, model: Transformer, cfg: ExperimentConfig) -> None:
+        """The engine wraps the model in `setup`; only ZeRO-3 under `llama` checkpointing needs more here.
+
+        The hand-written block reads its weights directly, not through its Linear modules: ZeRO-3 must
+        gather (and release, and reduce) the parameters of a whole block at its boundary.
+        """
         if self.stage == 3 and cfg.train.activation_checkpointing == Checkpointing.llama:
-            # the hand-written block reads its weights directly, not through its Linear modules: ZeRO-3
-            # must gather (and release, and reduce) the parameters of a whole block at its boundary
             from deepspeed.utils import set_z3_leaf_modules
 
-            from pretrain.model import TransformerBlock
-
             set_z3_leaf_modules(model, [TransformerBlock])
-        return model
+
+    def materialise(self, model: nn.Module) -> None:
+        if self.stage != 3:  # ZeRO-3 partitions were allocated as the model was built
+            super().materialise(model)
+
+    def write_initial_value(self, param: nn.Parameter, value: torch.Tensor) -> None:
+        """ZeRO-3: this rank's slice of the flattened `value` into its partition; else the whole value."""
+        if self.stage != 3:
+            return super().write_initial_value(param, value)
+        part = param.ds_tensor
+        start = part.ds_numel * self.rank
+        flat = value.flatten()[start : start + part.ds_numel]
+        part.zero_()
+        part[: flat.numel()].copy_(flat)
+
+    def build_optimizer(self, model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
+        """DeepSpeed's CPU Adam when the optimizer state is offloaded, else the default."""
+        if self.config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") == "none":
+            return super().build_optimizer(model, cfg)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return build_optimizer(model, cfg.optim, param_shapes(cfg.model), optimizer_class=DeepSpeedCPUAdam)
 
     def setup(self, cfg: ExperimentConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The model and optimizer inside a DeepSpeed engine, which the trainer calls."""
         import deepspeed
 
-        model = self.build_model(cfg)
-        if self.config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") != "none":
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            optimizer = build_optimizer(model, cfg.optim, optimizer_class=DeepSpeedCPUAdam)
-        else:
-            optimizer = build_optimizer(model, cfg.optim, fused=self.device.type == "cuda")
+        model, optimizer = super().setup(cfg)
         if self.stage == 0:  # DeepSpeed's clipping at stage 0 keeps no norm: we clip (see `step`)
             self.config["gradient_clipping"] = 0.0
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
@@ -164,16 +176,6 @@ class DeepSpeed(DataParallelStrategy):
                 "checkpoints here are published atomically only with a synchronous writer"
             )
         return self.engine, optimizer  # the engine's optimizer steps this one: our LR schedule drives it
-
-    @torch.no_grad()
-    def _write_initial_partitions(self, model: Transformer, values: Callable[[str], torch.Tensor]) -> None:
-        """Copy into each ZeRO-3 partition its slice of the parameter's initial value (`values(name)`)."""
-        for name, param in model.named_parameters():
-            part = param.ds_tensor
-            start = part.ds_numel * self.rank
-            flat = values(name).flatten()[start : start + part.ds_numel]
-            part.zero_()
-            part[: flat.numel()].copy_(flat)
 
     def backward(self, loss: torch.Tensor) -> None:
         self._backwards += 1

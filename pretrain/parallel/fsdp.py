@@ -3,13 +3,12 @@
 
 The model is built on `meta`, checkpointed and sharded from outside (each block, then the root), then
 materialised shard by shard: each rank only ever allocates its own slice of every parameter, and
-initial values are the ones a single process would draw (`Transformer.initial_value`). Checkpoints
+initial values are the ones a single process would draw (`pretrain.model.initial_value`). Checkpoints
 go through torch.distributed.checkpoint (one file per rank), which any number of ranks can read.
 """
 
 from __future__ import annotations
 
-import functools
 from datetime import timedelta
 
 import torch
@@ -20,10 +19,19 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import distribute_tensor
 
 from pretrain.config import ConfigError, ExperimentConfig, Precision
-from pretrain.model import Transformer, rope_cos_sin
-from pretrain.optim import build_optimizer
-from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
-from pretrain.parallel.base import DataParallelStrategy, init_from_weights, launched_device, resolve_precision
+from pretrain.model import Transformer
+from pretrain.parallel.base import DataParallelStrategy, launched_device, resolve_precision
+
+
+def mixed_precision_policies(precision: Precision) -> tuple[MixedPrecisionPolicy, MixedPrecisionPolicy]:
+    """(root, block) policies: bf16 parameters in the forward and backward when `precision` is bf16,
+    gradients reduced in fp32 always. The blocks get the hidden states already in bf16 (the
+    embedding's dtype); their other input, the RoPE table, must stay fp32 as under the other
+    strategies, so block inputs are not cast."""
+    param_dtype = torch.bfloat16 if precision == Precision.bf16 else None
+    root = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    block = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    return root, block
 
 
 class FSDP(DataParallelStrategy):
@@ -46,31 +54,13 @@ class FSDP(DataParallelStrategy):
         self.reshard_after_forward = cfg.train.reshard_after_forward
         self.precision = resolve_precision(cfg, self.device)
 
-    def setup(self, cfg: ExperimentConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
-        model = self.build_model(cfg)
-        return model, build_optimizer(model, cfg.optim, fused=self.device.type == "cuda")
+    def shard(self, model: Transformer, cfg: ExperimentConfig) -> None:
+        """`fully_shard` each block, then the root (the embedding, final norm and output)."""
+        root, block = mixed_precision_policies(self.precision)
+        for layer in model.layers:
+            fully_shard(layer, mesh=self.mesh, mp_policy=block, reshard_after_forward=self.reshard_after_forward)
+        fully_shard(model, mesh=self.mesh, mp_policy=root, reshard_after_forward=self.reshard_after_forward)
 
-    def build_model(self, cfg: ExperimentConfig) -> nn.Module:
-        """On `meta`, checkpointed and sharded, then each rank materialises and initialises its shards."""
-        with torch.device("meta"):
-            model = Transformer(cfg.model)
-        apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.compile)
-        param_dtype = torch.bfloat16 if self.precision == Precision.bf16 else None
-        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-        # blocks get the hidden states already in bf16 (the embedding's dtype); their other input, the
-        # RoPE table, must stay fp32 as under the other strategies: no casting of block inputs
-        block_policy = MixedPrecisionPolicy(
-            param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
-        )
-        for block in model.layers:
-            fully_shard(block, mesh=self.mesh, mp_policy=block_policy, reshard_after_forward=self.reshard_after_forward)
-        fully_shard(model, mesh=self.mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
-        model.to_empty(device=self.device)
-        values = init_from_weights(cfg) or functools.partial(model.initial_value, seed=cfg.train.seed)
-        with torch.no_grad():
-            args = cfg.model
-            model.rope_cos_sin.copy_(rope_cos_sin(args.head_dim, args.max_seq_len, args.rope_theta))
-            for name, param in model.named_parameters():
-                full = values(name).to(self.device)
-                param.copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None))
-        return model
+    def write_initial_value(self, param: nn.Parameter, value: torch.Tensor) -> None:
+        """This rank's shard of `value` (every rank holds the whole value: nothing is sent)."""
+        param.copy_(distribute_tensor(value.to(self.device), param.device_mesh, param.placements, src_data_rank=None))
