@@ -104,7 +104,10 @@ def _trainer(rank: int, world_size: int, port: int, tiny_data: dict, run_dir: st
         )
     if rank == 0 and (kill or record):
         _watch_file_operations(Path(run_dir) / "checkpoints", kill, record)
+    import torch
     import torch.distributed as dist
+
+    torch.set_num_threads(1)  # a tiny model: threads only cost time, more so on a busy machine
 
     try:
         train(tiny_config(tiny_data, Path(run_dir), *overrides))
@@ -138,42 +141,49 @@ def assert_published_checkpoints_whole(checkpoints: Path) -> None:
         assert damaged_files(folder) == [], f"{folder.name} looks published but is not whole"
 
 
-def kill_points(recorded: list[str]) -> list[tuple[str, int]]:
-    """(operation, occurrence) of the recorded save's operations to kill at, one per state the folder
-    can be left in: a file of the new checkpoint half-written, all written but its checksums.json, the
-    `.tmp` folder complete, published but `latest` half-written or not yet renamed, the old checkpoint
-    set aside, half-deleted, and emptied. (Every other operation leaves one of these states again.)"""
+# Where to kill a save: one operation per state it can leave the folder in (every other operation
+# leaves one of these states again): a file of the new checkpoint half-written, all written but its
+# checksums.json, the `.tmp` folder complete, published but `latest` half-written or not yet renamed,
+# the old checkpoint set aside, half-deleted, and emptied.
+PHASES = {
+    "write": lambda op: op.startswith("open step-NEW.tmp/"),
+    "listing": lambda op: op.startswith("replace step-NEW.tmp/checksums.json"),
+    "publish": lambda op: op == "replace step-NEW.tmp -> step-NEW",
+    "pointer-written": lambda op: op.startswith("open latest"),
+    "pointer-renamed": lambda op: op.startswith("replace latest"),
+    "set-aside": lambda op: op == "replace step-OLD -> step-OLD.deleting",
+    "half-deleted": lambda op: op.startswith("unlink"),
+    "emptied": lambda op: op.startswith("rmdir step-OLD"),
+}
+# strategy: (overrides, ranks, phases); with two ranks, whose children cost more, four of them: a file
+# half-written, every rank's files written, published before `latest` moved, the prune cut short
+CHAINS = {
+    "single": ([], 1, list(PHASES)),
+    "fsdp": (STRATEGIES["fsdp"], 2, ["write", "publish", "pointer-renamed", "half-deleted"]),
+    "zero3": (STRATEGIES["zero3"], 2, ["write", "publish", "pointer-renamed", "half-deleted"]),
+}
+
+
+def kill_points(recorded: list[str], phases: list[str]) -> list[tuple[str, int]]:
+    """(operation, occurrence): the first operation of the recorded save in each phase."""
     points, seen = [], Counter()
     for operation in recorded:
         seen[operation] += 1
         points.append((operation, seen[operation]))
-    phases = [
-        lambda op: op.startswith("open step-NEW.tmp/"),
-        lambda op: op.startswith("replace step-NEW.tmp/checksums.json"),
-        lambda op: op == "replace step-NEW.tmp -> step-NEW",
-        lambda op: op.startswith("open latest"),
-        lambda op: op.startswith("replace latest"),
-        lambda op: op == "replace step-OLD -> step-OLD.deleting",
-        lambda op: op.startswith("unlink"),
-        lambda op: op.startswith("rmdir step-OLD"),
-    ]
-    return [next(p for p in points if phase(p[0])) for phase in phases]
-
-
-# strategy: (overrides, ranks)
-CHAINS = {"single": ([], 1), "fsdp": (STRATEGIES["fsdp"], 2), "zero3": (STRATEGIES["zero3"], 2)}
+    return [next(p for p in points if PHASES[phase](p[0])) for phase in phases]
 
 
 @pytest.mark.parametrize("strategy", CHAINS)
 def test_a_save_killed_at_any_point_leaves_latest_whole_and_the_run_resumes_exactly(tiny_data, tmp_path, strategy):
-    (extra, world_size), steps = CHAINS[strategy], 11
+    extra, world_size, phases = CHAINS[strategy]
+    steps = len(phases) + 3  # each killed child trains at most one step
     common = [*extra, "train.micro_batch_size=2", f"train.steps={steps}", "train.save_every=1", "train.keep_last=1"]
     run, record = tmp_path / "run", tmp_path / "operations.tsv"
     # saves at steps 1 and 2, the operations of the second (a new checkpoint and the old one pruned) recorded
     assert run_children(tiny_data, run, [*common, "train.stop_at=2"], world_size, record=str(record)) == 0
     recorded = [line.split("\t")[1] for line in record.read_text().splitlines() if line.startswith("2\t")]
     assert "replace step-NEW.tmp -> step-NEW" in recorded and "replace step-OLD -> step-OLD.deleting" in recorded
-    points = kill_points(recorded)
+    points = kill_points(recorded, phases)
     for point in points:  # each child resumes from `latest`, trains one step and is killed while saving it
         step = int((run / "checkpoints" / "latest").read_text()[len("step-") :])
         overrides = [*common, f"train.stop_at={step + 1}"]
@@ -181,11 +191,9 @@ def test_a_save_killed_at_any_point_leaves_latest_whole_and_the_run_resumes_exac
         assert_published_checkpoints_whole(run / "checkpoints")
     assert run_children(tiny_data, run, common, world_size) == 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", f"step-{steps:08d}"]  # cleaned
-    straight = tmp_path / "straight"
-    if world_size == 1:
-        train(tiny_config(tiny_data, straight, "train.micro_batch_size=2", f"train.steps={steps}"))
-    else:
-        assert run_children(tiny_data, straight, [*extra, "train.micro_batch_size=2", f"train.steps={steps}"], 2) == 0
+    unbroken = [*extra, "train.micro_batch_size=2", f"train.steps={steps}"]
+    straight = tmp_path / "straight"  # in a child too: the same number of threads as the chain
+    assert run_children(tiny_data, straight, unbroken, world_size) == 0
     assert losses(run) == losses(straight)
 
 
@@ -196,12 +204,21 @@ def flip_byte(path: Path, at: float = 0.5) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.fixture
-def stopped_run(tiny_data, tmp_path):
+@pytest.fixture(scope="module")
+def stopped_run_once(tiny_data, tmp_path_factory):
     """A run of 4 steps stopped after step 2 (checkpointed), and the unbroken run's losses."""
-    train(tiny_config(tiny_data, tmp_path / "straight", "train.steps=4"))
-    train(tiny_config(tiny_data, tmp_path / "run", "train.steps=4", "train.stop_at=2"))
-    return tmp_path / "run", losses(tmp_path / "straight")
+    base = tmp_path_factory.mktemp("stopped")
+    train(tiny_config(tiny_data, base / "straight", "train.steps=4"))
+    train(tiny_config(tiny_data, base / "run", "train.steps=4", "train.stop_at=2"))
+    return base / "run", losses(base / "straight")
+
+
+@pytest.fixture
+def stopped_run(stopped_run_once, tmp_path):
+    """A copy of `stopped_run_once` for one test to damage."""
+    run, straight = stopped_run_once
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run", straight
 
 
 def flip_weights(folder: Path, name: str, count: int = 16) -> Path:
