@@ -343,3 +343,15 @@ def test_empty_inputs_are_named_and_a_strict_stop_leaves_no_temporary_file(tmp_p
     with pytest.raises(DataError, match="cut.warc.gz"):
         run_recipe(RecipeConfig(output=str(tmp_path / "strict"), sources=[source], strict=True))
     assert not list((tmp_path / "strict").rglob("*.tmp"))
+
+
+def test_a_missing_optional_package_is_one_line_naming_the_install(monkeypatch):
+    import sys
+
+    from data_pipeline.configfile import ConfigError
+    from data_pipeline.raw.recipe import load_module
+
+    monkeypatch.delitem(sys.modules, "data_pipeline.raw.commoncrawl", raising=False)
+    monkeypatch.setitem(sys.modules, "fasttext", None)  # as if the 'raw' extra were not installed
+    with pytest.raises(ConfigError, match=r"kind=commoncrawl needs the package 'fasttext': pip install -e '.\[raw\]'"):
+        load_module("commoncrawl")

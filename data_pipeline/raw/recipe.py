@@ -90,7 +90,12 @@ def load_module(kind: str):
     """The module that reads and cleans sources of `kind`."""
     if kind not in KINDS:
         raise ConfigError(f"sources.kind={kind!r}: choose from {', '.join(KINDS)}")
-    return importlib.import_module(f"data_pipeline.raw.{kind}")
+    try:
+        return importlib.import_module(f"data_pipeline.raw.{kind}")
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("data_pipeline"):
+            raise
+        raise ConfigError(f"sources.kind={kind} needs the package {e.name!r}: pip install -e '.[raw]'") from None
 
 
 def module_options(source: RawSourceConfig):
