@@ -285,25 +285,29 @@ def flat_config(config: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def resume_changes(saved: dict[str, Any], cfg: ExperimentConfig, checkpoint: str | os.PathLike) -> list[str]:
-    """The changes from `saved` (the config in `checkpoint`) that this resumed run applies, as
-    "key: old -> new": those that `train.resume_changes` names. Any other change to what is trained is
-    refused with one ConfigError naming every such key, its two values and what to do instead."""
+def resume_changes(
+    saved: dict[str, Any], cfg: ExperimentConfig, checkpoint: str | os.PathLike
+) -> tuple[list[str], list[str]]:
+    """The changes from `saved` (the config in `checkpoint`) as "key: old -> new": (those to what is
+    trained, which `train.resume_changes` names; those to how it runs, which need no naming). Any other
+    change to what is trained is refused with one ConfigError naming every such key, its two values and
+    what to do instead."""
     if "train" not in saved:  # weights only (`import`): nothing to resume, as CheckpointManager.load says
-        return []
+        return [], []
     old, new = flat_config(saved), flat_config(to_dict(cfg))
-    changed = [
-        key
-        for key in old
-        if key in new and old[key] != new[key] and not any(_covers(free, key) for free in FREE_ON_RESUME)
-    ]
+    differ = [key for key in old if key in new and old[key] != new[key]]
+    free = [key for key in differ if any(_covers(entry, key) for entry in FREE_ON_RESUME)]
+    changed = [key for key in differ if key not in free]
     fixed = [key for key in changed if any(_covers(entry, key) for entry in FIXED_ON_RESUME)]
     unnamed = [
         key for key in changed if key not in fixed and not any(_covers(e, key) for e in cfg.train.resume_changes)
     ]
 
+    def described(keys: list[str]) -> list[str]:
+        return [f"{key}: {old[key]} -> {new[key]}" for key in keys]
+
     def values(keys: list[str]) -> str:
-        return ", ".join(f"{key}: {old[key]} -> {new[key]}" for key in keys)
+        return ", ".join(described(keys))
 
     problems = []
     if fixed:
@@ -318,7 +322,7 @@ def resume_changes(saved: dict[str, Any], cfg: ExperimentConfig, checkpoint: str
         )
     if problems:
         raise ConfigError(f"resuming {checkpoint} with a changed config: {'; '.join(problems)}")
-    return [f"{key}: {old[key]} -> {new[key]}" for key in changed]
+    return described(changed), described(free)
 
 
 def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -183,7 +183,7 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
     if resume_from is not None:
         checkpoints.check(resume_from)  # every file whole (sizes, checksums) before any is read
     # a changed config is refused before anything is built, unless train.resume_changes names the keys
-    applied = [] if resume_from is None else resume_changes(checkpoint_config(resume_from), cfg, resume_from)
+    applied, how = ([], []) if resume_from is None else resume_changes(checkpoint_config(resume_from), cfg, resume_from)
     torch.manual_seed(t.seed)
     # a resumed run takes its weights from its checkpoint: `init_from` only starts a new one
     model, optimizer = strategy.setup(cfg if resume_from is None else replace(cfg, train=replace(t, init_from=None)))
@@ -207,6 +207,8 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
             apply_optim_config(optimizer, scheduler, cfg.optim)
         if strategy.is_main:
             print(f"resumed from {resume_from} at step {step}")
+            if how:
+                print(f"changed since the checkpoint (how it runs, not what it trains): {'; '.join(how)}")
             if applied:
                 print(
                     f"applied on resume (train.resume_changes): {'; '.join(applied)}; the learning rate of step "

@@ -57,13 +57,14 @@ def test_values_that_mean_something_are_accepted():
 
 def test_only_named_changes_to_what_is_trained_pass_a_resume():
     saved = to_dict(load_config(DEBUG_EXPERIMENT))
-    same = resume_changes(saved, load_config(DEBUG_EXPERIMENT), "ckpt")
+    assert resume_changes(saved, load_config(DEBUG_EXPERIMENT), "ckpt") == ([], [])
     free = ["train.log_every=1", "train.micro_batch_size=2", "train.precision=fp32", "train.strategy=fsdp"]
     free += ["train.stop_at=3", "train.keep_last=9", "train.seed=5", "wandb.mode=offline", "name=other"]
     free += ["data.root=elsewhere", "train.activation_checkpointing=llama", "metrics.skip_steps=0"]
-    assert same == [] and resume_changes(saved, load_config(DEBUG_EXPERIMENT, free), "ckpt") == []
+    applied, how = resume_changes(saved, load_config(DEBUG_EXPERIMENT, free), "ckpt")
+    assert applied == [] and {"train.strategy: single -> fsdp", "train.run_dir: runs/debug -> runs/other"} < set(how)
     imported = {"model": {**saved["model"], "dim": 512}}  # an `import` folder: the trainer says to init_from it
-    assert resume_changes(imported, load_config(DEBUG_EXPERIMENT), "ckpt") == []
+    assert resume_changes(imported, load_config(DEBUG_EXPERIMENT), "ckpt") == ([], [])
     changed = ["optim.lr=1e-3", "optim.beta2=0.99", "train.steps=240", "data.document_attention=true"]
     with pytest.raises(ConfigError) as refused:
         resume_changes(saved, load_config(DEBUG_EXPERIMENT, changed), "ckpt")
@@ -75,7 +76,8 @@ def test_only_named_changes_to_what_is_trained_pass_a_resume():
     with pytest.raises(ConfigError, match=r"data.document_attention: False -> True would change") as refused:
         resume_changes(saved, load_config(DEBUG_EXPERIMENT, [*changed, section]), "ckpt")
     assert "optim" not in str(refused.value)  # the section names every optim key
-    applied = resume_changes(saved, load_config(DEBUG_EXPERIMENT, [*changed, resume]), "ckpt")
+    applied, how = resume_changes(saved, load_config(DEBUG_EXPERIMENT, [*changed, resume]), "ckpt")
+    assert how == ["train.resume_changes: [] -> ['data.document_attention', 'optim.lr', 'optim.beta2', 'train.steps']"]
     assert applied == [
         "data.document_attention: False -> True",
         "optim.lr: 0.002 -> 0.001",
@@ -149,6 +151,10 @@ def test_a_run_extended_on_purpose_follows_the_new_schedule_and_says_so(tiny_dat
     assert (
         "applied on resume (train.resume_changes): optim.lr: 0.001 -> 0.002; train.steps: 8 -> 16; "
         f"the learning rate of step 5 is {new_rate:.6g} (the checkpoint's schedule: {old_rate:.6g})" in out
+    )
+    assert (
+        "changed since the checkpoint (how it runs, not what it trains): train.stop_at: 4 -> 6; train.resume_changes: "
+        in out
     )
     assert "steps: 16" in (run / "config.yaml").read_text()
     train(tiny_config(tiny_data, run, *extend))  # the next job: the checkpoint holds the new values already
