@@ -30,6 +30,7 @@ import hashlib
 import itertools
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -65,12 +66,15 @@ def read_json(path: Path) -> Optional[Any]:
 
 
 def once(marker: Path, key: str, work: Callable[[], dict]) -> dict:
-    """`work()` unless `marker` already holds `key` (then what it recorded); the marker is written last."""
+    """`work()` unless `marker` already holds `key` (then what it recorded); the marker, with the task's
+    CPU seconds, is written last."""
     done = read_json(marker)
     if done is not None and done.get("key") == key:
         return done
     marker.parent.mkdir(parents=True, exist_ok=True)
+    start = time.process_time()
     result = {"key": key, **work()}
+    result["seconds"] = time.process_time() - start
     write_json(marker, result)
     return result
 
@@ -407,6 +411,8 @@ def source_report(s: Source) -> dict:
             total.merge(Tally.from_dict(read_json(s.work / pass_name / "out" / f"{p:08d}.done.json")["tally"]))
     for p in parts:
         total.merge(Tally.from_dict(read_json(s.work / "write" / f"{p:08d}.done.json")["tally"]))
+    markers = [read_json(path) for path in s.work.rglob("*.done.json")]  # every step-2 task's CPU time
+    total.seconds += sum(m.get("seconds", 0.0) for m in markers if m.get("key") == plan["key"])
     return {
         "source": s.name,
         "kind": s.config.kind,
