@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import provenance, publish  # noqa: E402
-from data_pipeline.raw.recipe import RecipeConfig, run_recipe  # noqa: E402
+from data_pipeline.raw.recipe import RecipeConfig  # noqa: E402
+from data_pipeline.raw.runner import run_recipe  # noqa: E402
 from pretrain.config import load_structured  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

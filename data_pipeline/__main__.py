@@ -157,7 +157,8 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     """The recipe here or on Ray (the report printed), one stage's slice (`--stage`), or a Slurm chain."""
     from data_pipeline.raw import slurm
     from data_pipeline.raw.executors import SlurmSlice
-    from data_pipeline.raw.recipe import RecipeConfig, format_reports, run_recipe, run_stage, validate_recipe
+    from data_pipeline.raw.recipe import RecipeConfig, format_reports, validate_recipe
+    from data_pipeline.raw.runner import run_recipe, run_stage
     from data_pipeline.raw.stages import STAGES
 
     if args.list_stages:

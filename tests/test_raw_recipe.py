@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from data_pipeline.raw.common import CorruptInput, Tally
-from data_pipeline.raw.recipe import RawSourceConfig, RecipeConfig, run_recipe
+from data_pipeline.raw.recipe import RawSourceConfig, RecipeConfig
+from data_pipeline.raw.runner import run_recipe
 from data_pipeline.sources import DataError
 
 POSTS = Path(__file__).resolve().parent / "data" / "raw" / "stackexchange" / "cstheory.meta" / "Posts.xml"

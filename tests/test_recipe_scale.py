@@ -16,7 +16,8 @@ import pytest
 from data_pipeline.raw import bucketed as bk
 from data_pipeline.raw.common import Tally
 from data_pipeline.raw.dedup import exact_dedup, near_dedup
-from data_pipeline.raw.recipe import RawSourceConfig, RecipeConfig, expand_inputs, part_name, run_recipe
+from data_pipeline.raw.recipe import RawSourceConfig, RecipeConfig, expand_inputs, part_name
+from data_pipeline.raw.runner import run_recipe
 from pretrain.config import load_structured
 
 ROOT = Path(__file__).resolve().parent.parent

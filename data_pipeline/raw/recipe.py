@@ -15,9 +15,9 @@ or globs) and its options. Two steps per source:
    removed when the step starts and written last (a source without it is unfinished). A rerun whose
    inputs, options and dedup settings are unchanged finds the report and skips the step.
 
-Both steps are stages of independent tasks (`stages.py`) that an executor runs (`executors.py`): a
-local process pool (`workers`), Ray tasks (`executor=ray`), or Slurm job arrays (`executor=slurm`,
-`slurm.py`); the output bytes are the same under each. Inputs are local paths, globs, folders, fsspec
+Both steps are stages of independent tasks (`stages.py`) that an executor runs (`executors.py`,
+`runner.py`): a local process pool (`workers`), Ray tasks (`executor=ray`), or Slurm job arrays
+(`executor=slurm`, `slurm.py`); the output bytes are the same under each. Inputs are local paths, globs, folders, fsspec
 URLs (s3://, https://, hf://) or Common Crawl `*.paths.gz` listings.
 
 A damaged input (truncated or corrupt gzip/bz2/XML/archive) is reported by name in the report and the
@@ -46,8 +46,7 @@ from data_pipeline.config import check_source_names
 from data_pipeline.configfile import ConfigError
 from data_pipeline.raw.bucketed import jsonl_gz
 from data_pipeline.raw.common import CorruptInput, Tally
-from data_pipeline.raw.executors import LocalExecutor, RayExecutor
-from data_pipeline.raw.stages import STAGES, function, tasks, write_json
+from data_pipeline.shards import atomic_write_bytes
 from data_pipeline.sources import DataError
 
 CC_DATA = "https://data.commoncrawl.org/"
@@ -271,7 +270,7 @@ def process_file(source: RawSourceConfig, entry: str, out_dir: Path, strict: boo
             tally.empty(entry)
     tally.seconds = time.process_time() - start
     done = {**fingerprint, "tally": tally.to_dict()}
-    write_json(marker, done)
+    atomic_write_bytes(marker, json.dumps(done, indent=1, ensure_ascii=False).encode("utf-8"))
     return done
 
 
@@ -282,40 +281,6 @@ def file_task(cfg: RecipeConfig, name: str, entry: str) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     done = process_file(source, entry, out_dir, cfg.strict)
     return {"docs": done["tally"]["docs_in"], "bytes": done["tally"]["input_bytes"]}
-
-
-def make_executor(cfg: RecipeConfig):
-    """The executor of `cfg.executor` for running stages from here (Slurm stages run as arrays instead)."""
-    if cfg.executor == "ray":
-        return RayExecutor(cfg.ray_address, cpus_per_task=1)
-    return LocalExecutor(cfg.workers)
-
-
-def run_stage(cfg: RecipeConfig, stage: str, executor) -> list:
-    """Every task of one stage (see `stages.STAGES`) on `executor`."""
-    if stage not in STAGES:
-        raise ConfigError(f"stage {stage!r}: choose from {', '.join(STAGES)}")
-    work = tasks(stage, cfg)
-    total = (
-        sum(Path(t[2]).stat().st_size for t in work if not is_url(t[2]) and Path(t[2]).is_file())
-        if stage == "files"
-        else 0
-    )
-    return executor.run(stage, function(stage), work, total_bytes=total)
-
-
-def run_recipe(cfg: RecipeConfig, executor=None) -> dict[str, dict]:
-    """Run every stage of every source here or on Ray; write and return the reports (by source name)."""
-    validate_recipe(cfg)
-    mine = executor is None
-    executor = executor or make_executor(cfg)
-    try:
-        for stage in STAGES:
-            run_stage(cfg, stage, executor)
-    finally:
-        if mine:
-            executor.close()
-    return {s.name: json.loads((Path(cfg.output) / s.name / "report.json").read_text()) for s in cfg.sources}
 
 
 def format_reports(reports: dict[str, dict]) -> str:

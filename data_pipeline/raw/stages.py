@@ -38,6 +38,7 @@ import numpy as np
 
 from data_pipeline.raw import bucketed as bk
 from data_pipeline.raw.common import Tally
+from data_pipeline.raw.recipe import expand_inputs, file_task, format_reports, load_module, module_options, part_name
 from data_pipeline.shards import atomic_open, atomic_write_bytes
 
 PASSES = ("line", "exact", "near")
@@ -86,8 +87,6 @@ class Source:
     """One source of a recipe config as its stages see it: folders, passes and (once planned) its plan."""
 
     def __init__(self, cfg: Any, name: str) -> None:
-        from data_pipeline.raw.recipe import load_module, module_options
-
         self.cfg = cfg
         self.config = next(s for s in cfg.sources if s.name == name)
         self.name = name
@@ -128,8 +127,6 @@ def _sources(cfg: Any) -> list[Source]:
 
 def tasks(stage: str, cfg: Any) -> list[tuple]:
     """The tasks of `stage` (each `(cfg, source name, index)`), from what earlier stages left on disk."""
-    from data_pipeline.raw.recipe import expand_inputs
-
     if stage == "files":
         return [(cfg, s.name, str(path)) for s in cfg.sources for path in expand_inputs(s)]
     if stage == "plan":
@@ -157,8 +154,6 @@ def tasks(stage: str, cfg: Any) -> list[tuple]:
 
 def function(stage: str) -> Callable:
     """The task function of `stage`."""
-    from data_pipeline.raw.recipe import file_task
-
     if stage == "files":
         return file_task
     return globals()[f"task_{stage.replace('-', '_')}"]
@@ -177,8 +172,6 @@ def step2_key(source: Source, markers: list[dict]) -> str:
 
 def task_plan(cfg: Any, name: str, index: int) -> dict:
     """The source's parts, their step-1 tallies and the step-2 key; a finished source is marked done."""
-    from data_pipeline.raw.recipe import expand_inputs, part_name
-
     source = Source(cfg, name)
     parts = [part_name(p) for p in expand_inputs(source.config)]
     markers = [read_json(source.folder / "files" / f"{p}.done.json") for p in parts]
@@ -424,8 +417,6 @@ def source_report(s: Source) -> dict:
 
 def task_report(cfg: Any, name: str, index: int) -> dict:
     """Every source's report.json (a finished one is kept), OUTPUT/report.md; the work folders removed."""
-    from data_pipeline.raw.recipe import format_reports
-
     reports = {}
     for s in _sources(cfg):
         if s.pending():
