@@ -115,12 +115,12 @@ run_step throughput 110 "$python" "${throughput[@]}" --out "$work/throughput.md"
 # the report: parity and FSDP figures from the runs' metrics.jsonl, then the throughput table as written;
 # exit status 3 when a parity gap is over its tolerance
 report_status=0
-"$python" - "$work" "$sections" <<'EOF' || report_status=$?
+"$python" - "$work" "$sections" "${fsdp_1b[*]} ${extra_1b[*]}" <<'EOF' || report_status=$?
 import json
 import sys
 from pathlib import Path
 
-work, sections = Path(sys.argv[1]), Path(sys.argv[2])
+work, sections, fsdp_overrides = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 
 
 def records(run):
@@ -129,8 +129,10 @@ def records(run):
 
 
 lines = ["## 2. Debug model, 20 steps: bf16 loss parity across activation checkpointing", ""]
-runs = {name: {r["step"]: r["loss"] for r in records(f"parity-{name}") if "loss" in r}
-        for name in ("bf16-none", "bf16-selective", "bf16-llama", "fp32-none")}
+runs = {
+    name: {r["step"]: r["loss"] for r in records(f"parity-{name}") if "loss" in r}
+    for name in ("bf16-none", "bf16-selective", "bf16-llama", "fp32-none")
+}
 reference = runs["bf16-none"]
 tolerance = {"bf16-selective": 0.05, "bf16-llama": 0.05, "fp32-none": 0.1}
 lines += ["| run | steps | first loss | last loss | largest gap to bf16 none | within |", "|---|---|---|---|---|---|"]
@@ -151,18 +153,21 @@ if reference:
         lines.append(f"{s:3d} " + " ".join(f"{runs[n].get(s, float('nan')):.4f}" for n in runs))
     lines.append("```")
 
-lines += ["", "## 3. 1.1B parameters (TinyLlama's shapes) under FSDP on one GPU, bf16, selective checkpointing", ""]
+lines += ["", "## 3. 1.1B parameters (TinyLlama's shapes) under FSDP on one GPU, bf16", ""]
+lines += [f"overrides: `{fsdp_overrides.strip()}`", ""]
 fsdp = [r for r in records("fsdp-1b") if "tokens_per_sec_per_gpu" in r]
 warm = [r for r in fsdp if r["step"] > 3] or fsdp
 if warm:
+
     def median(values):
         values = sorted(values)
         return values[len(values) // 2]
 
     tps = median([r["tokens_per_sec_per_gpu"] for r in warm])
+    per_step = fsdp[-1]["tokens_seen"] // fsdp[-1]["step"]
     mfu = [r["mfu"] for r in warm if r.get("mfu") is not None]
     lines += [
-        f"- steps measured: {len(warm)} (after 3 warm-up steps), 32,768 tokens each",
+        f"- steps measured: {len(warm)} (after 3 warm-up steps), {per_step:,} tokens each",
         f"- tokens/sec/GPU (median): {tps:,.0f}",
         f"- MFU (median): {100 * median(mfu):.1f}%" if mfu else "- MFU: n/a (no peak FLOPs known for this GPU)",
         f"- step time (median): {median([r['step_time_s'] for r in warm]):.3f} s",
@@ -174,7 +179,10 @@ else:
 
 lines += ["", "## 4. Ours vs Hugging Face at the 1.1B shapes (bench/throughput.py)", ""]
 table = work / "throughput.md"
-lines += table.read_text().splitlines() if table.is_file() else ["FAILED: no table (see the steps below)"]
+if table.is_file():  # its title one level below this section's
+    lines += [f"##{line}" if line.startswith("# ") else line for line in table.read_text().splitlines()]
+else:
+    lines.append("FAILED: no table (see the steps below)")
 with open(sections, "a") as f:
     f.write("\n".join(lines) + "\n")
 sys.exit(3 if any(line.endswith("| FAILED |") or "FAILED: no losses" in line for line in lines) else 0)
