@@ -100,6 +100,28 @@ def test_single_device_on_the_cpu_is_fp32_with_the_default_adamw(cuda_present):
     assert not strategy.build_optimizer(build_model(cfg.model), cfg).defaults["fused"]
 
 
+def test_deepspeed_offload_takes_deepspeeds_cpu_adam_and_otherwise_fused_adamw_on_a_gpu(monkeypatch):
+    import deepspeed.ops.adam
+
+    from pretrain.parallel.deepspeed import DeepSpeed, deepspeed_config
+
+    class CPUAdam(torch.optim.AdamW):  # stands in for DeepSpeedCPUAdam, whose C++ op compiles on first use
+        pass
+
+    monkeypatch.setattr(deepspeed.ops.adam, "DeepSpeedCPUAdam", CPUAdam)
+    offload = config("train.strategy=deepspeed", "train.zero_stage=2", "train.offload_optimizer=true")
+    strategy = DeepSpeed.__new__(DeepSpeed)  # the optimizer choice alone: no process group, no engine
+    strategy.device = torch.device("cuda")
+    strategy.config = deepspeed_config(offload, 1, Precision.bf16)
+    model = build_model(offload.model)
+    optimizer = strategy.build_optimizer(model, offload)
+    assert type(optimizer) is CPUAdam and not optimizer.defaults["fused"]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [offload.optim.weight_decay, 0.0]
+    strategy.config = deepspeed_config(config("train.strategy=deepspeed", "train.zero_stage=2"), 1, Precision.bf16)
+    optimizer = strategy.build_optimizer(model, offload)
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["fused"] is True
+
+
 def test_launched_ranks_take_their_local_gpu(cuda_present, monkeypatch):
     cfg = config("train.strategy=fsdp", "train.device=auto")
     monkeypatch.delenv("RANK", raising=False)
