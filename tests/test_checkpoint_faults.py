@@ -96,8 +96,10 @@ def _watch_file_operations(checkpoints: Path, kill: tuple[str, int] | None, reco
     shutil.rmtree = watched(shutil.rmtree, "rmtree")
 
 
-def _trainer(rank: int, world_size: int, port: int, tiny_data: dict, run_dir: str, overrides: list, kill, record):
-    """A child process: one rank of a training run, rank 0 watched (and killed) as `kill`/`record` say."""
+def _trainer(rank: int, world_size: int, port: int, tiny_data: dict, run_dir: str, overrides: list, *watch_limit):
+    """A child process: one rank of a training run, rank 0 watched (and killed) as `kill`/`record` say;
+    with `limit`, files can grow to that many bytes (RLIMIT_FSIZE) and an error is written beside the run."""
+    kill, record, limit = watch_limit
     if world_size > 1:
         os.environ.update(
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2"
@@ -108,19 +110,25 @@ def _trainer(rank: int, world_size: int, port: int, tiny_data: dict, run_dir: st
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # a tiny model: threads only cost time, more so on a busy machine
+    if limit is not None:
+        import resource
 
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     try:
         train(tiny_config(tiny_data, Path(run_dir), *overrides))
+    except Exception as e:
+        (Path(run_dir).parent / f"error-rank{rank}.txt").write_text(f"{type(e).__name__}: {e}")
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run_children(tiny_data, run_dir, overrides, world_size=1, kill=None, record=None) -> int:
+def run_children(tiny_data, run_dir, overrides, world_size=1, kill=None, record=None, limit=None) -> int:
     """Train in `world_size` child processes; when rank 0 dies, the others are killed too (as when a
     node is lost). Returns rank 0's exit code (-9: killed)."""
     port = free_port()
-    args = (world_size, port, tiny_data, str(run_dir), list(overrides), kill, record)
+    args = (world_size, port, tiny_data, str(run_dir), list(overrides), kill, record, limit)
     ranks = [FORKSERVER.Process(target=_trainer, args=(rank, *args)) for rank in range(world_size)]
     for process in ranks:
         process.start()
@@ -300,6 +308,20 @@ def test_a_save_that_hits_the_file_size_limit_ends_in_one_line_and_leaves_no_tmp
     assert (checkpoints / "latest").read_text() == "step-00000002"
 
 
+def test_a_deepspeed_save_that_hits_the_file_size_limit_ends_in_one_line_too(tiny_data, tmp_path):
+    common = [*STRATEGIES["zero3"], "train.micro_batch_size=2", "train.steps=4"]
+    run = tmp_path / "run"
+    assert run_children(tiny_data, run, [*common, "train.stop_at=2"], 2) == 0
+    assert run_children(tiny_data, run, common, 2, limit=400_000) == 1  # DeepSpeed's files are torch.save'd
+    message = (tmp_path / "error-rank0.txt").read_text()
+    assert re.fullmatch(
+        r"CheckpointError: saving step-00000004 failed: \[Errno 27\] File too large: \S+/step-00000004.tmp/\S+ "
+        r"\([0-9.]+ GB free on \S+\); the partial step-00000004.tmp was removed",
+        message,
+    ), message
+    assert (run / "checkpoints" / "latest").read_text() == "step-00000002"
+
+
 def _as_nobody(cfg, queue) -> None:
     os.setgid(65534)
     os.setuid(65534)
@@ -341,7 +363,7 @@ def test_a_read_only_run_folder_is_refused_at_start(tiny_data, tmp_path, read_on
 def test_a_second_trainer_on_the_same_run_folder_is_refused_until_the_first_is_gone(tiny_data, tmp_path):
     run = tmp_path / "run"
     first = FORKSERVER.Process(
-        target=_trainer, args=(0, 1, 0, tiny_data, str(run), ["train.steps=1000000", "train.log_every=1"], None, None)
+        target=_trainer, args=(0, 1, 0, tiny_data, str(run), ["train.steps=1000000"], None, None, None)
     )
     first.start()
     try:

@@ -20,6 +20,7 @@ import importlib
 import json
 import math
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,13 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int, precision: Precisio
                 f"train.deepspeed_json: {t.deepspeed_json} sets {key}, which this trainer does not support"
             )
     return merged
+
+
+def torch_save_to_file(state_dict: Any, path: str, zipfile: bool) -> None:
+    """`torch.save` through a Python file: a failed write (disk full, file too large) keeps its OSError,
+    errno and all, as the error's context, where a path gives only `unexpected pos 704 vs 598`."""
+    with open(path, "wb") as f:
+        torch.save(state_dict, f, _use_new_zipfile_serialization=zipfile)
 
 
 class DeepSpeed(DataParallelStrategy):
@@ -175,6 +183,11 @@ class DeepSpeed(DataParallelStrategy):
                 "train.deepspeed_json: a decoupled checkpoint writer finishes files after save returns; "
                 "checkpoints here are published atomically only with a synchronous writer"
             )
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        writer = self.engine.checkpoint_engine
+        if isinstance(writer, TorchCheckpointEngine):  # the default: torch.save to a path
+            writer.save = partial(torch_save_to_file, zipfile=writer.zipfile_serialization)
         return self.engine, optimizer  # the engine's optimizer steps this one: our LR schedule drives it
 
     def backward(self, loss: torch.Tensor) -> None:
