@@ -429,6 +429,9 @@ class RunFolder:
                 f"train.run_dir={self.dir} is in use by another trainer ({holder}); wait for it to end, "
                 "or choose another train.run_dir"
             ) from None
+        except OSError as e:  # a file system without locks (Lustre mounted without `flock`): say so, go on
+            print(f"warning: {self.dir / LOCK} cannot be locked ({e}); nothing keeps a second trainer out of it")
+            return
         self._lock.truncate(0)
         self._lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         self._lock.flush()
