@@ -6,7 +6,10 @@ id). A checkpoint is written under `step-XXXXXXXX.tmp`, listed with the size and
 in `checksums.json` (written last), and renamed when complete; `latest` is updated after that, and
 a folder is renamed to `step-XXXXXXXX.deleting` before it is deleted. So a process killed at any
 point leaves `latest` on a complete checkpoint, every `step-XXXXXXXX` folder complete, and only
-`.tmp` / `.deleting` leftovers, which the next run removes when it takes the run folder's lock.
+`.tmp` / `.deleting` leftovers, which the next run removes when it takes the run folder's lock. (One
+window: a step saved again while `latest` names it, after a resume from an earlier checkpoint, is set
+aside as `.deleting` just before its replacement is renamed in; a kill between the two renames is
+repaired by the next start, which puts it back.)
 """
 
 from __future__ import annotations
