@@ -42,7 +42,7 @@ def _watch_file_operations(checkpoints: Path, kill: tuple[str, int] | None, reco
 
     from pretrain import checkpoint
 
-    state = {"save": 0, "on": False, "labels": {}, "seen": Counter()}
+    state = {"save": 0, "on": False, "labels": {}, "seen": Counter(), "removing": None}
     real_open, real_save = builtins.open, checkpoint.CheckpointManager.save
 
     def save(self, step, *args, **kwargs):
@@ -56,16 +56,18 @@ def _watch_file_operations(checkpoints: Path, kill: tuple[str, int] | None, reco
         finally:
             state["on"] = False
 
+    def label(path) -> str:
+        name = str(path).replace(f"{checkpoints}/", "")
+        for real, tag in state["labels"].items():
+            name = name.replace(real, tag)
+        if not os.path.isabs(path) and state["removing"]:  # a name relative to the folder rmtree is removing
+            name = f"{state['removing']}/{name}"
+        return name
+
     def event(op: str, *paths) -> None:
         if not state["on"]:
             return
-        names = []
-        for path in paths:
-            name = str(path).replace(f"{checkpoints}/", "")
-            for real, label in state["labels"].items():
-                name = name.replace(real, label)
-            names.append(name)
-        operation = f"{op} {' -> '.join(names)}"
+        operation = f"{op} {' -> '.join(label(path) for path in paths)}"
         if record is not None:
             with real_open(record, "a") as f:
                 f.write(f"{state['save']}\t{operation}\n")
@@ -77,6 +79,17 @@ def _watch_file_operations(checkpoints: Path, kill: tuple[str, int] | None, reco
         def call(*args, **kwargs):
             event(op, *[a for a in args if isinstance(a, (str, os.PathLike))])
             return real(*args, **kwargs)
+
+        return call
+
+    def removing(real):
+        def call(path, *args, **kwargs):
+            event("rmtree", path)
+            state["removing"] = label(path)
+            try:
+                return real(path, *args, **kwargs)
+            finally:
+                state["removing"] = None
 
         return call
 
@@ -93,7 +106,7 @@ def _watch_file_operations(checkpoints: Path, kill: tuple[str, int] | None, reco
     builtins.open, io.open = opened(builtins.open), opened(io.open)
     for name in ("replace", "rename", "unlink", "rmdir"):
         setattr(os, name, watched(getattr(os, name), name))
-    shutil.rmtree = watched(shutil.rmtree, "rmtree")
+    shutil.rmtree = removing(shutil.rmtree)
 
 
 def _trainer(rank: int, world_size: int, port: int, tiny_data: dict, run_dir: str, overrides: list, *watch_limit):
@@ -160,8 +173,8 @@ PHASES = {
     "pointer-written": lambda op: op.startswith("open latest"),
     "pointer-renamed": lambda op: op.startswith("replace latest"),
     "set-aside": lambda op: op == "replace step-OLD -> step-OLD.deleting",
-    "half-deleted": lambda op: op.startswith("unlink"),
-    "emptied": lambda op: op.startswith("rmdir step-OLD"),
+    "half-deleted": lambda op: op.startswith("unlink step-OLD"),
+    "emptied": lambda op: re.fullmatch(r"rmdir step-OLD(\.deleting)?", op) is not None,
 }
 # strategy: (overrides, ranks, phases); with two ranks, whose children cost more, four of them: a file
 # half-written, every rank's files written, published before `latest` moved, the prune cut short
