@@ -163,18 +163,19 @@ def assert_published_checkpoints_whole(checkpoints: Path) -> None:
 
 
 # Where to kill a save: one operation per state it can leave the folder in (every other operation
-# leaves one of these states again): a file of the new checkpoint half-written, all written but its
-# checksums.json, the `.tmp` folder complete, published but `latest` half-written or not yet renamed,
-# the old checkpoint set aside, half-deleted, and emptied.
+# leaves one of these states again), as (which operations, the how-manyth of them, from 0): a file of
+# the new checkpoint half-written, all written but its checksums.json, the `.tmp` folder complete,
+# published but `latest` half-written or not yet renamed, the old checkpoint set aside, half-deleted
+# (one file gone), and emptied.
 PHASES = {
-    "write": lambda op: op.startswith("open step-NEW"),
-    "listing": lambda op: op.startswith("replace step-NEW") and "checksums.json" in op,
-    "publish": lambda op: op == "replace step-NEW.tmp -> step-NEW",
-    "pointer-written": lambda op: op.startswith("open latest"),
-    "pointer-renamed": lambda op: op.startswith("replace latest"),
-    "set-aside": lambda op: op == "replace step-OLD -> step-OLD.deleting",
-    "half-deleted": lambda op: op.startswith("unlink step-OLD"),
-    "emptied": lambda op: re.fullmatch(r"rmdir step-OLD(\.deleting)?", op) is not None,
+    "write": (lambda op: op.startswith("open step-NEW"), 0),
+    "listing": (lambda op: op.startswith("replace step-NEW") and "checksums.json" in op, 0),
+    "publish": (lambda op: op == "replace step-NEW.tmp -> step-NEW", 0),
+    "pointer-written": (lambda op: op.startswith("open latest"), 0),
+    "pointer-renamed": (lambda op: op.startswith("replace latest"), 0),
+    "set-aside": (lambda op: op == "replace step-OLD -> step-OLD.deleting", 0),
+    "half-deleted": (lambda op: op.startswith("unlink step-OLD"), 1),
+    "emptied": (lambda op: re.fullmatch(r"rmdir step-OLD(\.deleting)?", op) is not None, 0),
 }
 # strategy: (overrides, ranks, phases); with two ranks, whose children cost more, four of them: a file
 # half-written, every rank's files written, published before `latest` moved, the prune cut short
@@ -186,13 +187,18 @@ CHAINS = {
 
 
 def kill_points(recorded: list[str], phases: list[str]) -> dict[str, tuple[str, int]]:
-    """Phase -> (operation, occurrence): the first operation of the recorded save in that phase."""
+    """Phase -> (operation, occurrence): where in the recorded save each phase is, if it is there."""
     points, seen = [], Counter()
     for operation in recorded:
         seen[operation] += 1
         points.append((operation, seen[operation]))
-    found = {phase: next((p for p in points if PHASES[phase](p[0])), None) for phase in phases}
-    return {phase: point for phase, point in found.items() if point is not None}
+    found = {}
+    for phase in phases:
+        matches, nth = PHASES[phase]
+        in_phase = [p for p in points if matches(p[0])]
+        if len(in_phase) > nth:
+            found[phase] = in_phase[nth]
+    return found
 
 
 @pytest.mark.parametrize("strategy", CHAINS)
