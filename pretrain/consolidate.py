@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 
+from data_pipeline.shards import atomic_open
 from pretrain.checkpoint_layout import DCP_DIR, DEEPSPEED_LAYOUT, DEEPSPEED_TAG, dcp_without_process_group
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -126,9 +127,6 @@ def consolidate(folder: str | os.PathLike, output: str | os.PathLike | None = No
     """Write the consolidated model of `folder` to `output` (default `<folder>/consolidated.pth`)."""
     state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in WeightReader(folder).items()}
     output = Path(output) if output else Path(folder) / "consolidated.pth"
-    tmp = output.with_name(output.name + ".tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, output)
+    with atomic_open(output) as f:
+        torch.save(state, f)
     return output

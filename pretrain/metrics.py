@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import torch
 
+from data_pipeline.shards import atomic_write_bytes
 from pretrain.config import ExperimentConfig, to_dict
 
 # Dense bf16 tensor-core peaks, FLOP/s, from the vendors' data sheets (without sparsity).
@@ -133,9 +134,7 @@ class MetricLogger:
                 raise ValueError(f"{self.path}:{n}: not a JSON object; fix or move the file to resume") from None
             if record["step"] <= step:
                 kept.append(line)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in kept))
-        os.replace(tmp, self.path)
+        atomic_write_bytes(self.path, "".join(ln + "\n" for ln in kept).encode("utf-8"))
 
     def log(self, record: dict[str, Any]) -> None:
         """Write one record everywhere."""
