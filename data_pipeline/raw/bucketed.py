@@ -36,7 +36,7 @@ from typing import BinaryIO, Callable, Iterator
 import numpy as np
 
 from data_pipeline.raw.common import Tally
-from data_pipeline.raw.dedup import content_key, shingles
+from data_pipeline.raw.dedup import MinHasher, containment, content_key
 from data_pipeline.raw.filters import normalize_line, too_short
 from data_pipeline.shards import atomic_open
 
@@ -229,48 +229,27 @@ def drop_pairs(
 # near: MinHash LSH with containment
 
 
-class MinHasher:
-    """Signatures and LSH bands exactly as `dedup.near_dedup` makes them (datasketch, shared permutations)."""
-
-    def __init__(self, threshold: float, num_perm: int = 128, seed: int = 1, candidate_jaccard: float = 0.7) -> None:
-        from datasketch import MinHash, MinHashLSH
-
-        self.num_perm, self.seed, self.threshold = num_perm, seed, threshold
-        lsh = MinHashLSH(threshold=min(candidate_jaccard, threshold), num_perm=num_perm)
-        self.bands, self.rows = lsh.b, lsh.r
-        self.template = MinHash(num_perm=num_perm, seed=seed)
-
-    def signature(self, text: str, shingle: int = 5) -> tuple[np.ndarray, int]:
-        """(the MinHash signature as uint32, the number of distinct shingles)."""
-        from datasketch import MinHash
-
-        grams = shingles(text, shingle)
-        t = self.template
-        sketch = MinHash(num_perm=self.num_perm, seed=self.seed, permutations=t.permutations, scheme=t.scheme)
-        sketch.update_batch(list(grams))
-        return sketch.hashvalues.astype(np.uint32), len(grams)
-
-    def band_keys(self, signatures: np.ndarray) -> np.ndarray:
-        """(documents, bands) 64-bit keys: a hash of the band's number and its rows of the signature."""
-        keys = np.zeros((len(signatures), self.bands), np.uint64)
-        for d, sig in enumerate(signatures):
-            for b in range(self.bands):
-                band = sig[b * self.rows : (b + 1) * self.rows].tobytes()
-                digest = hashlib.blake2b(band, digest_size=8, salt=b.to_bytes(16, "little")).digest()
-                keys[d, b] = int.from_bytes(digest, "little")
-        return keys
+def band_keys(hasher: MinHasher, signatures: np.ndarray) -> np.ndarray:
+    """(documents, bands) 64-bit keys: a hash of the band's number and its rows of the signature."""
+    keys = np.zeros((len(signatures), hasher.bands), np.uint64)
+    for d, sig in enumerate(signatures):
+        for b in range(hasher.bands):
+            band = sig[b * hasher.rows : (b + 1) * hasher.rows].tobytes()
+            digest = hashlib.blake2b(band, digest_size=8, salt=b.to_bytes(16, "little")).digest()
+            keys[d, b] = int.from_bytes(digest, "little")
+    return keys
 
 
 def near_scan(docs: Iterator[dict], part: int, hasher: MinHasher, ids: list[str]) -> tuple[np.ndarray, ...]:
     """(signatures, shingle counts, band records) of the part's documents; ids appended to `ids`."""
     sigs, sizes = [], []
     for doc in docs:
-        sig, size = hasher.signature(doc["text"])
-        sigs.append(sig)
+        sketch, size = hasher.sketch(doc["text"])
+        sigs.append(sketch.hashvalues.astype(np.uint32))  # datasketch keeps them below 2**32
         sizes.append(size)
         ids.append(doc["id"])
     signatures = np.array(sigs, np.uint32).reshape(len(sigs), hasher.num_perm)
-    keys = hasher.band_keys(signatures)
+    keys = band_keys(hasher, signatures)
     records = np.zeros(keys.size, BAND_RECORD)
     records["h"] = keys.reshape(-1)
     records["pos"] = np.repeat([position(part, i) for i in range(len(sigs))], hasher.bands).astype(np.uint64)
@@ -313,8 +292,7 @@ def near_bucket(records: np.ndarray, signatures: Signatures, threshold: float) -
         sigs, sizes = signatures.get(members)
         for j in range(1, len(members)):
             jaccard = np.count_nonzero(sigs[:j] == sigs[j], axis=1).astype(np.float64) / np.float64(sigs.shape[1])
-            overlap = jaccard * (sizes[:j] + sizes[j]) / (1 + jaccard) / np.minimum(sizes[:j], sizes[j])
-            for i in np.flatnonzero(overlap >= threshold).tolist():
+            for i in np.flatnonzero(containment(jaccard, sizes[:j], sizes[j]) >= threshold).tolist():
                 pairs.append((members[j], members[i]))
     return np.unique(np.array(pairs, PAIR)) if pairs else np.zeros(0, PAIR)
 

@@ -7,7 +7,9 @@ content overlap with one already kept (containment: the share of the smaller one
 other) reaches `threshold` is dropped, so of two editions of one book (LLaMA-1 removed books with
 more than 90% content overlap) the first is kept, even when the later one adds a preface or notes.
 Both are generators over document dicts and count drops in a `Tally`, naming the document kept in
-the example.
+the example. They hold a source's keys in memory: the recipe runs the same rules split into hash
+buckets on disk (`bucketed.py`, sharing `content_key`, `MinHasher` and `containment` with them), and
+its tests compare the two.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import re
 from typing import Iterable, Iterator
+
+import numpy as np
 
 from data_pipeline.raw.common import Tally
 
@@ -46,6 +50,42 @@ def shingles(text: str, size: int) -> set[bytes]:
     return {" ".join(words[i : i + size]).encode("utf-8") for i in range(len(words) - size + 1)}
 
 
+def containment(jaccard, size_a, size_b):
+    """The share of the smaller of two shingle sets found in the other, estimated from their MinHash
+    Jaccard J and sizes (|A ∩ B| = J (|A| + |B|) / (1 + J)); numbers or numpy arrays alike."""
+    return jaccard * (size_a + size_b) / (1 + jaccard) / np.minimum(size_a, size_b)
+
+
+class MinHasher:
+    """MinHash sketches (datasketch, `num_perm` permutations drawn once from `seed` and shared by every
+    sketch) and the LSH banding for candidates at Jaccard `min(candidate_jaccard, threshold)`."""
+
+    def __init__(self, threshold: float, num_perm: int = 128, seed: int = 1, candidate_jaccard: float = 0.7) -> None:
+        from datasketch import MinHash
+
+        self.num_perm, self.seed, self.threshold = num_perm, seed, threshold
+        self.candidate_jaccard = min(candidate_jaccard, threshold)
+        index = self.index()
+        self.bands, self.rows = index.b, index.r
+        self.template = MinHash(num_perm=num_perm, seed=seed)
+
+    def index(self):
+        """An empty LSH index with this banding."""
+        from datasketch import MinHashLSH
+
+        return MinHashLSH(threshold=self.candidate_jaccard, num_perm=self.num_perm)
+
+    def sketch(self, text: str, shingle: int = 5):
+        """(the MinHash of the text's word `shingle`-grams, the number of distinct shingles)."""
+        from datasketch import MinHash
+
+        grams = shingles(text, shingle)
+        t = self.template
+        sketch = MinHash(num_perm=self.num_perm, seed=self.seed, permutations=t.permutations, scheme=t.scheme)
+        sketch.update_batch(list(grams))
+        return sketch, len(grams)
+
+
 def near_dedup(
     docs: Iterable[dict],
     tally: Tally,
@@ -65,21 +105,17 @@ def near_dedup(
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"near-dedup threshold must be in (0, 1], got {threshold}")
-    from datasketch import LeanMinHash, MinHash, MinHashLSH
+    from datasketch import LeanMinHash
 
-    index = MinHashLSH(threshold=min(candidate_jaccard, threshold), num_perm=num_perm)
-    template = MinHash(num_perm=num_perm, seed=seed)  # its permutations are drawn once, shared by every sketch
+    hasher = MinHasher(threshold, num_perm, seed, candidate_jaccard)
+    index = hasher.index()
     kept: dict[str, tuple[LeanMinHash, int, str]] = {}  # key -> (sketch, shingle count, document id)
     for n, doc in enumerate(docs):
-        grams = shingles(doc["text"], shingle)
-        sketch = MinHash(num_perm=num_perm, seed=seed, permutations=template.permutations, scheme=template.scheme)
-        sketch.update_batch(list(grams))
+        sketch, grams = hasher.sketch(doc["text"], shingle)
         match = None
         for key in index.query(sketch):
             other, size, doc_id = kept[key]
-            jaccard = other.jaccard(sketch)
-            overlap = jaccard * (size + len(grams)) / (1 + jaccard) / min(size, len(grams))
-            if overlap >= threshold:
+            if containment(other.jaccard(sketch), size, grams) >= threshold:
                 match = doc_id
                 break
         if match is not None:
@@ -88,5 +124,5 @@ def near_dedup(
         key = str(n)
         lean = LeanMinHash(sketch)
         index.insert(key, lean)
-        kept[key] = (lean, len(grams), doc["id"])
+        kept[key] = (lean, grams, doc["id"])
         yield doc

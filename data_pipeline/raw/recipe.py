@@ -270,8 +270,17 @@ def process_file(source: RawSourceConfig, entry: str, out_dir: Path, strict: boo
             tally.empty(entry)
     tally.seconds = time.process_time() - start
     done = {**fingerprint, "tally": tally.to_dict()}
-    atomic_write_bytes(marker, json.dumps(done, indent=1, ensure_ascii=False).encode("utf-8"))
+    write_json(marker, done)
     return done
+
+
+def write_json(path: Path, value: Any) -> None:
+    """A JSON file, put in place whole."""
+    atomic_write_bytes(path, json.dumps(value, indent=1, ensure_ascii=False).encode("utf-8"))
+
+
+def read_json(path: Path) -> Optional[Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def file_task(cfg: RecipeConfig, name: str, entry: str) -> dict:

@@ -38,7 +38,16 @@ import numpy as np
 
 from data_pipeline.raw import bucketed as bk
 from data_pipeline.raw.common import Tally
-from data_pipeline.raw.recipe import expand_inputs, file_task, format_reports, load_module, module_options, part_name
+from data_pipeline.raw.recipe import (
+    expand_inputs,
+    file_task,
+    format_reports,
+    load_module,
+    module_options,
+    part_name,
+    read_json,
+    write_json,
+)
 from data_pipeline.shards import atomic_open, atomic_write_bytes
 
 PASSES = ("line", "exact", "near")
@@ -55,15 +64,6 @@ STAGES = (
     "concat",
     "report",
 )
-
-
-def write_json(path: Path, value: Any) -> None:
-    """A JSON file, put in place whole."""
-    atomic_write_bytes(path, json.dumps(value, indent=1, ensure_ascii=False).encode("utf-8"))
-
-
-def read_json(path: Path) -> Optional[Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def once(marker: Path, key: str, work: Callable[[], dict]) -> dict:
