@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 from omegaconf import OmegaConf
 
 from data_pipeline.configfile import CONFIGS_DIR, ConfigError, load_structured, resolve_config_path  # noqa: F401
-from pretrain.model import ModelArgs
+from pretrain.model_args import ModelArgs
 
 
 class Precision(str, Enum):
@@ -64,7 +64,8 @@ class OptimConfig:
 class TrainConfig:
     """The training loop: how long, how big a batch, where it runs and what it writes."""
 
-    steps: int = 250_000  # optimizer steps (1T tokens at 4M tokens a step)
+    steps: int = 250_000  # optimizer steps (1.05T tokens at 4M tokens a step); train.tokens, when set, decides it
+    tokens: Optional[float] = None  # token budget, e.g. 1.4e12: steps = ceil(tokens / global_batch_tokens)
     global_batch_tokens: int = 4_194_304  # tokens per optimizer step, all micro-batches and ranks
     micro_batch_size: int = 1  # sequences per forward pass per device
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -83,12 +84,14 @@ class TrainConfig:
     run_dir: str = "runs/${name}"
     log_every: int = 10
     eval_every: int = 1000  # 0: never
-    eval_batches: int = 20
+    eval_batches: int = 20  # micro-batches per source per rank: held-out samples grow with the world size
     save_every: int = 1000  # 0: only at the end
     async_save: bool = False  # single/fsdp: periodic saves copy to CPU memory, then write in the background
     keep_last: int = 3  # checkpoints kept; older ones are deleted
     verify_checkpoints: bool = True  # sha256 of every checkpoint file, written on save and checked on load
-    on_nan: str = "stop"  # a NaN/Inf loss or gradient norm: stop the run, or skip the update
+    on_nan: str = "stop"  # a NaN/Inf loss or gradient norm: stop | skip the update | rollback (as for a spike)
+    max_consecutive_skips: int = 5  # skipped updates or spike rollbacks in a row before the run stops; 0: no limit
+    skip_batches: int = 0  # with train.resume=<checkpoint>: move the data this many batches on (a manual spike fix)
     stop_at: Optional[int] = None  # end this job after this step (checkpointed); the schedule still spans `steps`
     resume: str = "auto"  # auto (latest checkpoint of run_dir if any) | never | a checkpoint folder
     resume_changes: List[str] = field(default_factory=list)  # keys (or sections) whose new values a resumed run applies
@@ -103,14 +106,42 @@ class WandbConfig:
     project: str = "llama-pretrain"
     entity: Optional[str] = None
     tags: List[str] = field(default_factory=list)
+    group: Optional[str] = None  # runs shown together (e.g. one per ablation); None: none
+    job_type: str = "train"  # train | eval | ...: a filter in the project's run table
+    notes: Optional[str] = None  # a description shown on the run's page
+    history: str = "rewind"  # on resume or rollback: rewind the run to the checkpoint's step | fork a new run
 
 
 @dataclass
 class MetricsConfig:
-    """How throughput and MFU are computed."""
+    """How throughput and MFU are computed, and where else metrics go."""
 
     peak_flops: Optional[float] = None  # per device; None: from the device table (none on CPU)
     skip_steps: int = 3  # first steps left out of throughput averages (warm-up)
+    tensorboard: bool = False  # also write TensorBoard event files to <run>/tensorboard
+
+
+@dataclass
+class SpikeConfig:
+    """Loss-spike recovery: on a spike, go back to the last checkpoint before it and skip the batches after it."""
+
+    factor: float = 0.0  # a spike: loss > factor x the running statistic of the last `window` losses; 0: off
+    window: int = 100  # losses in the running statistic (fewer than this: no check yet)
+    stat: str = "median"  # median | mean
+    after_step: Optional[int] = None  # no check before this step; None: after optim.warmup_steps
+    skip_batches: int = 200  # batches of data skipped after the checkpoint the run goes back to
+
+
+@dataclass
+class LmEvalConfig:
+    """Benchmarks through lm-evaluation-harness (`pip install -e '.[lm-eval]'`) during training."""
+
+    every: int = 0  # steps between benchmark runs; 0: never
+    tasks: List[str] = field(default_factory=list)  # lm-eval task names, e.g. [hellaswag, arc_easy]
+    include_path: Optional[str] = None  # a folder of extra task YAMLs (e.g. the bundled local tasks)
+    limit: Optional[int] = None  # examples per task (None: all)
+    num_fewshot: Optional[int] = None  # None: each task's default
+    batch_size: int = 8
 
 
 @dataclass
@@ -124,12 +155,21 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Schema defaults <- YAML (with its defaults) <- `key=value` overrides, then validated."""
     config: ExperimentConfig = load_structured(ExperimentConfig, path, overrides)
+    t = config.train
+    if t.tokens is not None and any(o.startswith("train.steps=") for o in overrides):
+        if any(o.startswith("train.tokens=") for o in overrides):
+            raise ConfigError("overrides set both train.steps and train.tokens; give one")
+        t.tokens = None  # a step count on the command line replaces the config's token budget
     validate(config)
+    if t.tokens is not None:
+        t.steps = math.ceil(t.tokens / t.global_batch_tokens)
     return config
 
 
@@ -169,6 +209,8 @@ def validate(cfg: ExperimentConfig) -> None:
     }
     if t.stop_at is not None:
         positive["train.stop_at"] = t.stop_at
+    if t.tokens is not None:
+        positive["train.tokens"] = t.tokens
     if t.eval_every:
         positive["train.eval_batches"] = t.eval_batches  # batches of each evaluation (train.eval_every=0: none)
     if cfg.metrics.peak_flops is not None:
@@ -203,6 +245,11 @@ def validate(cfg: ExperimentConfig) -> None:
         "train.save_every": t.save_every,
         "train.loss_chunk_tokens": t.loss_chunk_tokens,
         "optim.grad_clip": o.grad_clip,
+        "train.max_consecutive_skips": t.max_consecutive_skips,
+        "train.skip_batches": t.skip_batches,
+        "spike.factor": cfg.spike.factor,
+        "spike.skip_batches": cfg.spike.skip_batches,
+        "lm_eval.every": cfg.lm_eval.every,
     }.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
@@ -229,8 +276,23 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"train.deepspeed_json: {t.deepspeed_json} not found")
     if t.fsdp_shard_size < 0:
         raise ConfigError(f"train.fsdp_shard_size must be >= 0, got {t.fsdp_shard_size}")
-    if t.on_nan not in ("stop", "skip"):
-        raise ConfigError(f"train.on_nan='{t.on_nan}' must be stop or skip")
+    if t.on_nan not in ("stop", "skip", "rollback"):
+        raise ConfigError(f"train.on_nan='{t.on_nan}' must be stop, skip or rollback")
+    if t.skip_batches and t.resume in ("auto", "never"):
+        raise ConfigError(
+            f"train.skip_batches={t.skip_batches} needs train.resume=<checkpoint folder>: it moves the data on "
+            "once, from that checkpoint"
+        )
+    if cfg.spike.factor and cfg.spike.factor <= 1:
+        raise ConfigError(f"spike.factor must be > 1 (or 0: off), got {cfg.spike.factor}")
+    if cfg.spike.stat not in ("median", "mean"):
+        raise ConfigError(f"spike.stat='{cfg.spike.stat}' must be median or mean")
+    if cfg.spike.window < 1:
+        raise ConfigError(f"spike.window must be positive, got {cfg.spike.window}")
+    if cfg.lm_eval.every and not cfg.lm_eval.tasks:
+        raise ConfigError(f"lm_eval.every={cfg.lm_eval.every} but lm_eval.tasks is empty; name the tasks to run")
+    if cfg.wandb.history not in ("rewind", "fork"):
+        raise ConfigError(f"wandb.history='{cfg.wandb.history}' must be rewind or fork")
     if cfg.wandb.mode not in ("auto", "online", "offline", "disabled"):
         raise ConfigError(f"wandb.mode='{cfg.wandb.mode}' must be auto, online, offline or disabled")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
@@ -253,6 +315,8 @@ FREE_ON_RESUME = (
     "name",
     "wandb",
     "metrics",
+    "spike",
+    "lm_eval",
     "data.root",
     "data.tokenizer",
     *(
@@ -261,7 +325,7 @@ FREE_ON_RESUME = (
             "micro_batch_size device precision strategy fsdp_shard_size reshard_after_forward zero_stage "
             "offload_optimizer offload_params deepspeed_json activation_checkpointing compile loss_chunk_tokens "
             "seed run_dir log_every eval_every eval_batches save_every async_save keep_last on_nan stop_at resume "
-            "init_from resume_changes verify_checkpoints"
+            "init_from resume_changes verify_checkpoints max_consecutive_skips skip_batches"
         ).split()
     ),
 )
