@@ -1,4 +1,8 @@
-"""Command line: `python -m pretrain {train,info,plan,memory,plot,consolidate,export-hf,import,generate} ...`."""
+"""Command line: `python -m pretrain {train,config,info,plan,memory,plot,consolidate,export-hf,import,generate} ...`.
+
+Nothing heavy is imported here at module level (torch comes with the command that needs it), so
+`--help` answers at once.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,38 @@ import json
 import sys
 from pathlib import Path
 
-from pretrain.config import ConfigError, load_config
-from pretrain.trainer import NonFiniteLoss
+from pretrain.config import ConfigError, ExperimentConfig, load_config, to_dict
+from pretrain.errors import NonFiniteLoss
+
+OVERRIDES_HELP = "key=value overrides (keys below), e.g. train.steps=100"
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions reported as one `error:` line: ConfigError, ShardError and bad data are ValueErrors."""
+    errors: list[type[BaseException]] = [ValueError, FileNotFoundError, NonFiniteLoss]
+    trainer = sys.modules.get("pretrain.trainer")
+    if trainer is not None and hasattr(trainer, "NonFiniteLoss"):  # its own class, until it imports pretrain.errors
+        errors.append(trainer.NonFiniteLoss)
+    return tuple(errors)
+
+
+def budget_text(cfg: ExperimentConfig) -> str:
+    """How the length of training is set: `train.tokens=1.4e+12 -> 333,787 steps`, or by train.steps."""
+    t = cfg.train
+    if t.tokens is not None:
+        return f"train.tokens={t.tokens:g} -> {t.steps:,} steps"
+    return f"train.steps={t.steps:,} (train.tokens not set)"
+
+
+def cmd_config(config: str, overrides: list[str], as_json: bool) -> None:
+    """Print the resolved config (defaults, YAML and overrides merged; train.steps as train.tokens decides it)."""
+    resolved = to_dict(load_config(config, overrides))
+    if as_json:
+        print(json.dumps(resolved, indent=2))
+    else:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(OmegaConf.create(resolved)), end="")
 
 
 def cmd_info(config: str, overrides: list[str], as_json: bool) -> None:
@@ -34,6 +68,7 @@ def cmd_info(config: str, overrides: list[str], as_json: bool) -> None:
         "vocab_size": m.vocab_size,
         "global_batch_tokens": cfg.train.global_batch_tokens,
         "steps": cfg.train.steps,
+        "tokens_budget": cfg.train.tokens,
         "total_tokens": cfg.train.steps * cfg.train.global_batch_tokens,
         "total_flops": fpt * cfg.train.steps * cfg.train.global_batch_tokens,
     }
@@ -49,6 +84,7 @@ def cmd_info(config: str, overrides: list[str], as_json: bool) -> None:
     print(f"FLOPs per token (T={seq}): {fpt:>19,}  (6N + 12·L·H·Q·T)")
     print(f"tokens per step:          {info['global_batch_tokens']:>20,}")
     print(f"training tokens:          {info['total_tokens']:>20,}  ({cfg.train.steps:,} steps)")
+    print(f"token budget:             {budget_text(cfg)}")
     print(f"training FLOPs:           {info['total_flops']:>20.3e}")
 
 
@@ -76,13 +112,21 @@ def cmd_plan(config: str, overrides: list[str], tokens: list[str], total: float 
             available.append(sum(s.tokens for s in manifest.shards if s.split == "train"))
     weights = [cfg.data.weights[s] for s in sources] if cfg.data.weights else [float(a) for a in available]
     budget = int(total) if total else cfg.train.steps * cfg.train.global_batch_tokens
-    print(f"{config}: {budget:,} training tokens\n")
+    print(f"{config}: {budget:,} training tokens ({'--total' if total else budget_text(cfg)})\n")
     print(format_plan(plan(sources, weights, available, budget)))
 
 
-def cmd_memory(config: str, overrides: list[str], gpus: int, gpu: str, fewest: bool) -> None:
+def cmd_memory(config: str, overrides: list[str], gpus: int, gpu: str, fewest: bool) -> int:
     """Print the memory per GPU of a configuration, or the fewest GPUs it fits on."""
-    from pretrain.memory import GPU_MEMORY_GB, fewest_gpus, format_plan
+    from pretrain.memory import (
+        GPU_MEMORY_GB,
+        fewest_gpus,
+        fewest_sharded,
+        format_plan,
+        strategy_name,
+        why_not,
+        with_train,
+    )
 
     cfg = load_config(config, overrides)
     try:
@@ -92,11 +136,24 @@ def cmd_memory(config: str, overrides: list[str], gpus: int, gpu: str, fewest: b
     if fewest:
         n = fewest_gpus(cfg, gpu_gb)
         if n is None:
-            print(f"{cfg.name} does not fit on any number of {gpu_gb:g} GB GPUs with these settings")
-            return
+            print(f"{cfg.name} does not fit on any number of {gpu_gb:g} GB GPUs under {strategy_name(cfg)}:")
+            print(f"  {why_not(cfg, gpu_gb)}")
+            options = [
+                (" ".join(f"train.{k}={v}" for k, v in c.items()), c, count) for c, count in fewest_sharded(cfg, gpu_gb)
+            ]
+            for text, _, count in options:
+                print(f"  with {text}: " + (f"fits on {count} GPUs" if count else "does not fit either"))
+            fitting = [(count, text, changes) for text, changes, count in options if count]
+            if not fitting:
+                print("try train.activation_checkpointing=full, a smaller train.micro_batch_size or train.offload_*")
+                return 1
+            n, text, changes = min(fitting, key=lambda option: option[0])
+            cfg = with_train(cfg, **changes)
+            print(f"\nadd {text} to the command line (or to the experiment's train section):")
         gpus = n
         print(f"fewest GPUs of {gpu_gb:g} GB (multiples of 8): {n}")
     print(format_plan(cfg, gpus, gpu_gb))
+    return 0
 
 
 def cmd_train(config: str, overrides: list[str]) -> None:
@@ -143,18 +200,34 @@ def cmd_generate(checkpoint: Path, tokenizer: Path | None, prompts: list[str], o
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m pretrain` and `llama-pretrain`."""
-    parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__)
+    from pretrain.confighelp import config_help
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train (or resume) an experiment")
+    keys = config_help(ExperimentConfig)
+
+    def with_config(name: str, text: str) -> argparse.ArgumentParser:
+        """A subcommand that takes a config and overrides: its --help lists every config key."""
+        return sub.add_parser(
+            name, help=text, description=text, epilog=keys, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+
+    p = with_config("train", "train (or resume) an experiment")
     p.add_argument("config", help="an experiment YAML, e.g. configs/experiments/debug.yaml")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
-    p = sub.add_parser("info", help="parameters and FLOPs of a config")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p = with_config("config", "print the resolved config: defaults, YAML and overrides merged (YAML)")
     p.add_argument("config", help="a YAML or a model preset name such as llama1-7b")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    p = with_config("info", "parameters, FLOPs and token budget of a config")
+    p.add_argument("config", help="a YAML or a model preset name such as llama1-7b")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--json", action="store_true")
-    p = sub.add_parser("plan", help="tokens drawn and epochs per source for the training budget")
+    p = with_config("plan", "tokens drawn and epochs per source for the training budget")
     p.add_argument("config", help="an experiment YAML")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument(
         "--tokens",
         nargs="*",
@@ -184,9 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling when temperature > 0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p = sub.add_parser("memory", help="memory per GPU (parameters, gradients, optimizer, activations); does it fit")
+    p = with_config("memory", "memory per GPU (parameters, gradients, optimizer, activations); does it fit")
     p.add_argument("config", help="an experiment YAML; strategy, ZeRO stage, checkpointing from train.*")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--gpus", type=int, default=8, help="world size (default 8)")
     p.add_argument("--gpu", default="a100-80gb", help="a100-40gb, a100-80gb, h100-80gb, h200 or GB")
     p.add_argument("--fewest", action="store_true", help="find the fewest GPUs (multiples of 8) it fits on")
@@ -195,11 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", type=Path, help="PNG path (default: <run>/plot.png)")
     p = sub.add_parser("consolidate", help="one file of full tensors with Meta's names from any checkpoint")
     p.add_argument("checkpoint", type=Path, help="a checkpoint folder, e.g. runs/x/checkpoints/step-00001000")
-    p.add_argument("-o", "--output", type=Path, help="file to write (default: <checkpoint>/consolidated.pth)")
+    p.add_argument("-o", "--output", type=Path, help="file to write (default: <run>/consolidated/<step>.pth)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     args = parser.parse_args(argv)
     try:
-        if args.command == "info":
+        if args.command == "config":
+            cmd_config(args.config, args.overrides, args.json)
+        elif args.command == "info":
             cmd_info(args.config, args.overrides, args.json)
         elif args.command == "plan":
             cmd_plan(args.config, args.overrides, args.tokens, args.total)
@@ -216,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "generate":
             cmd_generate(args.checkpoint, args.tokenizer, args.prompts, args)
         elif args.command == "memory":
-            cmd_memory(args.config, args.overrides, args.gpus, args.gpu, args.fewest)
+            return cmd_memory(args.config, args.overrides, args.gpus, args.gpu, args.fewest)
         elif args.command == "consolidate":
             from pretrain.consolidate import consolidate
 
@@ -226,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
 
             metrics = args.run if args.run.suffix == ".jsonl" else args.run / "metrics.jsonl"
             print(plot_metrics(metrics, args.output or metrics.parent / "plot.png"))
-    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:  # ConfigError, ShardError and bad data are ValueErrors
+    except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -123,10 +123,21 @@ def consolidated_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(WeightReader(path).items())
 
 
+def default_output(folder: str | os.PathLike) -> Path:
+    """Where `consolidate` writes by default: beside the checkpoints, never inside one (checkpoint rotation
+    deletes whole checkpoint folders): `<run>/consolidated/step-00000120.pth` for
+    `<run>/checkpoints/step-00000120`, else `<folder>.consolidated.pth` next to the folder."""
+    folder = Path(folder)
+    if folder.parent.name == "checkpoints":
+        return folder.parent.parent / "consolidated" / f"{folder.name}.pth"
+    return folder.parent / f"{folder.name}.consolidated.pth"
+
+
 def consolidate(folder: str | os.PathLike, output: str | os.PathLike | None = None, dtype: str = "fp32") -> Path:
-    """Write the consolidated model of `folder` to `output` (default `<folder>/consolidated.pth`)."""
+    """Write the consolidated model of `folder` to `output` (default: `default_output(folder)`)."""
     state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in WeightReader(folder).items()}
-    output = Path(output) if output else Path(folder) / "consolidated.pth"
+    output = Path(output) if output else default_output(folder)
+    output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(output) as f:
         torch.save(state, f)
     return output

@@ -117,6 +117,13 @@ def tokenizer_json(model_file: str | os.PathLike) -> dict:
     }
 
 
+def umask_file_mode() -> int:
+    """The mode `open` gives a new file under this process's umask (0o644 under 022)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _write_json(path: Path, value: dict) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n")
 
@@ -194,6 +201,8 @@ def export_hf(
     }
     _write_json(tmp / "config.json", config)
     _write_json(tmp / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": False})
+    for path in tmp.iterdir():  # safetensors writes its files 0600 whatever the umask: teammates could not read them
+        path.chmod(umask_file_mode())
     shutil.rmtree(output, ignore_errors=True)
     os.replace(tmp, output)
     return output

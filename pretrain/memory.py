@@ -21,7 +21,7 @@ Optimizer offload moves the optimizer column to CPU memory; parameter offload (Z
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pretrain.config import Checkpointing, ExperimentConfig
 from pretrain.model import ModelArgs, count_params
@@ -137,9 +137,57 @@ def fits(plan: MemoryPlan, gpu_gb: float, headroom: float = 0.9) -> bool:
 
 def fewest_gpus(cfg: ExperimentConfig, gpu_gb: float, step: int = 8, limit: int = 65536) -> int | None:
     """The smallest multiple of `step` GPUs on which `cfg` fits, or None up to `limit`."""
+    if not fits(plan_memory(cfg, limit), gpu_gb):  # memory per GPU only falls as GPUs are added
+        return None
     n = step
     while n <= limit:
         if fits(plan_memory(cfg, n), gpu_gb):
             return n
         n += step
     return None
+
+
+# The strategies that shard parameters, gradients and optimizer states over the GPUs: train.* overrides.
+SHARDING = ({"strategy": "fsdp"}, {"strategy": "deepspeed", "zero_stage": 3})
+
+
+def strategy_name(cfg: ExperimentConfig) -> str:
+    """`fsdp`, `deepspeed ZeRO-3`, `single`, ... of a config."""
+    t = cfg.train
+    return t.strategy + (f" ZeRO-{t.zero_stage}" if t.strategy == "deepspeed" else "")
+
+
+def with_train(cfg: ExperimentConfig, **changes) -> ExperimentConfig:
+    """A copy of `cfg` with these `train.*` values."""
+    return replace(cfg, train=replace(cfg.train, **changes))
+
+
+def fewest_sharded(cfg: ExperimentConfig, gpu_gb: float, step: int = 8) -> list[tuple[dict, int | None]]:
+    """For each sharding strategy other than the config's own: its `train.*` values and the fewest GPUs
+    (multiples of `step`) it fits on, or None."""
+    return [
+        (changes, fewest_gpus(with_train(cfg, **changes), gpu_gb, step))
+        for changes in SHARDING
+        if any(getattr(cfg.train, key) != value for key, value in changes.items())
+    ]
+
+
+def why_not(cfg: ExperimentConfig, gpu_gb: float, limit: int = 65536) -> str:
+    """Why `cfg` fits on no number of GPUs: what each GPU keeps whatever their number."""
+    p, gb = plan_memory(cfg, limit), 1e9
+    parts = [
+        (name, value)
+        for name, value in (
+            ("parameters", p.parameters),
+            ("gradients", p.gradients),
+            ("optimizer states", p.optimizer),
+            ("activations", p.activations),
+            ("working buffers", p.transient),
+        )
+        if value >= 0.01 * gpu_gb * gb
+    ]
+    kept = ", ".join(f"{name} {value / gb:,.1f} GB" for name, value in parts)
+    usable = f"{p.total / gb:,.1f} GB in all, of {0.9 * gpu_gb:g} GB usable"
+    if cfg.train.strategy == "single":
+        return f"train.strategy=single shards nothing, one GPU holds it all: {kept} ({usable})"
+    return f"under {strategy_name(cfg)} each GPU keeps at least {kept} ({usable}) however many there are"
