@@ -1,4 +1,4 @@
-"""Throughput, MFU and where metrics go: the console, `<run>/metrics.jsonl` and wandb.
+"""Throughput, MFU and where metrics go: the console, `<run>/metrics.jsonl`, wandb and TensorBoard.
 
 tokens/sec/GPU = tokens of the whole optimizer step (all micro-batches, all ranks) / step wall time /
 world size, averaged over the steps since the last log line. MFU = tokens/sec/GPU x FLOPs per token /
@@ -12,13 +12,14 @@ import json
 import math
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from data_pipeline.shards import atomic_write_bytes
-from pretrain.config import ExperimentConfig, to_dict
+from pretrain.config import ConfigError, ExperimentConfig, to_dict
 
 # Dense bf16 tensor-core peaks, FLOP/s, from the vendors' data sheets (without sparsity).
 PEAK_FLOPS = {"A100": 312e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12}
@@ -93,31 +94,87 @@ def wandb_mode(mode: str) -> str:
     return mode
 
 
+# Charts of these metrics get tokens seen as their x-axis (wandb's define_metric); the others keep the step.
+TOKEN_AXIS_METRICS = ("loss", "val_loss", "val_ppl", "val_loss/*", "val_ppl/*", "lm_eval/*")
+
+
 class MetricLogger:
-    """One record per log step, to the console, metrics.jsonl and wandb (rank 0 only)."""
+    """One record per log step, to the console, metrics.jsonl, wandb and TensorBoard (rank 0 only).
+
+    On a resume from a checkpoint at step S, and on `rewind(S)` (a rollback), every history goes back to S:
+    metrics.jsonl keeps the records of steps <= S, the wandb run is rewound to S (`wandb.history=rewind`:
+    `resume_from="<id>?_step=S"`, the same run id) or forked at S (`fork`: a new run, whose id is `run_id`
+    from then on: the trainer saves it in its checkpoints), and TensorBoard purges the events after S.
+    """
 
     def __init__(self, run_dir: Path, cfg: ExperimentConfig, run_id: str, resume_step: int, enabled: bool = True):
-        self.enabled, self.path = enabled, run_dir / "metrics.jsonl"
-        self.run = None
+        self.enabled, self.path, self.run_dir, self.cfg = enabled, run_dir / "metrics.jsonl", run_dir, cfg
+        self.run_id = run_id
+        self.run, self.tensorboard = None, None
+        self._wandb_floor = 0  # the lowest step wandb takes: the one after the step it was rewound to
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self._truncate_after(resume_step)
-        mode = wandb_mode(cfg.wandb.mode)
-        if mode != "disabled":
-            import wandb
+        self.mode = wandb_mode(cfg.wandb.mode)
+        if self.mode != "disabled":
+            self._start_wandb(resume_step)
+        if cfg.metrics.tensorboard:
+            self._start_tensorboard(resume_step)
 
-            self.run = wandb.init(
-                project=cfg.wandb.project,
-                entity=cfg.wandb.entity,
-                name=cfg.name,
-                id=run_id,
-                resume="allow",
-                dir=str(run_dir),
-                config=to_dict(cfg),
-                mode=mode,
-                tags=list(cfg.wandb.tags),
-            )
+    def _start_wandb(self, step: int) -> None:
+        """A wandb run for the history after `step`: new (step 0), rewound to `step`, or forked at `step`."""
+        import wandb
+
+        w = self.cfg.wandb
+        common = dict(
+            project=w.project,
+            entity=w.entity,
+            name=self.cfg.name,
+            group=w.group,
+            job_type=w.job_type,
+            notes=w.notes,
+            dir=str(self.run_dir),
+            config=to_dict(self.cfg),
+            mode=self.mode,
+            tags=list(w.tags),
+        )
+        if step == 0:
+            self.run = wandb.init(id=self.run_id, resume="allow", **common)
+        else:
+            tries = [("rewind", self._rewind_kwargs(step))] if w.history == "rewind" else []
+            tries += [("fork", self._fork_kwargs(step)), ("resume", dict(id=self.run_id, resume="allow"))]
+            for n, (how, kwargs) in enumerate(tries):
+                try:
+                    self.run = wandb.init(**kwargs, **common)
+                    break
+                except Exception as e:  # an older server without rewind or fork; a run the server never saw
+                    if n == len(tries) - 1:
+                        raise
+                    print(f"wandb: {how} to step {step} failed ({e}); trying {tries[n + 1][0]}", flush=True)
+            if how == "resume":
+                print(f"wandb: run {self.run_id} resumed without a rewind: steps up to its last are not shown again")
+            self.run_id = self.run.id
+        self._wandb_floor = step + 1 if step else 0
+        self.run.define_metric("tokens_seen")
+        for pattern in TOKEN_AXIS_METRICS:
+            self.run.define_metric(pattern, step_metric="tokens_seen")
+
+    def _rewind_kwargs(self, step: int) -> dict[str, Any]:
+        return dict(resume_from=f"{self.run_id}?_step={step}")
+
+    def _fork_kwargs(self, step: int) -> dict[str, Any]:
+        return dict(id=uuid.uuid4().hex[:12], fork_from=f"{self.run_id}?_step={step}")
+
+    def _start_tensorboard(self, step: int) -> None:
+        """Event files in <run>/tensorboard; events after `step` left by an earlier run are purged."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError(
+                "metrics.tensorboard=true needs the tensorboard package: pip install 'llama-pretrain[tensorboard]'"
+            ) from None
+        self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=step + 1 if step else None)
 
     def _truncate_after(self, step: int) -> None:
         """Drop lines of steps after `step` (left by a run that died after its last checkpoint)."""
@@ -137,14 +194,56 @@ class MetricLogger:
         atomic_write_bytes(self.path, "".join(ln + "\n" for ln in kept).encode("utf-8"))
 
     def log(self, record: dict[str, Any]) -> None:
-        """Write one record everywhere."""
+        """Write one record everywhere (`tokens_seen`, if missing, is step x train.global_batch_tokens)."""
         if not self.enabled:
             return
+        step = record["step"]
+        record = {**record, "tokens_seen": record.get("tokens_seen", step * self.cfg.train.global_batch_tokens)}
+        self._write(record, {k: v for k, v in record.items() if v is not None and k != "step"}, step)
+        print(format_record(record), flush=True)
+
+    def event(self, step: int, name: str, fields: Optional[dict[str, Any]] = None) -> None:
+        """Record an event (e.g. a rollback): `{"step", "event": name, **fields}` in metrics.jsonl; in wandb and
+        TensorBoard `events/<name>` = 1 and its numeric fields as `events/<name>/<field>`, and on the console.
+
+        After `rewind(S)`, log the rollback at step S or later: wandb shows it on the first step after S.
+        """
+        if not self.enabled:
+            return
+        fields = dict(fields or {})
+        record = {"step": step, "event": name, **fields}
+        scalars = {f"events/{name}": 1}
+        scalars.update({f"events/{name}/{k}": v for k, v in fields.items() if _is_number(v)})
+        self._write(record, scalars, step)
+        print(format_record(record), flush=True)
+        if self.run is not None and self.mode == "online":
+            import wandb
+
+            text = ", ".join(f"{k} {v}" for k, v in fields.items())
+            self.run.alert(title=f"{name} at step {step}", text=text or name, level=wandb.AlertLevel.WARN)
+
+    def _write(self, record: dict[str, Any], scalars: dict[str, Any], step: int) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.run is not None:
-            self.run.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=record["step"])
-        print(format_record(record), flush=True)
+            self.run.log(scalars, step=max(step, self._wandb_floor))
+        if self.tensorboard is not None:
+            for key, value in scalars.items():
+                if _is_number(value):
+                    self.tensorboard.add_scalar(key, value, step)
+            self.tensorboard.flush()
+
+    def rewind(self, step: int) -> None:
+        """Go back to `step` (a rollback to its checkpoint): every history keeps the steps up to `step` only."""
+        if not self.enabled:
+            return
+        self._truncate_after(step)
+        if self.run is not None:
+            self.run.finish()
+            self._start_wandb(step)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self._start_tensorboard(step)
 
     def wandb_location(self) -> str:
         """Where the wandb run can be seen."""
@@ -155,15 +254,27 @@ class MetricLogger:
         return self.run.url or "online"
 
     def close(self) -> None:
-        """Finish the wandb run."""
+        """Finish the wandb run, close the TensorBoard writer."""
         if self.run is not None:
             self.run.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def format_record(r: dict[str, Any]) -> str:
-    """A console line for a training or evaluation record."""
+    """A console line for a training, evaluation or event record."""
+    if "event" in r:
+        fields = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("step", "event"))
+        return f"step {r['step']:>6} | event {r['event']}" + (f" | {fields}" if fields else "")
     if "val_loss" in r:
         return f"step {r['step']:>6} | val loss {r['val_loss']:.4f} | val ppl {r['val_ppl']:.2f}"
+    if "loss" not in r:  # e.g. benchmark scores
+        fields = " | ".join(f"{k} {v:.4g}" if _is_number(v) else f"{k} {v}" for k, v in r.items() if k != "step")
+        return f"step {r['step']:>6} | {fields}"
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
     return (
         f"step {r['step']:>6} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad norm {r['grad_norm']:.3f} | "
