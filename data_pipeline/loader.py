@@ -278,15 +278,25 @@ class PrefetchLoader:
         return dict(self._state)
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the position (before the first batch only)."""
-        if self._thread is not None:
-            raise RuntimeError("load_state_dict after prefetching started")
+        """Restore the position; batches built ahead from the old position are dropped."""
+        self._stop_prefetch()
         self.loader.load_state_dict(state)
         self._state = self.loader.state_dict()
 
+    def _stop_prefetch(self) -> None:
+        """Stop the background thread, if started, and forget what it built; the next batch starts it again."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        while self._thread.is_alive():
+            try:  # free a producer blocked on a full queue
+                self._queue.get_nowait()
+            except queue.Empty:
+                self._thread.join(timeout=0.1)
+        self._thread, self._queue = None, queue.Queue(maxsize=self.depth)
+        self._stop.clear()
+
     def close(self) -> None:
         """Stop the background threads."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._stop_prefetch()
         self.loader.close()

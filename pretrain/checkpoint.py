@@ -204,6 +204,17 @@ class CheckpointManager:
             raise FileNotFoundError(f"{pointer} points to {path}, which is not a complete checkpoint")
         return path
 
+    def latest_before(self, step: int) -> Optional[Path]:
+        """The newest complete checkpoint of a step below `step` (where a run goes back to after a spike)."""
+        found = []
+        if self.dir.is_dir():
+            for path in self.dir.iterdir():
+                name = path.name
+                if name.startswith("step-") and name[5:].isdigit() and (path / TRAINER).is_file():
+                    found.append((int(name[5:]), path))
+        earlier = [(s, path) for s, path in found if s < step]
+        return max(earlier)[1] if earlier else None
+
     def clean(self) -> None:
         """Remove what killed saves and prunes left (main rank, before the run saves anything).
 
@@ -253,6 +264,11 @@ class CheckpointManager:
             else:
                 self._publish(tmp, final)
         return final
+
+    @property
+    def pending(self) -> bool:
+        """Whether a background save is still to be published."""
+        return self._pending is not None
 
     def poll(self) -> None:
         """Publish a background save that every rank has finished (call on all ranks at the same step)."""

@@ -2,27 +2,30 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import threading
 import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from data_pipeline.loader import BatchLoader, PackedSamples, PrefetchLoader, resolve_sources
-from data_pipeline.shards import SourceShards
 from data_pipeline.tokenizer import file_sha256
 from pretrain.checkpoint import CheckpointManager, RunFolder
 from pretrain.config import ConfigError, ExperimentConfig, resume_changes, to_dict, to_yaml
 from pretrain.consolidate import checkpoint_config
-from pretrain.metrics import MetricLogger, ThroughputMeter, device_peak_flops, perplexity
+from pretrain.evaluation import blend_weights, evaluate, held_out_sets
+from pretrain.metrics import MetricLogger, ThroughputMeter, device_peak_flops
 from pretrain.model import flops_per_token
 from pretrain.optim import apply_optim_config, build_scheduler
 from pretrain.parallel import Strategy, build_strategy
+from pretrain.spikes import SpikeMonitor
 
 
 def lm_loss(
@@ -65,45 +68,15 @@ def train_step(
     return loss, grad_norm, applied
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, samples: PackedSamples, strategy: Strategy, batches: int, batch_size: int, documents: bool
-) -> float:
-    """Mean loss over the first `batches` x `batch_size` held-out samples (the same every time); with
-    `documents`, attending within documents as in training."""
-    model.eval()
-    total = torch.zeros((), device=strategy.device)
-    for b in range(batches):
-        indices = range(b * batch_size, (b + 1) * batch_size)
-        rows = torch.stack([torch.from_numpy(samples[i][0]) for i in indices]).to(strategy.device)
-        positions = [torch.stack([torch.from_numpy(samples.positions(i)) for i in indices])] if documents else []
-        total += lm_loss(model, rows[:, :-1], rows[:, 1:], strategy, *(p.to(strategy.device) for p in positions))
-    model.train()
-    return strategy.reduce_mean(total / batches).item()
-
-
-def load_data(cfg: ExperimentConfig, split: str) -> PackedSamples | None:
-    """Packed samples of one split, checked against the configured tokenizer.
-
-    For validation, sources with too few held-out tokens for one sample are left out (and said so);
-    None when no source has any.
-    """
+def load_data(cfg: ExperimentConfig) -> PackedSamples:
+    """The packed training samples, checked against the configured tokenizer and the model's vocabulary.
+    (Held-out data: `pretrain.evaluation.held_out_sets`.)"""
     tokenizer = Path(cfg.data.tokenizer)
     if not tokenizer.is_file():
         raise ConfigError(f"data.tokenizer: {tokenizer} not found (run `python -m data_pipeline prepare`?)")
-    sources, weights = resolve_sources(cfg.data.root, cfg.data.sources, cfg.data.weights), cfg.data.weights
-    if split != "train":
-        usable = [s for s in sources if SourceShards(Path(cfg.data.root) / s, split).n_tokens > cfg.data.seq_len]
-        if usable != sources:
-            print(
-                f"{split}: no held-out sample of {cfg.data.seq_len + 1} tokens in "
-                f"{[s for s in sources if s not in usable]}; evaluating on {usable or 'nothing'}"
-            )
-        if not usable:
-            return None
-        sources, weights = usable, {s: w for s, w in weights.items() if s in usable}
+    sources = resolve_sources(cfg.data.root, cfg.data.sources, cfg.data.weights)
     samples = PackedSamples(
-        cfg.data.root, cfg.data.seq_len, split, sources, cfg.data.seed, file_sha256(tokenizer), weights
+        cfg.data.root, cfg.data.seq_len, "train", sources, cfg.data.seed, file_sha256(tokenizer), cfg.data.weights
     )
     vocab = max(s.manifest.vocab_size for s in samples.streams)
     if vocab > cfg.model.vocab_size:
@@ -164,8 +137,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointManager) -> dict[str, Any]:
     """`train` in its held run folder."""
     t, run_dir = cfg.train, Path(cfg.train.run_dir)
-    train_data = load_data(cfg, "train")
-    val_data = load_data(cfg, "val") if t.eval_every else None
+    train_data = load_data(cfg)
+    val_sets = held_out_sets(cfg, quiet=not strategy.is_main) if t.eval_every else {}
     global_batch = t.global_batch_tokens // cfg.data.seq_len
     loader = PrefetchLoader(
         BatchLoader(
@@ -188,25 +161,37 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
     # a resumed run takes its weights from its checkpoint: `init_from` only starts a new one
     model, optimizer = strategy.setup(cfg if resume_from is None else replace(cfg, train=replace(t, init_from=None)))
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
+    monitor = SpikeMonitor(cfg.spike, cfg.optim.warmup_steps)
     step, run_id = 0, uuid.uuid4().hex[:12]
-    if resume_from is not None:
-        state = checkpoints.load(resume_from, model, optimizer, expect_model=to_dict(cfg)["model"])
+    last_step = min(t.steps, t.stop_at or t.steps)
+
+    def restore(path: Path, skip_batches: int) -> dict[str, Any]:
+        """Model, optimizer, schedule, data position and spike window from checkpoint `path`; the data
+        moved `skip_batches` batches on. Returns the checkpoint's common state."""
+        state = checkpoints.load(path, model, optimizer, expect_model=to_dict(cfg)["model"])
         scheduler.load_state_dict(state["scheduler"])
         data_state = dict(state["data"])  # its token counts are of all ranks: rank 0 carries them on
         if not strategy.is_main:
             data_state["tokens_per_source"] = [0] * len(data_state["tokens_per_source"])
+        data_state["index"] += skip_batches * global_batch
         loader.load_state_dict(data_state)
+        monitor.load_state_dict(state.get("spike_window", []))
+        return state
+
+    if resume_from is not None:
+        state = restore(resume_from, t.skip_batches)
         step, run_id = state["step"], state["wandb_run_id"]
         if t.stop_at is not None and t.stop_at <= step:
             raise ConfigError(
                 f"train.stop_at={t.stop_at}, but {resume_from} is at step {step}: nothing to train; "
                 "raise train.stop_at or leave it unset"
             )
+        if step >= t.steps:  # a finished run launched again: say so, touch nothing
+            return finished_summary(cfg, strategy, step, resume_from)
         lr_before = scheduler.get_last_lr()[0]
         if applied:
             apply_optim_config(optimizer, scheduler, cfg.optim)
         if strategy.is_main:
-            print(f"resumed from {resume_from} at step {step}")
             if how:
                 print(f"changed since the checkpoint (how it runs, not what it trains): {'; '.join(how)}")
             if applied:
@@ -214,11 +199,12 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
                     f"applied on resume (train.resume_changes): {'; '.join(applied)}; the learning rate of step "
                     f"{step + 1} is {scheduler.get_last_lr()[0]:.6g} (the checkpoint's schedule: {lr_before:.6g})"
                 )
-            if step >= t.steps:
-                print(f"train.steps={t.steps} are done: nothing to train (README: extending a run)")
+            if t.skip_batches:
+                print(f"train.skip_batches={t.skip_batches}: the data moves on from sample {state['data']['index']:,}")
     if strategy.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        print(startup_banner(cfg, strategy, train_data, val_sets, resume_from, step), flush=True)
     logger = MetricLogger(run_dir, cfg, run_id, step, enabled=strategy.is_main)
     meter = ThroughputMeter(
         t.global_batch_tokens,
@@ -227,25 +213,55 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
         device_peak_flops(strategy.device, cfg.metrics.peak_flops),
         cfg.metrics.skip_steps,
     )
+    say = Console(strategy.is_main)
 
     def save(asynchronous: bool = False) -> Path:
         state = {
             "scheduler": scheduler.state_dict(),
             "data": {**loader.state_dict(), "tokens_per_source": tokens_per_source()},
             "config": to_dict(cfg),
-            "wandb_run_id": run_id,
+            "wandb_run_id": getattr(logger, "run_id", run_id),  # a forked wandb run has a new id
+            "spike_window": monitor.state_dict(),
         }
-        return checkpoints.save(step, model, optimizer, state, asynchronous)
+        start = time.perf_counter()
+        path = checkpoints.save(step, model, optimizer, state, asynchronous)
+        how = "writing in the background" if checkpoints.pending else "saved"
+        say(f"step {step:>6} | checkpoint {path.name} {how} ({time.perf_counter() - start:.1f} s)")
+        return path
 
     def tokens_per_source() -> list[int]:
         """Tokens seen per source by all ranks together (each rank counts its own slice)."""
         counts = torch.tensor(loader.tokens_per_source, dtype=torch.float64, device=strategy.device)
         return (strategy.reduce_mean(counts) * strategy.world_size).round().long().tolist()
 
+    def go_back(bad_step: int, why: str) -> int:
+        """Back to the last checkpoint before `bad_step`, the data moved `spike.skip_batches` on; its step."""
+        checkpoints.wait()
+        target = checkpoints.latest_before(bad_step)
+        if target is None:
+            raise NonFiniteLoss(f"step {bad_step}: {why}; no checkpoint before it to go back to (train.save_every)")
+        start = time.perf_counter()
+        state = restore(target, cfg.spike.skip_batches)
+        back = state["step"]
+        if hasattr(logger, "rewind"):
+            logger.rewind(back)
+        else:
+            logger._truncate_after(back)
+        event = {"from_step": bad_step, "to_step": back, "skipped_batches": cfg.spike.skip_batches, "why": why}
+        if hasattr(logger, "event"):
+            logger.event(back, "rollback", event)
+        say(
+            f"step {bad_step:>6} | {why}: back to {target.name}, data moved {cfg.spike.skip_batches} batches on "
+            f"({time.perf_counter() - start:.1f} s)"
+        )
+        meter.reset()
+        return back
+
     model.train()
     last_loss, last_ckpt = float("nan"), resume_from
-    last_step = min(t.steps, t.stop_at or t.steps)
     skipped, preempted = 0, False
+    streak, trouble_step = 0, 0  # NaN skips and rollbacks in a row; the step of the last one
+    first_step, started = step, time.perf_counter()
     stop_signal = PreemptionSignal()
     try:
         while step < last_step:
@@ -257,15 +273,32 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
                 model, micro_batches, optimizer, scheduler, strategy, cfg.optim.grad_clip
             )
             step += 1
+            trouble = None
             if not applied:
-                message = f"step {step}: loss {loss.item()}, grad norm {grad_norm.item()}"
+                trouble = f"loss {loss.item()}, grad norm {grad_norm.item()}"
                 if t.on_nan == "stop":
-                    raise NonFiniteLoss(f"{message}; stopped (train.on_nan=skip skips such steps)")
+                    raise NonFiniteLoss(f"step {step}: {trouble}; stopped (train.on_nan=skip skips such steps)")
+            elif monitor.enabled:
+                trouble = monitor.check(step, loss.item())
+            if trouble is None:
+                if step >= trouble_step:
+                    streak = 0
+            else:
+                streak, trouble_step = streak + 1, max(trouble_step, step)
+                if t.max_consecutive_skips and streak > t.max_consecutive_skips:
+                    raise NonFiniteLoss(
+                        f"step {step}: {trouble}; {streak} skipped steps or rollbacks in a row "
+                        f"(train.max_consecutive_skips={t.max_consecutive_skips}): stopped. Look at the data and "
+                        f"the learning rate around step {step}, then resume (README: loss spikes)"
+                    )
+                if applied or t.on_nan == "rollback":  # a spike, or a NaN with on_nan=rollback
+                    step = go_back(step, f"loss spike, {trouble}" if applied else f"non-finite {trouble}")
+                    continue
                 skipped += 1
-                if strategy.is_main:
-                    print(f"{message}; update skipped ({skipped} so far)", flush=True)
+                say(f"step {step}: {trouble}; update skipped ({skipped} so far)")
             if step % t.log_every == 0 or step in (1, last_step):
                 last_loss = loss.item()
+                elapsed = time.perf_counter() - started
                 logger.log(
                     {
                         "step": step,
@@ -276,15 +309,43 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
                         "peak_mem_gb": strategy.peak_memory_gb(),
                         "tokens_seen": step * t.global_batch_tokens,
                         "skipped_steps": skipped,
+                        "eta_s": elapsed / max(step - first_step, 1) * (last_step - step),
                         **{f"tokens_seen/{s}": int(n) for s, n in zip(train_data.sources, tokens_per_source())},
                     }
                 )
+                say.mark()
                 meter.reset()
-            if val_data is not None and (step % t.eval_every == 0 or step == last_step):
-                val_loss = evaluate(
-                    model, val_data, strategy, t.eval_batches, t.micro_batch_size, cfg.data.document_attention
+            else:
+                say.heartbeat(step, last_step, time.perf_counter() - started, step - first_step)
+            if val_sets and (step % t.eval_every == 0 or step == last_step):
+                start = time.perf_counter()
+                say(f"step {step:>6} | evaluating {len(val_sets)} held-out sources ...")
+                record = evaluate(
+                    model,
+                    val_sets,
+                    strategy,
+                    t.eval_batches,
+                    t.micro_batch_size,
+                    cfg.data.document_attention,
+                    blend_weights(cfg, list(val_sets), val_sets),
                 )
-                logger.log({"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
+                logger.log(
+                    {
+                        "step": step,
+                        **record,
+                        "tokens_seen": step * t.global_batch_tokens,
+                        "eval_time_s": time.perf_counter() - start,
+                    }
+                )
+                meter.reset()
+            if cfg.lm_eval.every and step % cfg.lm_eval.every == 0:
+                from pretrain.lm_eval import scores_in_training
+
+                start = time.perf_counter()
+                say(f"step {step:>6} | lm-eval {','.join(cfg.lm_eval.tasks)} ...")
+                scores = scores_in_training(model, cfg, strategy)
+                logger.log({"step": step, **scores, "tokens_seen": step * t.global_batch_tokens})
+                say(f"step {step:>6} | lm-eval done in {time.perf_counter() - start:.1f} s")
                 meter.reset()
             preempted = strategy.any(stop_signal.received)
             checkpoints.poll()  # publish a finished asynchronous save
@@ -294,8 +355,7 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
                 last_ckpt = save(asynchronous=t.async_save)
                 meter.reset()
             if preempted:
-                if strategy.is_main:
-                    print(f"preempted by {stop_signal.name} at step {step}: saved {last_ckpt}; the next launch resumes")
+                say(f"preempted by {stop_signal.name} at step {step}: saved {last_ckpt}; the next launch resumes")
                 break
 
     finally:
@@ -316,3 +376,125 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
     }
     logger.close()
     return summary
+
+
+class Console:
+    """Lines for the console on the main rank; between log lines, a progress line when the last line
+    is `LLAMA_PROGRESS_EVERY` seconds old (default 30), so a slow run is never silent for long."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.every = float(os.environ.get("LLAMA_PROGRESS_EVERY", "30"))
+        self.last = time.monotonic()
+
+    def __call__(self, line: str) -> None:
+        if self.enabled:
+            print(line, flush=True)
+        self.mark()
+
+    def mark(self) -> None:
+        """A line was just printed (e.g. by the metric logger)."""
+        self.last = time.monotonic()
+
+    def heartbeat(self, step: int, last_step: int, elapsed: float, steps_done: int) -> None:
+        """The progress line, when due."""
+        if time.monotonic() - self.last >= self.every:
+            per_step = elapsed / max(steps_done, 1)
+            self(f"step {step:>6}/{last_step} | {per_step:.2f} s/step | ETA {duration(per_step * (last_step - step))}")
+
+
+def duration(seconds: float) -> str:
+    """4000 -> '1h06m', 75 -> '1m15s', 8.2 -> '8s'."""
+    seconds = int(round(seconds))
+    if seconds >= 86400:
+        return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def last_logged_loss(run_dir: Path, step: int) -> Optional[tuple[int, float]]:
+    """(step, loss) of the last training record at or before `step` in the run's metrics.jsonl, if any."""
+    path = run_dir / "metrics.jsonl"
+    found = None
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "loss" in record and record.get("step", step + 1) <= step:
+                found = (record["step"], record["loss"])
+    return found
+
+
+def finished_summary(cfg: ExperimentConfig, strategy: Strategy, step: int, checkpoint: Path) -> dict[str, Any]:
+    """What a launch of a run that has already reached `train.steps` reports: where it ended, its last
+    logged loss (never NaN: None when none was logged), and nothing written."""
+    run_dir = Path(cfg.train.run_dir)
+    last = last_logged_loss(run_dir, step) if strategy.is_main else None
+    if strategy.is_main:
+        loss = f"last logged loss {last[1]:.4f} (step {last[0]})" if last else "no loss logged in metrics.jsonl"
+        print(
+            f"{run_dir} already finished at step {step} (train.steps={cfg.train.steps}); {loss}. Nothing to train: "
+            "raise train.steps to extend it (README: extending a run), or set another train.run_dir for a new run"
+        )
+    return {
+        "rank": strategy.rank,
+        "step": step,
+        "already_finished": True,
+        "preempted": False,
+        "skipped_steps": 0,
+        "loss": last[1] if last else None,
+        "run_dir": str(run_dir),
+        "checkpoint": str(checkpoint),
+        "metrics": str(run_dir / "metrics.jsonl"),
+        "wandb": "unchanged",
+        "tokens_per_sec_per_gpu": None,
+        "mfu": None,
+    }
+
+
+def startup_banner(
+    cfg: ExperimentConfig,
+    strategy: Strategy,
+    train_data: PackedSamples,
+    val_sets: dict,
+    resume_from: Optional[Path],
+    step: int,
+) -> str:
+    """What is about to run, in a few lines: model, budget, placement, data, run folder and start point."""
+    from pretrain.model import count_params
+
+    t, m = cfg.train, cfg.model
+    params, _ = count_params(m)
+    fpt = flops_per_token(m, cfg.data.seq_len)
+    accum = t.global_batch_tokens // (t.micro_batch_size * cfg.data.seq_len * strategy.world_size)
+    budget = f"train.tokens={t.tokens:.3g}" if t.tokens is not None else "train.steps"
+    precision = getattr(strategy, "precision", None)
+    strategy_name = t.strategy + (f" ZeRO-{t.zero_stage}" if t.strategy == "deepspeed" else "")
+    try:
+        from pretrain.runtime import configure_threads
+
+        threads = configure_threads()
+    except ImportError:
+        threads = f"{torch.get_num_threads()} intra-op threads"
+    mix = ", ".join(f"{s} {w / sum(train_data.weights):.0%}" for s, w in zip(train_data.sources, train_data.weights))
+    start = f"resumed from {resume_from} at step {step:,}" if resume_from is not None else "a new run"
+    if t.init_from and resume_from is None:
+        start += f", weights from {t.init_from}"
+    lines = [
+        f"== {cfg.name}: {start}",
+        f"   model     {params:,} parameters ({m.n_layers} layers, dim {m.dim}), {fpt:.3g} FLOPs/token at "
+        f"seq {cfg.data.seq_len}",
+        f"   budget    {t.steps:,} steps x {t.global_batch_tokens:,} tokens = {t.steps * t.global_batch_tokens:,} "
+        f"tokens ({budget}); micro-batch {t.micro_batch_size}, {accum} per step per rank",
+        f"   placement {strategy_name} on {strategy.world_size} x {strategy.device.type} ({strategy.device}), "
+        f"precision {precision.value if precision is not None else 'n/a'}, activation checkpointing "
+        f"{t.activation_checkpointing.value}; {threads}",
+        f"   data      {mix}; held out: {', '.join(val_sets) or 'none'}",
+        f"   run       {t.run_dir} (checkpoints every {t.save_every or 'end'} steps, keep {t.keep_last})",
+    ]
+    return "\n".join(lines)

@@ -230,7 +230,7 @@ def test_logged_lr_is_the_rate_each_step_used(tiny_data, tmp_path):
 
 def test_validation_leaves_out_sources_without_a_held_out_sample(tiny_data, tmp_path, capsys):
     from data_pipeline.shards import SourceShards
-    from pretrain.trainer import load_data
+    from pretrain.evaluation import held_out_sets
 
     val_tokens = {s: SourceShards(tiny_data["root"] / s, "val").n_tokens for s in tiny_data["sources"]}
     small, big = sorted(val_tokens, key=val_tokens.get)
@@ -244,8 +244,8 @@ def test_validation_leaves_out_sources_without_a_held_out_sample(tiny_data, tmp_
         f"train.global_batch_tokens={seq}",
         "train.micro_batch_size=1",
     )
-    val = load_data(cfg, "val")
-    assert val.sources == [big]
+    val = held_out_sets(cfg)
+    assert list(val) == [big]
     assert f"no held-out sample of {seq + 1} tokens in ['{small}']" in capsys.readouterr().out
 
 

@@ -1,0 +1,217 @@
+"""Held-out loss and perplexity per source, and blended by the training weights.
+
+Each source's validation split is packed into `seq_len + 1` windows of its own. An evaluation scores
+the first `n = min(train.eval_batches x micro_batch_size x world size, windows)` of them, the same
+every time: rank r takes windows r, r + W, r + 2W, ..., so the held-out set grows with the number of
+ranks, and the figures equal those of one process scoring the same `n` windows. Every rank runs the
+same number of forward passes (FSDP and ZeRO-3 gather parameters in each), a rank short of windows
+scoring a stand-in that counts for nothing. Sums of token losses are kept in float64 and added over
+ranks, so the mean is exact whatever the split.
+
+`python -m pretrain evaluate CHECKPOINT` does the same for a saved checkpoint of any strategy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from data_pipeline.loader import PackedSamples, resolve_sources
+from data_pipeline.shards import SourceShards
+from data_pipeline.tokenizer import file_sha256
+from pretrain.config import ConfigError, ExperimentConfig
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), inf past float range."""
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+def held_out_sets(cfg: ExperimentConfig, only: Optional[Sequence[str]] = None, quiet: bool = False) -> dict:
+    """{source: its packed validation windows} for the configured sources (or `only`); sources with fewer
+    held-out tokens than one window are left out, and said so."""
+    sources = resolve_sources(cfg.data.root, cfg.data.sources, cfg.data.weights)
+    if only:
+        unknown = [s for s in only if s not in sources]
+        if unknown:
+            raise ConfigError(f"--sources {','.join(unknown)}: not among this run's sources {sources}")
+        sources = list(only)
+    sha = file_sha256(cfg.data.tokenizer)
+    sets, short = {}, []
+    for source in sources:
+        if SourceShards(Path(cfg.data.root) / source, "val").n_tokens > cfg.data.seq_len:
+            sets[source] = PackedSamples(cfg.data.root, cfg.data.seq_len, "val", [source], cfg.data.seed, sha)
+        else:
+            short.append(source)
+    if short and not quiet:
+        print(
+            f"val: no held-out sample of {cfg.data.seq_len + 1} tokens in {short}; "
+            f"evaluating on {list(sets) or 'nothing'}"
+        )
+    return sets
+
+
+def blend_weights(cfg: ExperimentConfig, sources: Sequence[str], sets: dict) -> dict[str, float]:
+    """The weights of the blended figure: the training mixture's (data.weights), else each source's
+    held-out size, normalised over the sources evaluated."""
+    raw = {s: float(cfg.data.weights[s]) if cfg.data.weights else float(sets[s].n_windows) for s in sources}
+    total = sum(raw.values())
+    return {s: w / total for s, w in raw.items()}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    sets: dict,
+    strategy,
+    batches: int,
+    micro_batch_size: int,
+    documents: bool,
+    weights: Optional[dict[str, float]] = None,
+) -> dict[str, float]:
+    """Held-out loss and perplexity per source and blended: `val_loss/<source>`, `val_ppl/<source>`,
+    `val_tokens/<source>` (tokens scored by all ranks), and `val_loss`, `val_ppl` (weighted by
+    `weights`, default equal). Every rank must call it at the same time."""
+    was_training = model.training
+    model.eval()
+    world, rank, device = strategy.world_size, strategy.rank, strategy.device
+    record: dict[str, float] = {}
+    losses = {}
+    for source, samples in sets.items():
+        n = min(batches * micro_batch_size * world, samples.n_windows)
+        mine = list(range(rank, n, world))
+        passes = math.ceil(math.ceil(n / world) / micro_batch_size)
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, tokens)
+        for b in range(passes):
+            rows = mine[b * micro_batch_size : (b + 1) * micro_batch_size]
+            tokens, _, positions = samples.batch(rows or [0], positions=documents)
+            tokens = torch.from_numpy(tokens).to(device)
+            extra = [torch.from_numpy(positions).to(device)] if documents else []
+            with strategy.autocast():
+                loss = model(tokens[:, :-1], tokens[:, 1:], *extra)
+            if rows:  # a stand-in pass only keeps the ranks in step
+                count = len(rows) * samples.seq_len
+                sums += torch.stack([loss.double() * count, torch.tensor(count, dtype=torch.float64, device=device)])
+        total = strategy.reduce_mean(sums) * world
+        loss_sum, tokens_scored = total.tolist()
+        losses[source] = loss_sum / tokens_scored
+        record[f"val_loss/{source}"] = losses[source]
+        record[f"val_ppl/{source}"] = perplexity(losses[source])
+        record[f"val_tokens/{source}"] = int(round(tokens_scored))
+    if losses:
+        weights = weights or {s: 1 / len(losses) for s in losses}
+        blended = sum(weights[s] * losses[s] for s in losses) / sum(weights[s] for s in losses)
+        record = {"val_loss": blended, "val_ppl": perplexity(blended), **record}
+    if was_training:
+        model.train()
+    return record
+
+
+def format_evaluation(record: dict[str, float]) -> str:
+    """One line per source and the blend, for the console."""
+    sources = [k.split("/", 1)[1] for k in record if k.startswith("val_loss/")]
+    width = max([len(s) for s in sources] + [7])
+    lines = [f"{'source':<{width}}  {'loss':>8}  {'ppl':>10}  {'tokens':>12}"]
+    for s in sources:
+        lines.append(
+            f"{s:<{width}}  {record[f'val_loss/{s}']:>8.4f}  {record[f'val_ppl/{s}']:>10.2f}  "
+            f"{record[f'val_tokens/{s}']:>12,}"
+        )
+    if "val_loss" in record:
+        lines.append(f"{'blended':<{width}}  {record['val_loss']:>8.4f}  {record['val_ppl']:>10.2f}")
+    return "\n".join(lines)
+
+
+def add_parser(subparsers) -> None:
+    """`python -m pretrain evaluate`."""
+    p = subparsers.add_parser(
+        "evaluate",
+        help="held-out loss and perplexity per source of a checkpoint",
+        description="Held-out loss and perplexity per source (and blended by data.weights) of a checkpoint of "
+        "any strategy, on the data of its run's config (override with key=value, e.g. data.root=...). Under "
+        "torchrun each rank scores its own slice.",
+    )
+    p.add_argument("checkpoint", type=Path, help="a checkpoint folder, e.g. runs/debug/checkpoints/step-00000160")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config")
+    p.add_argument("--sources", help="comma-separated sources (default: all of the run's)")
+    p.add_argument("--batches", type=int, help="micro-batches per source per rank (default: train.eval_batches)")
+    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+
+
+def checkpoint_experiment(checkpoint: Path, overrides: Sequence[str]) -> ExperimentConfig:
+    """The config a checkpoint was saved with, `overrides` on top."""
+    from omegaconf import OmegaConf
+
+    from pretrain.config import load_config
+    from pretrain.consolidate import checkpoint_config
+
+    saved = checkpoint_config(checkpoint)
+    if "train" not in saved:
+        raise ConfigError(f"{checkpoint}: weights only (an import folder); evaluate a training checkpoint")
+    with tempfile.TemporaryDirectory() as folder:  # through the YAML loader: validated as any config
+        path = Path(folder) / "config.yaml"
+        path.write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
+        return load_config(path, overrides)
+
+
+def main(args: argparse.Namespace) -> None:
+    """Evaluate a checkpoint: one process, or every rank of a torchrun launch on its own slice."""
+    import json
+    import os
+
+    from pretrain.generate import load_for_inference
+    from pretrain.parallel.single import SingleDevice
+
+    cfg = checkpoint_experiment(args.checkpoint, args.overrides)
+    strategy = SingleDevice(cfg) if int(os.environ.get("WORLD_SIZE", "1")) == 1 else _ranks(cfg)
+    sets = held_out_sets(cfg, args.sources.split(",") if args.sources else None, quiet=not strategy.is_main)
+    if not sets:
+        raise ConfigError(f"{cfg.data.root}: no source has a held-out window of {cfg.data.seq_len + 1} tokens")
+    model = load_for_inference(args.checkpoint, strategy.device)
+    model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
+    batches = args.batches or cfg.train.eval_batches
+    start = time.perf_counter()
+    if strategy.is_main:
+        print(f"evaluating {args.checkpoint} on {len(sets)} sources ({strategy.world_size} rank(s)) ...", flush=True)
+    record = evaluate(
+        model,
+        sets,
+        strategy,
+        batches,
+        cfg.train.micro_batch_size,
+        cfg.data.document_attention,
+        blend_weights(cfg, list(sets), sets),
+    )
+    if strategy.is_main:
+        print(format_evaluation(record))
+        print(f"evaluated in {time.perf_counter() - start:.1f} s")
+        if args.json:
+            args.json.write_text(json.dumps(record, indent=2))
+
+
+def _ranks(cfg: ExperimentConfig):
+    """A data-parallel stand-in for evaluation under torchrun: each rank holds the whole model."""
+    import torch.distributed as dist
+
+    from pretrain.parallel.base import DataParallelStrategy, launched_device, resolve_precision
+
+    class Ranks(DataParallelStrategy):
+        def __init__(self) -> None:
+            self.device = launched_device(cfg, "torchrun --nproc-per-node N -m pretrain evaluate ...")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+            self.precision = resolve_precision(cfg, self.device)
+
+        def autocast(self):
+            from pretrain.parallel.single import SingleDevice
+
+            return SingleDevice.autocast(self)
+
+    return Ranks()
