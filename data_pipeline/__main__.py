@@ -210,16 +210,21 @@ def cmd_verify(root: Path, tokenizer: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m data_pipeline` and `llama-data`."""
+    from data_pipeline.confighelp import config_help
+
     parser = argparse.ArgumentParser(prog="python -m data_pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    keys = config_help(PipelineConfig)
     for name, text in (
         ("prepare", "train the tokenizer if missing, then tokenize every source"),
         ("train-tokenizer", "train the SentencePiece tokenizer"),
         ("tokenize", "tokenize every source into token shards"),
     ):
-        p = sub.add_parser(name, help=text)
+        p = sub.add_parser(
+            name, help=text, description=text, epilog=keys, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         p.add_argument("config", help="a pipeline YAML, e.g. configs/pipeline/sample.yaml")
-        p.add_argument("overrides", nargs="*", help="key=value overrides")
+        p.add_argument("overrides", nargs="*", help="key=value overrides (keys below)")
         p.add_argument("--force", action="store_true", help="redo work that is already done")
         p.add_argument("--strict", action="store_true", help="stop at the first bad record (tokenize.strict=true)")
         p.add_argument(

@@ -162,6 +162,8 @@ def cmd_train(config: str, overrides: list[str]) -> None:
     from pretrain.trainer import train
 
     summary = train(load_config(config, overrides))
+    if summary.get("already_finished"):  # the trainer said so, with the last logged loss
+        return
     if summary["rank"] == 0 and Path(summary["metrics"]).is_file():
         plot = plot_metrics(Path(summary["metrics"]), Path(summary["run_dir"]) / "plot.png")
         tps, mfu = summary["tokens_per_sec_per_gpu"], summary["mfu"]
@@ -200,7 +202,7 @@ def cmd_generate(checkpoint: Path, tokenizer: Path | None, prompts: list[str], o
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m pretrain` and `llama-pretrain`."""
-    from pretrain.confighelp import config_help
+    from data_pipeline.confighelp import config_help
 
     parser = argparse.ArgumentParser(
         prog="python -m pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -270,6 +272,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", type=Path, help="a checkpoint folder, e.g. runs/x/checkpoints/step-00001000")
     p.add_argument("-o", "--output", type=Path, help="file to write (default: <run>/consolidated/<step>.pth)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    from pretrain import dashboard  # no wandb import until the command runs
+
+    dashboard.add_parser(sub)
+    from pretrain import lm_eval  # no torch or lm-eval import until the command runs
+
+    lm_eval.add_parser(sub)
+    p = sub.add_parser(
+        "evaluate",
+        help="held-out loss and perplexity per source of a checkpoint",
+        description="Held-out loss and perplexity per source (and blended by data.weights) of a checkpoint of any "
+        "strategy, on the data of its run's config (key=value overrides on top, e.g. data.root=...). Under torchrun "
+        "each rank scores its own slice.",
+    )
+    p.add_argument("checkpoint", type=Path, help="a checkpoint folder, e.g. runs/debug/checkpoints/step-00000160")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config")
+    p.add_argument("--sources", help="comma-separated sources (default: all of the run's)")
+    p.add_argument("--batches", type=int, help="micro-batches per source per rank (default: train.eval_batches)")
+    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     try:
         if args.command == "config":
@@ -292,6 +312,14 @@ def main(argv: list[str] | None = None) -> int:
             cmd_generate(args.checkpoint, args.tokenizer, args.prompts, args)
         elif args.command == "memory":
             return cmd_memory(args.config, args.overrides, args.gpus, args.gpu, args.fewest)
+        elif args.command == "dashboard":
+            dashboard.main(args)
+        elif args.command == "evaluate":
+            from pretrain.evaluation import main as evaluate_main
+
+            evaluate_main(args)
+        elif args.command == "lm-eval":
+            lm_eval.main(args)
         elif args.command == "consolidate":
             from pretrain.consolidate import consolidate
 

@@ -69,3 +69,30 @@ def test_llama_checkpointing_lets_65b_fit_on_fewer_a100s_than_none():
     assert (
         result.returncode == 0 and f"(multiples of 8): {fewest('llama')}" in result.stdout and "fits" in result.stdout
     )
+
+
+def test_fewest_says_why_a_single_gpu_strategy_fits_nowhere_and_finds_the_sharded_one():
+    cfg = load_config("configs/experiments/llama1-65b.yaml")
+    assert cfg.train.strategy == "single" and fewest_gpus(cfg, 80) is None
+    counts = {
+        strategy: fewest_gpus(load_config("configs/experiments/llama1-65b.yaml", overrides), 80)
+        for strategy, overrides in (
+            ("train.strategy=fsdp", ["train.strategy=fsdp"]),
+            ("train.strategy=deepspeed train.zero_stage=3", ["train.strategy=deepspeed", "train.zero_stage=3"]),
+        )
+    }
+    best = min(counts, key=lambda strategy: counts[strategy])
+    result = subprocess.run(
+        [sys.executable, "-m", "pretrain", "memory", "configs/experiments/llama1-65b.yaml", "--fewest"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    out = result.stdout
+    assert result.returncode == 0, result.stderr
+    assert "does not fit on any number of 80 GB GPUs under single" in out and "shards nothing" in out
+    for strategy, n in counts.items():
+        assert f"with {strategy}: fits on {n} GPUs" in out
+    assert f"add {best} to the command line" in out and f"(multiples of 8): {counts[best]}" in out
+    plan = out.split(f"(multiples of 8): {counts[best]}")[1]
+    assert f"{counts[best]} GPU(s), {best.split('=')[1].split()[0]}" in plan and "fits" in plan
