@@ -1,6 +1,7 @@
 """Metrics histories that survive resumes and rollbacks (metrics.jsonl, offline wandb, TensorBoard); the dashboard."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -24,41 +25,51 @@ def tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
-def test_resume_from_an_older_checkpoint_rewinds_every_history(tiny_data, tmp_path):
-    """A crash re-runs steps 3..6: wandb (offline files), metrics.jsonl and TensorBoard show each step once, and
-    the re-run's values."""
+COMMON = [
+    "train.steps=4",
+    "train.save_every=2",
+    "train.keep_last=5",
+    "train.eval_every=2",
+    "train.eval_batches=1",
+    "wandb.mode=offline",
+    "wandb.group=ablation-a",
+    "wandb.job_type=pretrain",
+    "wandb.notes=rewind test",
+    "metrics.tensorboard=true",
+]
+
+
+@pytest.fixture(scope="module")
+def rerun(tiny_data, tmp_path_factory) -> tuple[Path, dict]:
+    """A 4-step run with evaluations, then a re-run of steps 3..4 from its step-2 checkpoint (as after a crash):
+    (run folder, the first run's training records by step)."""
     pytest.importorskip("tensorboard")
     from pretrain.trainer import train
 
-    run = tmp_path / "run"
-    common = [
-        "train.steps=6",
-        "train.save_every=2",
-        "train.keep_last=5",
-        "train.eval_every=3",
-        "train.eval_batches=1",
-        "wandb.mode=offline",
-        "wandb.group=ablation-a",
-        "wandb.job_type=pretrain",
-        "wandb.notes=rewind test",
-        "metrics.tensorboard=true",
-    ]
-    train(tiny_config(tiny_data, run, *common))
+    run = tmp_path_factory.mktemp("rerun") / "run"
+    train(tiny_config(tiny_data, run, *COMMON))
     first = {r["step"]: r for r in jsonl(run) if "loss" in r}
-    train(tiny_config(tiny_data, run, *common, f"train.resume={run / 'checkpoints' / 'step-00000002'}"))
+    train(tiny_config(tiny_data, run, *COMMON, f"train.resume={run / 'checkpoints' / 'step-00000002'}"))
+    return run, first
+
+
+def test_resume_from_an_older_checkpoint_rewinds_every_history(rerun):
+    """A crash re-runs steps 3..4: wandb (offline files), metrics.jsonl and TensorBoard show each step once, and
+    the re-run's values."""
+    run, first = rerun
     records = jsonl(run)
     steps = {r["step"]: r for r in records if "loss" in r}
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
     assert all(r["tokens_seen"] == r["step"] * 256 for r in records if "val_loss" in r)  # eval records too
     assert steps[2]["step_time_s"] == first[2]["step_time_s"] and steps[4]["step_time_s"] != first[4]["step_time_s"]
 
     history = offline_history(run)
-    assert [r["step"] for r in history] == [1, 2, 3, 4, 5, 6]  # each once, no holes
+    assert [r["step"] for r in history] == [1, 2, 3, 4]  # each once, no holes
     for row in history:  # the re-run's values from step 3 on, the first run's before
         for key in ("loss", "step_time_s", "tokens_seen"):
             assert row[key] == steps[row["step"]][key], (row["step"], key)
-    assert history[2]["val_loss"] == next(r["val_loss"] for r in records if r.get("val_loss") and r["step"] == 3)
+    assert history[3]["val_loss"] == next(r["val_loss"] for r in records if r.get("val_loss") and r["step"] == 4)
 
     segments = offline_segments(run)
     assert len(segments) == 2 and segments[1].branch_run == segments[0].run_id and segments[1].branch_step == 2
@@ -66,9 +77,9 @@ def test_resume_from_an_older_checkpoint_rewinds_every_history(tiny_data, tmp_pa
     assert segments[1].metrics["loss"] == "tokens_seen" and segments[1].metrics["val_loss"] == "tokens_seen"
 
     loss = tensorboard_scalars(run, "loss")
-    assert [s for s, _ in loss] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in loss] == [1, 2, 3, 4]
     assert [v for _, v in tensorboard_scalars(run, "step_time_s")] == pytest.approx(
-        [steps[s]["step_time_s"] for s in range(1, 7)]
+        [steps[s]["step_time_s"] for s in range(1, 5)]
     )
 
 
@@ -105,6 +116,7 @@ def test_rollback_mid_run_keeps_each_step_once(tmp_path, mode):
     logger.close()
 
     records = jsonl(tmp_path)
+    assert all(r["tokens_seen"] == r["step"] * cfg.train.global_batch_tokens for r in records if "loss" in r)
     assert [(r["step"], "event" in r) for r in records] == [(1, 0), (2, 0), (2, 1), (3, 0), (4, 0), (5, 0), (6, 0)]
     assert records[2] == {"step": 2, "event": "rollback", "from_step": 5, "to_step": 2, "skipped_batches": 3,
                           "why": "spike"}  # fmt: skip
@@ -149,17 +161,76 @@ def test_tensorboard_needs_its_package_and_says_so(tmp_path, monkeypatch):
         MetricLogger(tmp_path, logger_config(tmp_path, "wandb.mode=disabled"), "x", 0)
 
 
-@pytest.mark.xfail(strict=False, reason="needs trainer wiring: checkpoints save logger.run_id")
 def test_forked_history_survives_a_second_resume(tiny_data, tmp_path):
-    """wandb.history=fork: each resume forks a new run; the next one must fork from it, not from the first."""
+    """wandb.history=fork: each resume forks a new run (its id saved in the later checkpoints); the next resume
+    forks from that run, not from the first, so the last run's charts show each step once with the latest values."""
     from pretrain.trainer import train
 
     run = tmp_path / "run"
-    common = ["train.steps=6", "train.save_every=2", "train.keep_last=5", "wandb.mode=offline", "wandb.history=fork"]
-    train(tiny_config(tiny_data, run, *common))
-    train(tiny_config(tiny_data, run, *common, f"train.resume={run / 'checkpoints' / 'step-00000002'}"))
-    train(tiny_config(tiny_data, run, *common, f"train.resume={run / 'checkpoints' / 'step-00000004'}"))
+    common = ["train.save_every=2", "train.keep_last=5", "wandb.mode=offline", "wandb.history=fork"]
+    train(tiny_config(tiny_data, run, "train.steps=4", *common))
+    older = run / "checkpoints" / "step-00000002"
+    train(tiny_config(tiny_data, run, "train.steps=4", *common, f"train.resume={older}"))
+    train(tiny_config(tiny_data, run, "train.steps=6", *common, "train.resume_changes=[train.steps]"))
     steps = {r["step"]: r for r in jsonl(run) if "loss" in r}
     history = offline_history(run)
+    assert len({s.run_id for s in offline_segments(run)}) == 3
     assert [r["step"] for r in history] == [1, 2, 3, 4, 5, 6]
     assert [r["step_time_s"] for r in history] == [steps[s]["step_time_s"] for s in range(1, 7)]
+
+
+def logged_keys(run_dir: Path) -> set[str]:
+    """The keys a real run logged to wandb: its metrics.jsonl records, plus events/<name> for each event the
+    trainer can log (the names it passes to logger.event, read from its source)."""
+    import pretrain.trainer
+
+    keys = {k for r in jsonl(run_dir) if "event" not in r for k in r if k != "step"}
+    events = re.findall(r"logger\.event\([^,]+,\s*\"(\w+)\"", Path(pretrain.trainer.__file__).read_text())
+    assert events, "the trainer logs no events any more: update this test and EVENTS in pretrain/dashboard.py"
+    return keys | {f"events/{name}" for name in events}
+
+
+def test_dashboard_panels_use_the_keys_the_trainer_logs(rerun, tiny_data):
+    pytest.importorskip("wandb_workspaces")
+    from pretrain.dashboard import spec_dict, workspace_spec
+
+    run, _ = rerun
+    keys = logged_keys(run)
+    spec = spec_dict("team", "proj", tiny_data["sources"], "LLaMA")
+    panels = [p for section in spec["sections"] for p in section["panels"]]
+    for panel in panels:
+        assert set(panel["keys"]) <= keys, (panel["title"], set(panel["keys"]) - keys)
+        if panel["regex"] and not panel["regex"].startswith("^lm_eval/"):  # no benchmark in this run
+            assert any(re.match(panel["regex"], k) for k in keys), panel
+    shown = {k for p in panels for k in p["keys"]}
+    for family in ("val_loss/", "val_ppl/", "tokens_seen/"):  # every source in the per-source panels
+        assert {k for k in keys if k.startswith(family)} <= shown, family
+    for key in ("loss", "val_loss", "tokens_per_sec_per_gpu", "mfu", "grad_norm", "lr", "peak_mem_gb",
+                "data_wait_frac", "skipped_steps", "events/rollback"):  # fmt: skip
+        assert key in shown, key
+    assert [s["x_axis"] for s in spec["sections"]][-1] == "tokens_seen"
+
+    workspace = workspace_spec("team", "proj", tiny_data["sources"], "LLaMA")
+    assert [[(p.title, list(p.y or []), p.x) for p in s.panels] for s in workspace.sections] == [
+        [(p["title"], p["keys"], s["x_axis"]) for p in s["panels"]] for s in spec["sections"]
+    ]
+    view = workspace._to_model()  # what save() sends, built without a server
+    assert view.entity == "team" and view.project == "proj"
+
+
+def test_dashboard_dry_run_prints_the_spec_and_bad_input_is_one_line(capsys, monkeypatch):
+    pytest.importorskip("wandb_workspaces")
+    from pretrain import dashboard
+    from pretrain.__main__ import main
+
+    assert main(["dashboard", "team/proj", "--sources", "arxiv,github", "--name", "N", "--dry-run"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == dashboard.spec_dict("team", "proj", ["arxiv", "github"], "N")
+    assert "val_loss/arxiv" in printed["sections"][0]["panels"][1]["keys"]
+
+    assert main(["dashboard", "teamproj", "--dry-run"]) == 2
+    assert "expected ENTITY/PROJECT" in capsys.readouterr().err
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setattr(dashboard, "_logged_in", lambda: False)
+    assert main(["dashboard", "team/proj"]) == 2
+    assert "set WANDB_API_KEY" in capsys.readouterr().err
