@@ -163,10 +163,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     """Schema defaults <- YAML (with its defaults) <- `key=value` overrides, then validated."""
     config: ExperimentConfig = load_structured(ExperimentConfig, path, overrides)
     t = config.train
-    if t.tokens is not None and any(o.startswith("train.steps=") for o in overrides):
-        if any(o.startswith("train.tokens=") for o in overrides):
-            raise ConfigError("overrides set both train.steps and train.tokens; give one")
-        t.tokens = None  # a step count on the command line replaces the config's token budget
+    last = {key: n for n, o in enumerate(overrides) for key in ("train.steps=", "train.tokens=") if o.startswith(key)}
+    if t.tokens is not None and last.get("train.steps=", -1) > last.get("train.tokens=", -1):
+        t.tokens = None  # a step count on the command line (after any token budget there) replaces the budget
     validate(config)
     if t.tokens is not None:
         t.steps = math.ceil(t.tokens / t.global_batch_tokens)

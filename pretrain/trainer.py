@@ -220,7 +220,7 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
             "scheduler": scheduler.state_dict(),
             "data": {**loader.state_dict(), "tokens_per_source": tokens_per_source()},
             "config": to_dict(cfg),
-            "wandb_run_id": getattr(logger, "run_id", run_id),  # a forked wandb run has a new id
+            "wandb_run_id": logger.run_id,  # a forked wandb run has a new id
             "spike_window": monitor.state_dict(),
         }
         start = time.perf_counter()
@@ -243,13 +243,8 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
         start = time.perf_counter()
         state = restore(target, cfg.spike.skip_batches)
         back = state["step"]
-        if hasattr(logger, "rewind"):
-            logger.rewind(back)
-        else:
-            logger._truncate_after(back)
-        event = {"from_step": bad_step, "to_step": back, "skipped_batches": cfg.spike.skip_batches, "why": why}
-        if hasattr(logger, "event"):
-            logger.event(back, "rollback", event)
+        logger.rewind(back)
+        logger.event(back, "rollback", {"from_step": bad_step, "skipped_batches": cfg.spike.skip_batches, "why": why})
         say(
             f"step {bad_step:>6} | {why}: back to {target.name}, data moved {cfg.spike.skip_batches} batches on "
             f"({time.perf_counter() - start:.1f} s)"

@@ -1,0 +1,227 @@
+"""What a months-long run needs: per-source evaluation that grows with the ranks, loss-spike rollback
+with a cap, token budgets, and a relaunch of a finished run that says so."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, tiny_config
+from pretrain.config import load_config
+from pretrain.trainer import NonFiniteLoss, train
+
+
+def records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def training_losses(run_dir) -> dict[int, float]:
+    """step -> loss of the training records; fails on a step logged twice."""
+    found = {}
+    for r in records(run_dir):
+        if "loss" in r:
+            assert r["step"] not in found, f"step {r['step']} logged twice in {run_dir}/metrics.jsonl"
+            found[r["step"]] = r["loss"]
+    return found
+
+
+# --- evaluation per source, a slice per rank ------------------------------------------------------------
+
+
+def _evaluate_cli(checkpoint, out, batches: int, ranks: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = ["-m", "pretrain", "evaluate", str(checkpoint), f"--batches={batches}", f"--json={out}"]
+    if ranks > 1:
+        cmd = ["-m", "torch.distributed.run", f"--nproc-per-node={ranks}", "--standalone", *cmd]
+    done = subprocess.run([sys.executable, *cmd], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(out.read_text())
+
+
+def test_per_source_validation_on_two_ranks_equals_one_process_over_twice_the_samples(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(tiny_data, run, "train.steps=2", "train.micro_batch_size=2", "train.eval_every=1"))
+    checkpoint = run / "checkpoints" / "step-00000002"
+    one_rank = _evaluate_cli(checkpoint, tmp_path / "one.json", batches=1, ranks=1)
+    two_ranks = _evaluate_cli(checkpoint, tmp_path / "two.json", batches=1, ranks=2)
+    one_process = _evaluate_cli(checkpoint, tmp_path / "same.json", batches=2, ranks=1)  # the 2 ranks' samples
+    sources = tiny_data["sources"]
+    assert sorted(k.split("/")[1] for k in two_ranks if k.startswith("val_loss/")) == sorted(sources)
+    for s in sources:
+        assert two_ranks[f"val_tokens/{s}"] == 2 * one_rank[f"val_tokens/{s}"]  # twice the samples
+        assert two_ranks[f"val_tokens/{s}"] == one_process[f"val_tokens/{s}"]
+        assert two_ranks[f"val_loss/{s}"] == pytest.approx(one_process[f"val_loss/{s}"], abs=1e-6)
+        assert two_ranks[f"val_ppl/{s}"] == pytest.approx(math.exp(two_ranks[f"val_loss/{s}"]))
+    assert two_ranks["val_loss"] == pytest.approx(one_process["val_loss"], abs=1e-6)
+    # blended by the training mixture's weights (here: by size, as the sampler draws)
+    assert min(two_ranks[f"val_loss/{s}"] for s in sources) <= two_ranks["val_loss"]
+    assert two_ranks["val_loss"] <= max(two_ranks[f"val_loss/{s}"] for s in sources)
+    # the trainer logged the same per-source figures at its last step
+    last = [r for r in records(run) if "val_loss" in r][-1]
+    assert last["step"] == 2 and all(f"val_loss/{s}" in last for s in sources)
+
+
+def test_fsdp_training_evaluates_twice_the_held_out_tokens_of_one_process(tiny_data, tmp_path):
+    from test_distributed import run_distributed
+
+    common = ["train.steps=2", "train.micro_batch_size=2", "train.eval_every=2", "train.eval_batches=1"]
+    run_distributed(tiny_data, tmp_path / "fsdp", *common)
+    train(tiny_config(tiny_data, tmp_path / "one", *common))
+    train(tiny_config(tiny_data, tmp_path / "same", *common[:-1], "train.eval_batches=2"))
+    fsdp, one, same = ([r for r in records(tmp_path / n) if "val_loss" in r][-1] for n in ("fsdp", "one", "same"))
+    for s in tiny_data["sources"]:
+        assert fsdp[f"val_tokens/{s}"] == 2 * one[f"val_tokens/{s}"] == same[f"val_tokens/{s}"]
+        assert fsdp[f"val_loss/{s}"] == pytest.approx(same[f"val_loss/{s}"], abs=1e-5)  # FSDP's weights: 1e-5
+
+
+# --- loss spikes -----------------------------------------------------------------------------------------
+
+SPIKY = [
+    "train.steps=10",
+    "train.save_every=2",
+    "train.keep_last=10",
+    "spike.factor=3",
+    "spike.window=3",
+    "spike.after_step=0",
+    "spike.skip_batches=2",
+]
+
+
+def _spike_at(monkeypatch, steps: set, every_time: bool = False) -> list:
+    """At the optimizer steps in `steps`, wreck the weights and report a 10x loss (once per step, or every
+    time with `every_time`); returns the steps at which it struck."""
+    import pretrain.trainer as trainer_mod
+
+    real, struck, step = trainer_mod.train_step, [], {"n": 0}
+
+    def train_step(model, micro_batches, optimizer, scheduler, strategy, grad_clip):
+        loss, grad_norm, applied = real(model, micro_batches, optimizer, scheduler, strategy, grad_clip)
+        step["n"] = scheduler.last_epoch  # the step just taken (the schedule counts them, and is restored)
+        if step["n"] in steps and (every_time or step["n"] not in struck):
+            struck.append(step["n"])
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p))
+            loss = loss * 10
+        return loss, grad_norm, applied
+
+    monkeypatch.setattr(trainer_mod, "train_step", train_step)
+    return struck
+
+
+def test_a_spike_rolls_back_skips_the_batches_and_continues_as_a_run_resumed_that_way(tiny_data, tmp_path, monkeypatch):
+    from wandb_history import offline_history
+
+    run, by_hand = tmp_path / "run", tmp_path / "by_hand"
+    struck = _spike_at(monkeypatch, {7})
+    summary = train(tiny_config(tiny_data, run, *SPIKY, "wandb.mode=offline"))
+    assert struck == [7] and summary["step"] == 10
+    events = [r for r in records(run) if r.get("event") == "rollback"]
+    assert len(events) == 1 and events[0]["step"] == 6 and events[0]["from_step"] == 7
+    assert events[0]["skipped_batches"] == 2 and "loss spike" in events[0]["why"]
+    monkeypatch.undo()
+    # the remedy by hand: resume from the checkpoint before the spike, the data moved 2 batches on
+    step6 = run / "checkpoints" / "step-00000006"
+    train(tiny_config(tiny_data, by_hand, *SPIKY, f"train.resume={step6}", "train.skip_batches=2"))
+    rolled, manual = training_losses(run), training_losses(by_hand)
+    assert sorted(rolled) == list(range(1, 11))  # each step once, none missing
+    assert [rolled[s] for s in range(7, 11)] == [manual[s] for s in range(7, 11)]
+    assert all(math.isfinite(v) and v < 10 for v in rolled.values())  # the 10x loss was rolled back
+    # wandb (offline run files, as the server shows them after `wandb sync`): each step once, the kept losses
+    history = [row for row in offline_history(run) if "loss" in row]
+    assert [row["step"] for row in history] == list(range(1, 11))
+    assert [row["loss"] for row in history] == pytest.approx([rolled[s] for s in range(1, 11)])
+
+
+def test_a_run_that_keeps_spiking_stops_after_the_cap(tiny_data, tmp_path, monkeypatch):
+    struck = _spike_at(monkeypatch, {5, 6, 7, 8, 9}, every_time=True)
+    cfg = tiny_config(tiny_data, tmp_path / "run", *SPIKY, "train.max_consecutive_skips=3", "spike.skip_batches=1")
+    with pytest.raises(NonFiniteLoss, match=r"4 skipped steps or rollbacks in a row \(train.max_consecutive_skips=3"):
+        train(cfg)
+    assert len(struck) == 4  # three rollbacks, then the fourth spike in a row stops it
+
+
+def test_a_spike_before_any_checkpoint_stops_with_a_clear_message(tiny_data, tmp_path, monkeypatch):
+    _spike_at(monkeypatch, {5})
+    cfg = tiny_config(tiny_data, tmp_path / "run", *SPIKY, "train.save_every=0")
+    with pytest.raises(NonFiniteLoss, match="step 5: loss spike.*no checkpoint before it"):
+        train(cfg)
+
+
+def test_nan_skips_in_a_row_stop_at_the_cap_and_on_nan_rollback_goes_back(tiny_data, tmp_path, monkeypatch):
+    import pretrain.trainer as trainer_mod
+
+    real = trainer_mod.lm_loss
+
+    def nan_from_step_4(model, inputs, targets, strategy, *positions):
+        loss = real(model, inputs, targets, strategy, *positions)
+        return loss * float("nan") if model.training and optimizer_step["n"] >= 4 else loss
+
+    optimizer_step = {"n": 0}
+    real_step = trainer_mod.train_step
+
+    def counting_step(model, micro_batches, optimizer, scheduler, *rest):
+        optimizer_step["n"] = scheduler.last_epoch + 1
+        return real_step(model, micro_batches, optimizer, scheduler, *rest)
+
+    monkeypatch.setattr(trainer_mod, "lm_loss", nan_from_step_4)
+    monkeypatch.setattr(trainer_mod, "train_step", counting_step)
+    with pytest.raises(NonFiniteLoss, match=r"step 6: loss nan.* 3 skipped steps or rollbacks in a row"):
+        train(
+            tiny_config(
+                tiny_data, tmp_path / "skip", "train.steps=8", "train.on_nan=skip", "train.max_consecutive_skips=2"
+            )
+        )
+    with pytest.raises(NonFiniteLoss, match=r"3 skipped steps or rollbacks in a row"):
+        train(
+            tiny_config(
+                tiny_data, tmp_path / "rollback", *SPIKY, "train.on_nan=rollback", "train.max_consecutive_skips=2"
+            )
+        )
+    events = [r for r in records(tmp_path / "rollback") if r.get("event") == "rollback"]
+    assert [e["step"] for e in events] == [2, 2] and "non-finite" in events[0]["why"]
+
+
+# --- budgets in tokens, finished runs --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "experiment,tokens,steps",
+    [
+        ("llama1-7b", 1.0e12, 238_419),
+        ("llama1-13b", 1.0e12, 238_419),
+        ("llama1-33b", 1.4e12, 333_787),
+        ("llama1-65b", 1.4e12, 333_787),
+        ("llama2-70b", 2.0e12, 476_838),
+    ],
+)
+def test_the_experiments_give_the_papers_token_budgets(experiment, tokens, steps):
+    cfg = load_config(ROOT / "configs" / "experiments" / f"{experiment}.yaml")
+    assert cfg.train.tokens == tokens and cfg.train.steps == steps
+    assert (steps - 1) * cfg.train.global_batch_tokens < tokens <= steps * cfg.train.global_batch_tokens
+    assert load_config(ROOT / "configs" / "experiments" / f"{experiment}.yaml", ["train.steps=10"]).train.steps == 10
+
+
+def test_train_tokens_sets_the_steps_of_a_run(tiny_data, tmp_path):
+    summary = train(tiny_config(tiny_data, tmp_path / "run", "train.tokens=1000"))  # 256-token steps: 4
+    assert summary["step"] == 4 and max(training_losses(tmp_path / "run")) == 4
+
+
+def test_relaunching_a_finished_run_says_so_with_its_last_loss(tiny_data, tmp_path, capsys):
+    from conftest import tiny_overrides
+    from pretrain.__main__ import main
+
+    args = ["train", str(ROOT / "configs" / "experiments" / "debug.yaml"), *tiny_overrides(tiny_data, tmp_path / "r")]
+    assert main(args) == 0
+    last = training_losses(tmp_path / "r")[6]
+    before = (tmp_path / "r" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"already finished at step 6 (train.steps=6); last logged loss {last:.4f}" in out
+    assert "loss nan" not in out.lower() and "done:" not in out
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == before  # nothing written
