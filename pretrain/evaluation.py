@@ -129,22 +129,6 @@ def format_evaluation(record: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def add_parser(subparsers) -> None:
-    """`python -m pretrain evaluate`."""
-    p = subparsers.add_parser(
-        "evaluate",
-        help="held-out loss and perplexity per source of a checkpoint",
-        description="Held-out loss and perplexity per source (and blended by data.weights) of a checkpoint of "
-        "any strategy, on the data of its run's config (override with key=value, e.g. data.root=...). Under "
-        "torchrun each rank scores its own slice.",
-    )
-    p.add_argument("checkpoint", type=Path, help="a checkpoint folder, e.g. runs/debug/checkpoints/step-00000160")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config")
-    p.add_argument("--sources", help="comma-separated sources (default: all of the run's)")
-    p.add_argument("--batches", type=int, help="micro-batches per source per rank (default: train.eval_batches)")
-    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-
-
 def checkpoint_experiment(checkpoint: Path, overrides: Sequence[str]) -> ExperimentConfig:
     """The config a checkpoint was saved with, `overrides` on top."""
     from omegaconf import OmegaConf

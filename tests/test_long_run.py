@@ -127,6 +127,9 @@ def test_a_spike_rolls_back_skips_the_batches_and_continues_as_a_run_resumed_tha
     # the remedy by hand: resume from the checkpoint before the spike, the data moved 2 batches on
     step6 = run / "checkpoints" / "step-00000006"
     train(tiny_config(tiny_data, by_hand, *SPIKY, f"train.resume={step6}", "train.skip_batches=2"))
+    # the data moved on: the last checkpoint's next sample is 2 batches past the 10 batches trained
+    data = torch.load(run / "checkpoints" / "step-00000010" / "trainer.pt", weights_only=False)["data"]
+    assert data["index"] == (10 + 2) * data["global_batch_size"]
     rolled, manual = training_losses(run), training_losses(by_hand)
     assert sorted(rolled) == list(range(1, 11))  # each step once, none missing
     assert [rolled[s] for s in range(7, 11)] == [manual[s] for s in range(7, 11)]
