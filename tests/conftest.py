@@ -49,6 +49,29 @@ def tiny_data(tmp_path_factory) -> dict:
     return {"root": base / "tokens", "tokenizer": tokenizer_path, "inputs": inputs, "sources": list(inputs)}
 
 
+# `pytest -m quick`: a representative subset, under 2 minutes on 2 CPU cores (README: Tests). Each entry is a
+# test function (every parameter of it) in a file; the tests of test_newcomer.py mark themselves.
+QUICK = {
+    "test_config.py": [
+        "test_every_yaml_loads_and_validates",
+        "test_overrides_win_and_are_typed",
+        "test_unknown_key_is_named",
+    ],
+    "test_model.py": ["test_logits_match_huggingface_llama", "test_flops_per_token_llama1_7b_by_hand"],
+    "test_train.py": ["test_resume_reproduces_the_unbroken_run_exactly"],
+    "test_data.py": ["test_loader_state_dict_resumes_exactly", "test_global_batch_is_the_same_for_any_world_size"],
+    "test_cli.py": ["test_train_prints_where_checkpoint_metrics_plot_and_wandb_are"],
+    "test_memory.py": ["test_fewest_says_why_a_single_gpu_strategy_fits_nowhere_and_finds_the_sharded_one"],
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests named in QUICK with `quick` (test_newcomer checks that each name is a test)."""
+    for item in items:
+        if item.originalname in QUICK.get(item.path.name, ()):
+            item.add_marker(pytest.mark.quick)
+
+
 DEBUG_EXPERIMENT = ROOT / "configs" / "experiments" / "debug.yaml"
 
 

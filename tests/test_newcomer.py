@@ -4,6 +4,7 @@ usable cores, and library lines show once, not once per rank."""
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, tiny_config
+from conftest import QUICK, ROOT, tiny_config
 from data_pipeline.config import PipelineConfig
 from data_pipeline.confighelp import config_keys, field_meanings
 from pretrain.__main__ import main
@@ -191,3 +192,10 @@ def test_library_lines_show_once_not_once_per_rank(tmp_path):
     assert out.count("accelerator to") == 1, out
     assert out.count("UserWarning: a warning every rank gives") == 1, out
     assert out.count("all_gather_into_tensor` is deprecated") == 1, out
+
+
+def test_the_quick_subset_names_existing_tests():
+    for file, names in QUICK.items():
+        tree = ast.parse((ROOT / "tests" / file).read_text())
+        defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+        assert set(names) <= defined, f"conftest.QUICK: {file} has no {sorted(set(names) - defined)}"
