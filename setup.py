@@ -13,6 +13,10 @@ RAW = [
     "fsspec>=2023.1",  # inputs where the dumps are: s3://, https://, hf://, gs:// (with the filesystem's package)
 ]
 
+# python -m pretrain lm-eval, lm_eval.every: benchmarks through lm-evaluation-harness (tested with 0.4.13; it
+# needs no torch of its own). Its HFLM, which scores the Hugging Face export, imports accelerate and transformers.
+LM_EVAL = ["lm_eval>=0.4.13,<0.5", "accelerate>=0.26", "transformers>=4.45"]
+
 setup(
     name="llama-pretrain",
     version="0.1.0",
@@ -21,7 +25,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["pretrain", "pretrain.*", "data_pipeline", "data_pipeline.*"]),
-    package_data={"data_pipeline": ["sample_corpus/*.jsonl", "sample_corpus/*.md"]},
+    package_data={
+        "data_pipeline": ["sample_corpus/*.jsonl", "sample_corpus/*.md"],
+        "pretrain": ["lm_eval_tasks/*.yaml", "lm_eval_tasks/*.jsonl", "lm_eval_tasks/*.py"],  # bundled lm-eval tasks
+    },
     # torch is installed first, pinned, by scripts/setup.sh (a CPU build from local disk in CI);
     # a range here keeps pip from replacing it with a multi-GB CUDA build.
     install_requires=[
@@ -42,6 +49,7 @@ setup(
         "ray": ["ray>=2.9"],  # executor=ray: the recipe's tasks on a Ray cluster
         "tensorboard": ["tensorboard>=2.14"],  # metrics.tensorboard: torch's SummaryWriter needs it
         "dashboard": ["wandb-workspaces>=0.4"],  # python -m pretrain dashboard: a wandb workspace in code
+        "lm-eval": LM_EVAL,
         "dev": [
             "pytest>=8",
             "transformers>=4.45",
@@ -51,6 +59,7 @@ setup(
             "ray>=2.9",
             "tensorboard>=2.14",
             "wandb-workspaces>=0.4",
+            *LM_EVAL,
             *RAW,
         ],
     },
