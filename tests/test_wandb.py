@@ -234,3 +234,29 @@ def test_dashboard_dry_run_prints_the_spec_and_bad_input_is_one_line(capsys, mon
     monkeypatch.setattr(dashboard, "_logged_in", lambda: False)
     assert main(["dashboard", "team/proj"]) == 2
     assert "set WANDB_API_KEY" in capsys.readouterr().err
+
+
+def test_a_server_without_rewind_gets_a_fork(tmp_path, monkeypatch, capsys):
+    """Where wandb.init(resume_from=...) fails (a server without rewind), the logger forks at the step instead."""
+    import wandb
+
+    from pretrain.metrics import MetricLogger
+
+    real_init = wandb.init
+
+    def init(**kwargs):
+        if "resume_from" in kwargs:
+            raise wandb.errors.CommError("failed to rewind run: unknown mutation rewindRun")
+        return real_init(**kwargs)
+
+    cfg = logger_config(tmp_path, "metrics.tensorboard=false")
+    logger = MetricLogger(tmp_path, cfg, "firstrun0002", 0)
+    for step in (1, 2, 3):
+        logger.log(train_record(step, float(step)))
+    monkeypatch.setattr(wandb, "init", init)
+    logger.rewind(1)
+    logger.log(train_record(2, 20.0))
+    logger.close()
+    assert "rewind to step 1 failed (failed to rewind run" in capsys.readouterr().out
+    assert logger.run_id != "firstrun0002"
+    assert [(r["step"], r["loss"]) for r in offline_history(tmp_path, logger.run_id)] == [(1, 1.0), (2, 20.0)]
