@@ -249,8 +249,9 @@ class MetricLogger:
         """Where the wandb run can be seen."""
         if self.run is None:
             return "disabled"
-        if self.run.settings.mode == "offline":
-            return f"offline in {Path(self.run.dir).parent} (upload: wandb sync {Path(self.run.dir).parent})"
+        if self.run.settings.mode == "offline":  # one folder per start (resumes, rollbacks): sync them together
+            segments = self.run_dir / "wandb" / "offline-run-*"
+            return f"offline in {Path(self.run.dir).parent} (upload: wandb sync {segments})"
         return self.run.url or "online"
 
     def close(self) -> None:
