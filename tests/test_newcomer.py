@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import QUICK, ROOT, tiny_config
+from conftest import QUICK, ROOT, tiny_config, tiny_overrides
 from data_pipeline.config import PipelineConfig
 from data_pipeline.confighelp import config_keys, field_meanings
 from pretrain.__main__ import main
@@ -199,3 +199,15 @@ def test_the_quick_subset_names_existing_tests():
         tree = ast.parse((ROOT / "tests" / file).read_text())
         defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
         assert set(names) <= defined, f"conftest.QUICK: {file} has no {sorted(set(names) - defined)}"
+
+
+def test_a_nan_loss_under_the_cli_is_one_error_line(tiny_data, tmp_path, monkeypatch, capsys):
+    import pretrain.trainer as trainer_mod
+
+    real = trainer_mod.lm_loss
+    monkeypatch.setattr(trainer_mod, "lm_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    capsys.readouterr()
+    code = main(["train", "configs/experiments/debug.yaml", *tiny_overrides(tiny_data, tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in err and len(errors) == 1 and errors[0].startswith("error: step 1: loss nan")
