@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    """(training records, evaluation records) of a metrics.jsonl file."""
+    """(training records, held-out evaluation records) of a metrics.jsonl file."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics file")
     train, val = [], []
@@ -18,7 +18,10 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             raise ValueError(f"{path}:{line_no}: not a JSON object") from None
-        (val if "val_loss" in record else train).append(record)
+        if "loss" in record:
+            train.append(record)
+        elif "val_loss" in record:
+            val.append(record)  # events (rollbacks) and benchmark scores are neither
     return train, val
 
 

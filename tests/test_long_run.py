@@ -138,6 +138,9 @@ def test_a_spike_rolls_back_skips_the_batches_and_continues_as_a_run_resumed_tha
     history = [row for row in offline_history(run) if "loss" in row]
     assert [row["step"] for row in history] == list(range(1, 11))
     assert [row["loss"] for row in history] == pytest.approx([rolled[s] for s in range(1, 11)])
+    from pretrain.plot import plot_metrics  # a metrics.jsonl with an event line still plots
+
+    assert plot_metrics(run / "metrics.jsonl", tmp_path / "plot.png").stat().st_size > 1000
 
 
 def test_a_run_that_keeps_spiking_stops_after_the_cap(tiny_data, tmp_path, monkeypatch):
