@@ -10,7 +10,7 @@ beforehand (`torch.set_num_threads`) is kept.
 
 Logging: DeepSpeed and torch log and warn from every rank, so a line shows once per rank.
 `quiet_other_ranks` keeps their INFO and WARNING lines and Python warnings on rank 0 only (errors
-still show everywhere).
+still show everywhere), and each warning once per process, not once per step.
 
 torch is imported only inside `configure_threads`: importing this module costs nothing.
 """
@@ -70,10 +70,27 @@ class _AtLeast(logging.Filter):
         return record.levelno >= self.level
 
 
+def _show_once(show):
+    """`warnings.showwarning` that shows each (message, category) once per process. Python's own "once"
+    forgets what it showed whenever the warning filters change (every `catch_warnings` block does), so
+    torch's deprecation warnings came back every step."""
+    shown: set[tuple[str, type]] = set()
+
+    def show_once(message, category, filename, lineno, file=None, line=None):
+        if (str(message), category) not in shown:
+            shown.add((str(message), category))
+            show(message, category, filename, lineno, file, line)
+
+    show_once.once = True
+    return show_once
+
+
 def quiet_other_ranks(rank: int) -> None:
     """Library logs and warnings once, not once per rank: on ranks other than 0, DeepSpeed's and torch's
-    loggers show errors only and Python warnings are ignored (rank 0 shows them). Safe to call again, and
-    before `import deepspeed` (whose logger resets its level on import: the filter stays)."""
+    loggers show errors only and Python warnings are ignored; rank 0 shows each warning once. Safe to
+    call again, and before `import deepspeed` (whose logger resets its level on import: the filter stays)."""
+    if not getattr(warnings.showwarning, "once", False):
+        warnings.showwarning = _show_once(warnings.showwarning)
     if rank == 0 or rank in _quieted:
         return
     _quieted.add(rank)

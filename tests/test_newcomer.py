@@ -177,7 +177,10 @@ import torch.distributed as dist
 dist.init_process_group("gloo")
 warnings.warn("a warning every rank gives")
 out = torch.zeros(dist.get_world_size() * 2)
-dist.all_gather_into_tensor(out, torch.ones(2))  # torch's deprecation warning, from every rank
+for _ in range(2):  # torch's deprecation warning, from every rank, and again after the filters change
+    dist.all_gather_into_tensor(out, torch.ones(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
 dist.destroy_process_group()
 """
 
