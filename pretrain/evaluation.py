@@ -27,11 +27,7 @@ from data_pipeline.loader import PackedSamples, resolve_sources
 from data_pipeline.shards import SourceShards
 from data_pipeline.tokenizer import file_sha256
 from pretrain.config import ConfigError, ExperimentConfig
-
-
-def perplexity(loss: float) -> float:
-    """exp(loss), inf past float range."""
-    return math.exp(loss) if loss < 700 else float("inf")
+from pretrain.metrics import perplexity
 
 
 def held_out_sets(cfg: ExperimentConfig, only: Optional[Sequence[str]] = None, quiet: bool = False) -> dict:

@@ -272,7 +272,12 @@ def format_record(r: dict[str, Any]) -> str:
         fields = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("step", "event"))
         return f"step {r['step']:>6} | event {r['event']}" + (f" | {fields}" if fields else "")
     if "val_loss" in r:
-        return f"step {r['step']:>6} | val loss {r['val_loss']:.4f} | val ppl {r['val_ppl']:.2f}"
+        per_source = ", ".join(f"{k[9:]} {v:.3f}" for k, v in r.items() if k.startswith("val_loss/"))
+        return (
+            f"step {r['step']:>6} | val loss {r['val_loss']:.4f} | val ppl {r['val_ppl']:.2f}"
+            + (f" | {per_source}" if per_source else "")
+            + (f" | {r['eval_time_s']:.1f} s" if "eval_time_s" in r else "")
+        )
     if "loss" not in r:  # e.g. benchmark scores
         fields = " | ".join(f"{k} {v:.4g}" if _is_number(v) else f"{k} {v}" for k, v in r.items() if k != "step")
         return f"step {r['step']:>6} | {fields}"
@@ -282,7 +287,20 @@ def format_record(r: dict[str, Any]) -> str:
         f"{r['tokens_per_sec_per_gpu']:,.0f} tok/s/gpu | MFU {mfu} | {r['tflops_per_gpu']:.2f} TFLOP/s | "
         f"{r['step_time_s'] * 1000:.0f} ms/step | data {100 * r['data_wait_frac']:.1f}% | "
         f"mem {r['peak_mem_gb']:.2f} GB | {human_count(r['tokens_seen'])} tokens"
+        + (f" | ETA {duration(r['eta_s'])}" if r.get("eta_s") is not None else "")
     )
+
+
+def duration(seconds: float) -> str:
+    """4000 -> '1h06m', 75 -> '1m15s', 8.2 -> '8s'."""
+    seconds = int(round(seconds))
+    if seconds >= 86400:
+        return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
 
 
 def human_count(n: float) -> str:

@@ -21,7 +21,7 @@ from pretrain.checkpoint import CheckpointManager, RunFolder
 from pretrain.config import ConfigError, ExperimentConfig, resume_changes, to_dict, to_yaml
 from pretrain.consolidate import checkpoint_config
 from pretrain.evaluation import blend_weights, evaluate, held_out_sets
-from pretrain.metrics import MetricLogger, ThroughputMeter, device_peak_flops
+from pretrain.metrics import MetricLogger, ThroughputMeter, device_peak_flops, duration
 from pretrain.model import flops_per_token
 from pretrain.optim import apply_optim_config, build_scheduler
 from pretrain.parallel import Strategy, build_strategy
@@ -396,18 +396,6 @@ class Console:
         if time.monotonic() - self.last >= self.every:
             per_step = elapsed / max(steps_done, 1)
             self(f"step {step:>6}/{last_step} | {per_step:.2f} s/step | ETA {duration(per_step * (last_step - step))}")
-
-
-def duration(seconds: float) -> str:
-    """4000 -> '1h06m', 75 -> '1m15s', 8.2 -> '8s'."""
-    seconds = int(round(seconds))
-    if seconds >= 86400:
-        return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
 
 
 def last_logged_loss(run_dir: Path, step: int) -> Optional[tuple[int, float]]:

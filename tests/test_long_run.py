@@ -223,9 +223,23 @@ def test_relaunching_a_finished_run_says_so_with_its_last_loss(tiny_data, tmp_pa
 
     args = ["train", str(ROOT / "configs" / "experiments" / "debug.yaml"), *tiny_overrides(tiny_data, tmp_path / "r")]
     assert main(args) == 0
+    first = capsys.readouterr().out
+    # the start-up banner: what runs, where, how; then log lines with the time left
+    for part in (
+        "== debug: a new run",
+        "parameters (2 layers, dim 64)",
+        "budget    6 steps x 256 tokens",
+        "single on 1 x cpu",
+        "precision fp32",
+        "activation checkpointing none",
+        "intra-op thread",
+        f"run       {tmp_path / 'r'}",
+    ):
+        assert part in first, part
+    etas = [r["eta_s"] for r in records(tmp_path / "r") if "loss" in r]
+    assert etas[-1] == 0 and all(e > 0 for e in etas[:-1]) and "| ETA " in first
     last = training_losses(tmp_path / "r")[6]
     before = (tmp_path / "r" / "metrics.jsonl").read_text()
-    capsys.readouterr()
     assert main(args) == 0
     out = capsys.readouterr().out
     assert f"already finished at step 6 (train.steps=6); last logged loss {last:.4f}" in out
