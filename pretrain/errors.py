@@ -2,4 +2,5 @@
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss or the gradient norm was NaN or Inf and `train.on_nan` is `stop`."""
+    """Training cannot go on: a NaN/Inf loss or gradient norm with `train.on_nan=stop`, more skipped steps or
+    spike rollbacks in a row than `train.max_consecutive_skips`, or a spike with no checkpoint before it."""

@@ -20,11 +20,13 @@ from data_pipeline.tokenizer import file_sha256
 from pretrain.checkpoint import CheckpointManager, RunFolder
 from pretrain.config import ConfigError, ExperimentConfig, resume_changes, to_dict, to_yaml
 from pretrain.consolidate import checkpoint_config
+from pretrain.errors import NonFiniteLoss
 from pretrain.evaluation import blend_weights, evaluate, held_out_sets
 from pretrain.metrics import MetricLogger, ThroughputMeter, device_peak_flops, duration
 from pretrain.model import flops_per_token
 from pretrain.optim import apply_optim_config, build_scheduler
 from pretrain.parallel import Strategy, build_strategy
+from pretrain.runtime import configure_threads
 from pretrain.spikes import SpikeMonitor
 
 
@@ -35,10 +37,6 @@ def lm_loss(
     go `train.loss_chunk_tokens` tokens at a time); with position ids, within documents."""
     with strategy.autocast():
         return model(inputs, targets, *positions)
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss or the gradient norm was NaN or Inf and `train.on_nan` is `stop`."""
 
 
 def train_step(
@@ -458,12 +456,7 @@ def startup_banner(
     budget = f"train.tokens={t.tokens:.3g}" if t.tokens is not None else "train.steps"
     precision = getattr(strategy, "precision", None)
     strategy_name = t.strategy + (f" ZeRO-{t.zero_stage}" if t.strategy == "deepspeed" else "")
-    try:
-        from pretrain.runtime import configure_threads
-
-        threads = configure_threads()
-    except ImportError:
-        threads = f"{torch.get_num_threads()} intra-op threads"
+    threads = configure_threads()
     mix = ", ".join(f"{s} {w / sum(train_data.weights):.0%}" for s, w in zip(train_data.sources, train_data.weights))
     start = f"resumed from {resume_from} at step {step:,}" if resume_from is not None else "a new run"
     if t.init_from and resume_from is None:

@@ -167,7 +167,7 @@ def test_a_run_starts_from_imported_weights(tiny_data, tmp_path, monkeypatch):
     cfg = tiny_config(tiny_data, tmp_path / "run", "train.steps=2", "model.rope_theta=500000", *overrides)
     train(cfg)
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
-    batch = BatchLoader(load_data(cfg, "train"), 8, 8).next_batch()[0]  # the run's first global batch
+    batch = BatchLoader(load_data(cfg), 8, 8).next_batch()[0]  # the run's first global batch
     with torch.no_grad():
         logits = source(input_ids=batch[0]).logits
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[1].flatten())
