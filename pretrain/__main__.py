@@ -184,7 +184,7 @@ def cmd_generate(checkpoint: Path, tokenizer: Path | None, prompts: list[str], o
     import sentencepiece as spm
     import torch
 
-    from pretrain.generate import find_tokenizer, load_for_inference, sample
+    from pretrain.generate import continuation_text, find_tokenizer, load_for_inference, sample, whitespace_note
 
     device = torch.device(opts.device if opts.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     sp = spm.SentencePieceProcessor(model_file=str(find_tokenizer(checkpoint, tokenizer)))
@@ -193,11 +193,19 @@ def cmd_generate(checkpoint: Path, tokenizer: Path | None, prompts: list[str], o
         raise ConfigError(
             f"the tokenizer has {sp.get_piece_size()} pieces, the model {model.args.vocab_size}: not its tokenizer"
         )
+    temperature, top_p = opts.temperature, opts.top_p
     for i, prompt in enumerate(prompts):
-        ids = [sp.bos_id(), *sp.encode(prompt)]
+        ids, seed = [sp.bos_id(), *sp.encode(prompt)], opts.seed + i
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            new = sample(model, ids, opts.max_new_tokens, opts.temperature, opts.top_p, opts.seed + i, sp.eos_id())
-        print(f"--- {prompt!r} ({len(new)} new tokens)\n{sp.decode(ids + new)}")
+            new = sample(model, ids, opts.max_new_tokens, temperature, top_p, seed, sp.eos_id(), not opts.no_cache)
+        how = "greedy" if temperature == 0 else f"temperature {temperature}, top-p {top_p}, seed {seed}"
+        text = continuation_text(sp.decode, ids, new)
+        end = ", end of text" if new and new[-1] == sp.eos_id() else ""
+        print(f"--- {prompt!r} ({len(new)} new tokens) {how}{end}\n{prompt}{text}")
+        note = whitespace_note(text)
+        if note:
+            greedy = "; greedy decoding repeats the likeliest token, --temperature 0.8 samples"
+            print(f"--- note: {note}: the model's prediction, not a decoding error{greedy if how == 'greedy' else ''}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,9 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("prompts", nargs="+", help="text to continue")
     p.add_argument("--tokenizer", type=Path, help="default: the folder's tokenizer.model, else the run's")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8: sampled, seeded)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling when temperature > 0")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="prompt i draws with seed + i")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence per token (to check)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p = with_config("memory", "memory per GPU (parameters, gradients, optimizer, activations); does it fit")
     p.add_argument("config", help="an experiment YAML; strategy, ZeRO stage, checkpointing from train.*")

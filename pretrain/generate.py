@@ -1,18 +1,20 @@
 """`generate`: a quick sample from any checkpoint, greedy or nucleus (top-p), to eyeball a run.
 
-The whole sequence is run again for each new token (no key/value cache): simple and exact, and quick
-enough for the short samples this is for.
+The prompt goes through the model once (prefill), filling a key/value cache (`model.KVCache`);
+each new token then costs one token's forward. `use_cache=False` runs the whole sequence again for
+each new token instead: slower, kept to check the cache against. Past `model.max_seq_len` tokens
+both look at the last `max_seq_len` only (a sliding window, each step a full forward).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from pretrain.model import ModelArgs, Transformer, build_model
+from pretrain.model import KVCache, ModelArgs, Transformer, build_model
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
@@ -37,22 +39,56 @@ def sample(
     top_p: float = 1.0,
     seed: int = 0,
     eos_id: Optional[int] = None,
+    use_cache: bool = True,
 ) -> list[int]:
-    """The prompt's continuation: up to `max_new_tokens` ids, stopping after `eos_id`."""
+    """The prompt's continuation: up to `max_new_tokens` ids, stopping after `eos_id`.
+
+    With `use_cache` the prompt is run once and each new token alone (a key/value cache); without,
+    the whole sequence for every token. Both give the same tokens (the same draws for a seed).
+    """
     if not 0 < top_p <= 1 or temperature < 0:
         raise ValueError(f"top_p must be in (0, 1] and temperature >= 0, got top_p={top_p}, temperature={temperature}")
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one token (e.g. the tokenizer's BOS)")
     device = next(model.parameters()).device
+    window = model.args.max_seq_len
     tokens = torch.tensor([prompt], device=device)
+    cache = KVCache(model.args.n_layers, min(window, len(prompt) + max_new_tokens)) if use_cache else None
+    cached = 0  # tokens whose keys and values are in the cache
     generator = torch.Generator().manual_seed(seed)
     out: list[int] = []
     for _ in range(max_new_tokens):
-        logits = model(tokens[:, -model.args.max_seq_len :])[:, -1]
+        if cache is not None and tokens.shape[1] <= window:  # prefill the prompt, then one token at a time
+            logits = model.forward_cached(tokens[:, cached:], cache, cached)[:, -1]
+            cached = tokens.shape[1]
+        else:  # no cache, or past max_seq_len: the last max_seq_len tokens again
+            logits = model(tokens[:, -window:])[:, -1]
         token = next_token(logits, temperature, top_p, generator)
         out.append(int(token))
         if out[-1] == eos_id:
             break
         tokens = torch.cat([tokens, token[:, None]], dim=1)
     return out
+
+
+def continuation_text(decode: Callable[[list[int]], str], prompt: list[int], new: list[int]) -> str:
+    """The text the new tokens add to the prompt's: decoded with the prompt, since a piece's leading
+    space (SentencePiece's "▁") is dropped at the start of a decode."""
+    before, after = decode(prompt), decode(prompt + new)
+    return after[len(before) :] if after.startswith(before) else decode(new)
+
+
+def whitespace_note(text: str) -> Optional[str]:
+    """A note when `text` is, or ends in, a run of whitespace of 4 or more characters: a terminal shows
+    it as blank lines or nothing, and a reader may take it for a bug of the decoding."""
+    body = text.rstrip()
+    tail = text[len(body) :]
+    if len(tail) < 4:
+        return None
+    names = {"\n": "newlines", " ": "spaces", "\t": "tabs"}
+    counts = ", ".join(f"{tail.count(c)} {name}" for c, name in names.items() if tail.count(c))
+    where = "is only whitespace" if not body else "ends in whitespace"
+    return f"the continuation {where} ({counts or f'{len(tail)} characters'})"
 
 
 def load_for_inference(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> Transformer:

@@ -120,6 +120,32 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        cos_sin: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        cache: KVCache,
+        layer: int,
+        start: int,
+    ) -> torch.Tensor:
+        """Attention of the new tokens `x` (positions start, start + 1, ...) to themselves and to the tokens
+        already in `cache`, whose keys and values they join. `mask` (seq, start + seq; True where allowed)
+        for several new tokens after a start, else None: causal from position 0, or a single token."""
+        bsz, seqlen, _ = x.shape
+        q = apply_rope(self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim), cos_sin)
+        k = apply_rope(self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim), cos_sin)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        keys, values = cache.update(layer, start, k, v)  # (batch, start + seq, n_kv_heads, head_dim)
+        if self.n_kv_heads != self.n_heads:
+            keys = keys.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)
+            values = values.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)
+        causal = mask is None and start == 0 and seqlen > 1
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, is_causal=causal
+        )
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
@@ -147,6 +173,13 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos_sin, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def forward_cached(
+        self, x: torch.Tensor, cos_sin: torch.Tensor, mask: Optional[torch.Tensor], cache: KVCache, start: int
+    ) -> torch.Tensor:
+        """`forward` for new tokens at positions start, start + 1, ..., attending to `cache` too."""
+        h = x + self.attention.forward_cached(self.attention_norm(x), cos_sin, mask, cache, self.layer_id, start)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -219,6 +252,56 @@ class Transformer(nn.Module):
         if targets is None:
             return self.output(h)
         return chunked_cross_entropy(self.output, h.flatten(0, 1), targets.flatten(), self.loss_chunk_tokens)
+
+    @torch.no_grad()
+    def forward_cached(self, tokens: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        """Inference: tokens (batch, seq) at positions start .. start + seq - 1 -> logits (batch, seq, vocab).
+
+        The tokens before `start` are the ones whose keys and values `cache` holds; these tokens' keys and
+        values are added to it. Prefill a prompt with start=0, then feed one token at a time. The same
+        logits as `forward` on the whole sequence (up to rounding); training never comes here.
+        """
+        seqlen = tokens.shape[1]
+        end = start + seqlen
+        if end > min(cache.max_len, self.args.max_seq_len):
+            raise ValueError(
+                f"positions up to {end} exceed the cache ({cache.max_len}) or model.max_seq_len={self.args.max_seq_len}"
+            )
+        h = self.tok_embeddings(tokens)  # (batch, seq, dim)
+        mask = None  # a single new token sees everything before it; a prompt from 0 is plain causal
+        if seqlen > 1 and start > 0:  # new token i sees positions 0 .. start + i
+            mask = torch.ones(seqlen, end, dtype=torch.bool, device=h.device).tril(diagonal=start)
+        cos_sin = self.rope_cos_sin[start:end]
+        for layer in self.layers:
+            h = layer.forward_cached(h, cos_sin, mask, cache, start)
+        return self.output(self.norm(h))
+
+
+class KVCache:
+    """The keys and values of the tokens so far, per layer, for generating one token at a time.
+
+    Each layer's are (batch, max_len, n_kv_heads, head_dim): the kv heads, not the query heads they
+    serve under grouped-query attention. They are allocated at a layer's first update, in the dtype
+    its attention computes in (bf16 under autocast), and written in place after that.
+    """
+
+    def __init__(self, n_layers: int, max_len: int):
+        self.max_len = max_len
+        self.keys: list[Optional[torch.Tensor]] = [None] * n_layers
+        self.values: list[Optional[torch.Tensor]] = [None] * n_layers
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store `k`, `v` (batch, seq, n_kv_heads, head_dim) at positions start .. start + seq - 1 of
+        `layer`; return the keys and values of positions 0 .. start + seq - 1."""
+        end = start + k.shape[1]
+        if self.keys[layer] is None:
+            shape = (k.shape[0], self.max_len, *k.shape[2:])
+            self.keys[layer] = k.new_empty(shape)
+            self.values[layer] = v.new_empty(shape)
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, start:end] = k
+        values[:, start:end] = v
+        return keys[:, :end], values[:, :end]
 
 
 def document_mask(positions: torch.Tensor) -> torch.Tensor:
