@@ -245,3 +245,13 @@ def test_relaunching_a_finished_run_says_so_with_its_last_loss(tiny_data, tmp_pa
     assert f"already finished at step 6 (train.steps=6); last logged loss {last:.4f}" in out
     assert "loss nan" not in out.lower() and "done:" not in out
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == before  # nothing written
+
+
+def test_benchmarks_run_every_n_steps_in_training(tiny_data, tmp_path):
+    pytest.importorskip("lm_eval")
+    every = ["lm_eval.every=3", "lm_eval.tasks=[sample_continuation]", "lm_eval.limit=8", "train.save_every=6"]
+    train(tiny_config(tiny_data, tmp_path / "run", *every))
+    scored = [r for r in records(tmp_path / "run") if "lm_eval/sample_continuation/acc" in r]
+    assert [r["step"] for r in scored] == [3, 6]
+    assert all(0 <= r["lm_eval/sample_continuation/acc"] <= 1 for r in scored)
+    assert training_losses(tmp_path / "run").keys() == set(range(1, 7))  # the run went on around them
