@@ -4,9 +4,11 @@ the bundled task; the in-training hook equals the command line; the task file is
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -72,13 +74,15 @@ def test_rolling_and_generation_match_the_export(trained):
     a, b = ours.loglikelihood_rolling(rolling), theirs.loglikelihood_rolling(rolling)
     assert len(ours.tok_encode(text)) > 3 * 512
     assert a == pytest.approx(b, rel=1e-5)
+    free = ours.generate_until([Instance("generate_until", {}, ("To Sherlock Holmes she is", {"max_gen_toks": 12}), 0)])
+    stop = free[0][len(free[0]) // 2 :][:3]  # a string the model is sure to write: generation must stop there
     gen = [
-        Instance("generate_until", {}, ("To Sherlock Holmes she is", {"until": ["\n\n"], "max_gen_toks": 12}), 0),
-        Instance("generate_until", {}, ("The function returns", {"until": ["."], "max_gen_toks": 8}), 1),
+        Instance("generate_until", {}, ("To Sherlock Holmes she is", {"until": [stop], "max_gen_toks": 12}), 0),
+        Instance("generate_until", {}, ("The function returns", {"until": ["\n\n"], "max_gen_toks": 8}), 1),
     ]
     outputs = ours.generate_until(gen)
     assert outputs == theirs.generate_until(gen)
-    assert all(outputs) and "." not in outputs[1]
+    assert len(stop) == 3 and outputs[0] == free[0].split(stop)[0] and outputs[1]
 
 
 def test_command_line_on_a_checkpoint_and_its_export_and_the_training_hook_agree(trained, tmp_path, capsys):
@@ -142,3 +146,73 @@ def test_task_file_is_rebuilt_byte_for_byte_from_held_out_text(tmp_path):
         assert f"{e['passage']} {e['choices'][e['label']]}" in held_out[doc]
         others = [c for i, c in enumerate(e["choices"]) if i != e["label"]]
         assert len(others) == 3 and not any(f"{e['passage']} {c}" in held_out[doc] for c in others)
+
+
+ROLLING = ["To Sherlock Holmes she is always THE woman. " * 12, "A short one.", "Two short ones."]
+
+
+def uneven_requests(rank: int) -> tuple[list, list]:
+    """Rolling and generation requests of very different sizes per rank (rank -1: all of them)."""
+    from lm_eval.api.instance import Instance
+
+    texts = ROLLING[:1] if rank == 0 else ROLLING[1:] if rank == 1 else ROLLING
+    prompts = [] if rank == 0 else ["The function returns", "In 1887"]
+    rolling = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    options = {"until": ["\n\n"], "max_gen_toks": 6}
+    gen = [Instance("generate_until", {}, (t, options), i) for i, t in enumerate(prompts)]
+    return rolling, gen
+
+
+def _rank(rank: int, world_size: int, port: int, tiny_data: dict, run_dir, overrides: list, out) -> None:
+    """One rank of `test_two_ranks_score_as_one_process`: the checkpoint's weights, sharded, scored live."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
+    )
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    import torch.distributed as dist
+
+    from pretrain.lm_eval import PretrainLM, scores_in_training
+    from pretrain.parallel import build_strategy
+
+    cfg = tiny_config(tiny_data, run_dir, *overrides)
+    strategy = build_strategy(cfg)
+    model, _ = strategy.setup(cfg)
+    flat = scores_in_training(model, cfg, strategy)
+    lm = PretrainLM(model, cfg.data.tokenizer, 32, strategy.device, 2, strategy)  # 32-token windows: many passes
+    rolling, gen = uneven_requests(rank)
+    record = {"flat": flat, "rolling": lm.loglikelihood_rolling(rolling), "gen": lm.generate_until(gen)}
+    out.with_name(f"rank{rank}.json").write_text(json.dumps(record))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("strategy", ["fsdp"])
+def test_two_ranks_score_as_one_process(trained, tiny_data, tmp_path, strategy):
+    """2 gloo ranks under FSDP (every forward gathers parameters from both), each scoring its half of an
+    odd number of examples: the scores of one process, on both ranks. Rolling log-likelihoods and
+    generations of very different lengths per rank (one rank has none) finish, as in one process."""
+    import torch.multiprocessing as mp
+    from test_distributed import free_port
+
+    from pretrain.lm_eval import load_lm, run
+
+    limit = 2 * (LIMIT // 2) + 1
+    overrides = [f"train.strategy={strategy}", f"train.init_from={trained['checkpoint']}", "train.precision=fp32"]
+    overrides += [f"lm_eval.tasks=[{TASK}]", f"lm_eval.limit={limit}", "lm_eval.batch_size=2"]
+    args = (2, free_port(), tiny_data, tmp_path / "run", overrides, tmp_path / "out.json")
+    context = mp.start_processes(_rank, args=args, nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 150
+    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("ranks still running after 150 s: a forward pass missing on one rank?")
+    one = load_lm(trained["checkpoint"])
+    expected = run(one, [TASK], limit=limit)[TASK]
+    one._max_length, one.batch_size = 32, 2
+    rolling, gen = uneven_requests(-1)
+    rolling, gen = one.loglikelihood_rolling(rolling), one.generate_until(gen)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for record in ranks:
+        assert record["flat"] == {f"lm_eval/{TASK}/{k}": v for k, v in expected.items() if "stderr" not in k}
+    assert ranks[0]["rolling"] + ranks[1]["rolling"] == pytest.approx(rolling, rel=1e-5)
+    assert ranks[0]["gen"] == [] and ranks[1]["gen"] == gen
