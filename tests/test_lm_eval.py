@@ -185,7 +185,7 @@ def _rank(rank: int, world_size: int, port: int, tiny_data: dict, run_dir, overr
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("strategy", ["fsdp"])
+@pytest.mark.parametrize("strategy", ["fsdp", pytest.param("zero3", marks=pytest.mark.slow)])
 def test_two_ranks_score_as_one_process(trained, tiny_data, tmp_path, strategy):
     """2 gloo ranks under FSDP (every forward gathers parameters from both), each scoring its half of an
     odd number of examples: the scores of one process, on both ranks. Rolling log-likelihoods and
@@ -196,7 +196,8 @@ def test_two_ranks_score_as_one_process(trained, tiny_data, tmp_path, strategy):
     from pretrain.lm_eval import load_lm, run
 
     limit = 2 * (LIMIT // 2) + 1
-    overrides = [f"train.strategy={strategy}", f"train.init_from={trained['checkpoint']}", "train.precision=fp32"]
+    overrides = {"fsdp": ["train.strategy=fsdp"], "zero3": ["train.strategy=deepspeed", "train.zero_stage=3"]}[strategy]
+    overrides += [f"train.init_from={trained['checkpoint']}", "train.precision=fp32"]
     overrides += [f"lm_eval.tasks=[{TASK}]", f"lm_eval.limit={limit}", "lm_eval.batch_size=2"]
     args = (2, free_port(), tiny_data, tmp_path / "run", overrides, tmp_path / "out.json")
     context = mp.start_processes(_rank, args=args, nprocs=2, join=False, start_method="spawn")
