@@ -117,7 +117,7 @@ def _lm_class() -> type:
 
         @torch.no_grad()
         def _logits(self, rows: Optional[list[list[int]]]) -> Optional[torch.Tensor]:
-            """fp32 log-probabilities (batch, seq, vocab) of right-padded `rows`; None: a dummy pass."""
+            """Logits (batch, seq, vocab) of right-padded `rows`, on the device; None: a dummy pass."""
             width = max(map(len, rows)) if rows else 1
             tokens = torch.zeros((len(rows) if rows else 1, width), dtype=torch.long)
             for i, row in enumerate(rows or []):
@@ -125,7 +125,7 @@ def _lm_class() -> type:
             context = self.strategy.autocast() if self.strategy else contextlib.nullcontext()
             with context:
                 logits = self.model(tokens.to(self._device))
-            return None if rows is None else torch.log_softmax(logits.float(), dim=-1).cpu()
+            return None if rows is None else logits
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
             """(sum of log p(continuation | context), whether greedy decoding gives the continuation)."""
@@ -141,11 +141,11 @@ def _lm_class() -> type:
                 if b >= len(batches):
                     self._logits(None)
                 else:
-                    logprobs = self._logits([w[1] for w in batches[b]])
-                    for row, (i, inputs, continuation) in zip(logprobs, batches[b]):
-                        n = len(continuation)
-                        scores = row[len(inputs) - n : len(inputs)]  # (n, vocab): predictions of the continuation
-                        target = torch.tensor(continuation)
+                    logits = self._logits([w[1] for w in batches[b]])
+                    for row, (i, inputs, continuation) in zip(logits, batches[b]):
+                        n = len(continuation)  # the predictions of the continuation, in fp32: (n, vocab)
+                        scores = torch.log_softmax(row[len(inputs) - n : len(inputs)].float(), dim=-1)
+                        target = torch.tensor(continuation, device=scores.device)
                         logprob = scores.gather(-1, target[:, None]).sum().item()
                         results[i] = (logprob, bool((scores.argmax(-1) == target).all()))
                         if requests[i][0] is not None:  # None: a window of loglikelihood_rolling
