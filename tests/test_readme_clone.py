@@ -79,7 +79,10 @@ def test_a_bare_clone_runs_the_readme_commands_in_order(tmp_path):
 
     out = run("python -m pretrain evaluate", CHECKPOINT)
     assert re.search(r"blended\s+\d+\.\d+", out), out
-    run("python -m pretrain export-hf", f"{CHECKPOINT} exports/debug --tokenizer data/tokenizer/sample.model")
+    run(
+        "python -m pretrain export-hf",
+        f"{CHECKPOINT} exports/debug --tokenizer data/tokenizer/sample.model --dtype fp32",
+    )
     assert json.loads((clone / "exports" / "debug" / "config.json").read_text())["architectures"] == [
         "LlamaForCausalLM"
     ]
