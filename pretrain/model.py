@@ -7,6 +7,8 @@ grouped-query attention and untied input/output embeddings, with Meta's paramete
 
 Everything distributed (sharding, activation checkpointing, compilation) is applied from outside.
 Build on the `meta` device, move to a real device with `to_empty`, then call `init_weights()`.
+Generation goes through `Transformer.forward_cached` with a `KVCache` (inference only; training
+never calls it).
 """
 
 from __future__ import annotations
