@@ -166,4 +166,4 @@ def test_a_run_extended_on_purpose_follows_the_new_schedule_and_says_so(tiny_dat
     )
     assert "applied on resume" not in capsys.readouterr().out  # nothing changed the second time
     train(tiny_config(tiny_data, run, *extend))
-    assert "train.steps=16 are done: nothing to train" in capsys.readouterr().out
+    assert "already finished at step 16 (train.steps=16)" in capsys.readouterr().out
