@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -283,12 +284,14 @@ class PrefetchLoader:
         self.loader.load_state_dict(state)
         self._state = self.loader.state_dict()
 
-    def _stop_prefetch(self) -> None:
-        """Stop the background thread, if started, and forget what it built; the next batch starts it again."""
+    def _stop_prefetch(self, timeout: Optional[float] = None) -> None:
+        """Stop the background thread, if started (waiting at most `timeout` seconds, None: until it has
+        stopped), and forget what it built; the next batch starts it again."""
         if self._thread is None:
             return
         self._stop.set()
-        while self._thread.is_alive():
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._thread.is_alive() and (deadline is None or time.monotonic() < deadline):
             try:  # free a producer blocked on a full queue
                 self._queue.get_nowait()
             except queue.Empty:
@@ -297,6 +300,6 @@ class PrefetchLoader:
         self._stop.clear()
 
     def close(self) -> None:
-        """Stop the background threads."""
-        self._stop_prefetch()
+        """Stop the background threads (a read that hangs is left behind after 5 s: the thread is a daemon)."""
+        self._stop_prefetch(timeout=5)
         self.loader.close()

@@ -166,9 +166,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     last = {key: n for n, o in enumerate(overrides) for key in ("train.steps=", "train.tokens=") if o.startswith(key)}
     if t.tokens is not None and last.get("train.steps=", -1) > last.get("train.tokens=", -1):
         t.tokens = None  # a step count on the command line (after any token budget there) replaces the budget
+    if t.tokens is not None and math.isfinite(t.tokens) and t.tokens > 0 and t.global_batch_tokens > 0:
+        steps = math.ceil(t.tokens / t.global_batch_tokens)
+        tokens_last = last.get("train.tokens=", -1) > last.get("train.steps=", -1)  # on the command line: it wins
+        if not tokens_last and t.steps not in (TrainConfig.steps, steps):  # a saved config holds both, equal
+            raise ConfigError(
+                f"train.steps={t.steps} and train.tokens={t.tokens:g} (= {steps} steps) are both set; give one "
+                "(train.tokens: null in the YAML, or train.steps=N on the command line, which replaces the budget)"
+            )
+        t.steps = steps
     validate(config)
-    if t.tokens is not None:
-        t.steps = math.ceil(t.tokens / t.global_batch_tokens)
     return config
 
 
@@ -358,7 +365,8 @@ def resume_changes(
     if "train" not in saved:  # weights only (`import`): nothing to resume, as CheckpointManager.load says
         return [], []
     old, new = flat_config(saved), flat_config(to_dict(cfg))
-    differ = [key for key in old if key in new and old[key] != new[key]]
+    # train.tokens only decides train.steps, which is compared: a budget given as steps instead is no change
+    differ = [key for key in old if key in new and old[key] != new[key] and key != "train.tokens"]
     free = [key for key in differ if any(_covers(entry, key) for entry in FREE_ON_RESUME)]
     changed = [key for key in differ if key not in free]
     fixed = [key for key in changed if any(_covers(entry, key) for entry in FIXED_ON_RESUME)]

@@ -174,6 +174,10 @@ def main(args: argparse.Namespace) -> None:
         print(f"evaluated in {time.perf_counter() - start:.1f} s")
         if args.json:
             args.json.write_text(json.dumps(record, indent=2))
+    if strategy.world_size > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
 
 
 def _ranks(cfg: ExperimentConfig):

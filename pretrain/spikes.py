@@ -45,11 +45,6 @@ class SpikeMonitor:
         self.losses.append((step, loss))
         return None
 
-    def rewind(self, step: int) -> None:
-        """Forget the losses of steps after `step` (the run went back to it)."""
-        while self.losses and self.losses[-1][0] > step:
-            self.losses.pop()
-
     def state_dict(self) -> list[list[float]]:
         """The window, for a checkpoint."""
         return [[s, v] for s, v in self.losses]

@@ -151,6 +151,13 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
 
     check_init_tokenizer(cfg)
     resume_from = checkpoints.latest() if t.resume == "auto" else None if t.resume == "never" else Path(t.resume)
+    manual_skip = {"from": str(resume_from), "batches": t.skip_batches} if t.skip_batches else None
+    if manual_skip is not None and resume_from is not None:  # a relaunch of the same command (a requeue)
+        latest = checkpoints.latest()
+        if latest is not None and latest != resume_from and trainer_state(latest).get("manual_skip") == manual_skip:
+            if strategy.is_main:
+                print(f"train.skip_batches={t.skip_batches} from {resume_from} was applied already: resuming {latest}")
+            resume_from, manual_skip = latest, trainer_state(latest)["manual_skip"]
     if resume_from is not None:
         checkpoints.check(resume_from)  # every file whole (sizes, checksums) before any is read
     # a changed config is refused before anything is built, unless train.resume_changes names the keys
@@ -163,29 +170,33 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
     step, run_id = 0, uuid.uuid4().hex[:12]
     last_step = min(t.steps, t.stop_at or t.steps)
 
-    def restore(path: Path, skip_batches: int) -> dict[str, Any]:
-        """Model, optimizer, schedule, data position and spike window from checkpoint `path`; the data
-        moved `skip_batches` batches on. Returns the checkpoint's common state."""
+    def restore(path: Path, skip_batches: int, at_least: int = 0) -> tuple[dict[str, Any], int]:
+        """Model, optimizer, schedule, data position and spike window from checkpoint `path`, the data moved
+        `skip_batches` batches on (and at least to sample `at_least`). Returns the checkpoint's common
+        state and the batches skipped."""
         state = checkpoints.load(path, model, optimizer, expect_model=to_dict(cfg)["model"])
         scheduler.load_state_dict(state["scheduler"])
         data_state = dict(state["data"])  # its token counts are of all ranks: rank 0 carries them on
         if not strategy.is_main:
             data_state["tokens_per_source"] = [0] * len(data_state["tokens_per_source"])
-        data_state["index"] += skip_batches * global_batch
+        data_state["index"] = max(data_state["index"] + skip_batches * global_batch, at_least)
         loader.load_state_dict(data_state)
         monitor.load_state_dict(state.get("spike_window", []))
-        return state
+        return state, (data_state["index"] - state["data"]["index"]) // global_batch
 
     if resume_from is not None:
-        state = restore(resume_from, t.skip_batches)
+        state, skipped_now = restore(
+            resume_from, t.skip_batches if manual_skip and resume_from == Path(manual_skip["from"]) else 0
+        )
         step, run_id = state["step"], state["wandb_run_id"]
+        manual_skip = manual_skip or state.get("manual_skip")  # carried on, so the command stays a no-op to requeue
+        if step >= t.steps:  # a finished run launched again: say so, touch nothing
+            return finished_summary(cfg, strategy, step, resume_from)
         if t.stop_at is not None and t.stop_at <= step:
             raise ConfigError(
                 f"train.stop_at={t.stop_at}, but {resume_from} is at step {step}: nothing to train; "
                 "raise train.stop_at or leave it unset"
             )
-        if step >= t.steps:  # a finished run launched again: say so, touch nothing
-            return finished_summary(cfg, strategy, step, resume_from)
         lr_before = scheduler.get_last_lr()[0]
         if applied:
             apply_optim_config(optimizer, scheduler, cfg.optim)
@@ -197,8 +208,11 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
                     f"applied on resume (train.resume_changes): {'; '.join(applied)}; the learning rate of step "
                     f"{step + 1} is {scheduler.get_last_lr()[0]:.6g} (the checkpoint's schedule: {lr_before:.6g})"
                 )
-            if t.skip_batches:
-                print(f"train.skip_batches={t.skip_batches}: the data moves on from sample {state['data']['index']:,}")
+            if skipped_now:
+                print(
+                    f"train.skip_batches={t.skip_batches}: the data moves from sample {state['data']['index']:,} "
+                    f"to {state['data']['index'] + skipped_now * global_batch:,}"
+                )
     if strategy.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -220,6 +234,7 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
             "config": to_dict(cfg),
             "wandb_run_id": logger.run_id,  # a forked wandb run has a new id
             "spike_window": monitor.state_dict(),
+            "manual_skip": manual_skip,  # a relaunch of the same train.resume + train.skip_batches resumes here
         }
         start = time.perf_counter()
         path = checkpoints.save(step, model, optimizer, state, asynchronous)
@@ -233,18 +248,23 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
         return (strategy.reduce_mean(counts) * strategy.world_size).round().long().tolist()
 
     def go_back(bad_step: int, why: str) -> int:
-        """Back to the last checkpoint before `bad_step`, the data moved `spike.skip_batches` on; its step."""
+        """Back to the last checkpoint before `bad_step`; returns its step. The data moves `spike.skip_batches`
+        batches on from the checkpoint's position, and at least past the batch of `bad_step` (so a spike
+        long after the checkpoint, or a second one before the next save, never meets the same data)."""
         checkpoints.wait()
         target = checkpoints.latest_before(bad_step)
         if target is None:
             raise NonFiniteLoss(f"step {bad_step}: {why}; no checkpoint before it to go back to (train.save_every)")
         start = time.perf_counter()
-        state = restore(target, cfg.spike.skip_batches)
+        state, skipped_batches = restore(target, cfg.spike.skip_batches, at_least=loader.state_dict()["index"])
         back = state["step"]
+        changed, _ = resume_changes(state["config"], cfg, target)
+        if changed:  # the checkpoint predates train.resume_changes: apply them again, as at launch
+            apply_optim_config(optimizer, scheduler, cfg.optim)
         logger.rewind(back)
-        logger.event(back, "rollback", {"from_step": bad_step, "skipped_batches": cfg.spike.skip_batches, "why": why})
+        logger.event(back, "rollback", {"from_step": bad_step, "skipped_batches": skipped_batches, "why": why})
         say(
-            f"step {bad_step:>6} | {why}: back to {target.name}, data moved {cfg.spike.skip_batches} batches on "
+            f"step {bad_step:>6} | {why}: back to {target.name}, data moved {skipped_batches} batches on "
             f"({time.perf_counter() - start:.1f} s)"
         )
         meter.reset()
@@ -253,8 +273,9 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
     model.train()
     last_loss, last_ckpt = float("nan"), resume_from
     skipped, preempted = 0, False
-    streak, trouble_step = 0, 0  # NaN skips and rollbacks in a row; the step of the last one
-    first_step, started = step, time.perf_counter()
+    skips_in_a_row = 0  # updates skipped since the last applied one
+    rollbacks_in_a_row, rollback_step = 0, 0  # rollbacks since the run last got past the step of one
+    steps_done, started = 0, time.perf_counter()  # in this launch, for the ETA
     stop_signal = PreemptionSignal()
     try:
         while step < last_step:
@@ -266,6 +287,7 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
                 model, micro_batches, optimizer, scheduler, strategy, cfg.optim.grad_clip
             )
             step += 1
+            steps_done += 1
             trouble = None
             if not applied:
                 trouble = f"loss {loss.item()}, grad norm {grad_norm.item()}"
@@ -274,17 +296,24 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
             elif monitor.enabled:
                 trouble = monitor.check(step, loss.item())
             if trouble is None:
-                if step >= trouble_step:
-                    streak = 0
+                skips_in_a_row = 0
+                if step >= rollback_step:
+                    rollbacks_in_a_row = 0
             else:
-                streak, trouble_step = streak + 1, max(trouble_step, step)
-                if t.max_consecutive_skips and streak > t.max_consecutive_skips:
+                rollback = applied or t.on_nan == "rollback"  # a spike, or a NaN with on_nan=rollback
+                if rollback:
+                    rollbacks_in_a_row, rollback_step = rollbacks_in_a_row + 1, max(rollback_step, step)
+                    count, what = rollbacks_in_a_row, f"rollbacks in a row without getting past step {rollback_step}"
+                else:
+                    skips_in_a_row += 1
+                    count, what = skips_in_a_row, "skipped updates in a row"
+                if t.max_consecutive_skips and count > t.max_consecutive_skips:
                     raise NonFiniteLoss(
-                        f"step {step}: {trouble}; {streak} skipped steps or rollbacks in a row "
-                        f"(train.max_consecutive_skips={t.max_consecutive_skips}): stopped. Look at the data and "
-                        f"the learning rate around step {step}, then resume (README: loss spikes)"
+                        f"step {step}: {trouble}; {count} {what} (train.max_consecutive_skips="
+                        f"{t.max_consecutive_skips}): stopped. Look at the data and the learning rate around step "
+                        f"{step}, then resume (README: loss spikes)"
                     )
-                if applied or t.on_nan == "rollback":  # a spike, or a NaN with on_nan=rollback
+                if rollback:
                     step = go_back(step, f"loss spike, {trouble}" if applied else f"non-finite {trouble}")
                     continue
                 skipped += 1
@@ -302,14 +331,14 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
                         "peak_mem_gb": strategy.peak_memory_gb(),
                         "tokens_seen": step * t.global_batch_tokens,
                         "skipped_steps": skipped,
-                        "eta_s": elapsed / max(step - first_step, 1) * (last_step - step),
+                        "eta_s": elapsed / steps_done * (last_step - step),
                         **{f"tokens_seen/{s}": int(n) for s, n in zip(train_data.sources, tokens_per_source())},
                     }
                 )
                 say.mark()
                 meter.reset()
             else:
-                say.heartbeat(step, last_step, time.perf_counter() - started, step - first_step)
+                say.heartbeat(step, last_step, time.perf_counter() - started, steps_done)
             if val_sets and (step % t.eval_every == 0 or step == last_step):
                 start = time.perf_counter()
                 say(f"step {step:>6} | evaluating {len(val_sets)} held-out sources ...")
@@ -394,6 +423,11 @@ class Console:
         if time.monotonic() - self.last >= self.every:
             per_step = elapsed / max(steps_done, 1)
             self(f"step {step:>6}/{last_step} | {per_step:.2f} s/step | ETA {duration(per_step * (last_step - step))}")
+
+
+def trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """The common state (`trainer.pt`) of a checkpoint, without loading the model."""
+    return torch.load(checkpoint / "trainer.pt", weights_only=False)
 
 
 def last_logged_loss(run_dir: Path, step: int) -> Optional[tuple[int, float]]:

@@ -113,7 +113,9 @@ def _spike_at(monkeypatch, steps: set, every_time: bool = False) -> list:
     return struck
 
 
-def test_a_spike_rolls_back_skips_the_batches_and_continues_as_a_run_resumed_that_way(tiny_data, tmp_path, monkeypatch):
+def test_a_spike_rolls_back_skips_the_batches_and_continues_as_a_run_resumed_that_way(
+    tiny_data, tmp_path, monkeypatch, capsys
+):
     from wandb_history import offline_history
 
     run, by_hand = tmp_path / "run", tmp_path / "by_hand"
@@ -126,7 +128,10 @@ def test_a_spike_rolls_back_skips_the_batches_and_continues_as_a_run_resumed_tha
     monkeypatch.undo()
     # the remedy by hand: resume from the checkpoint before the spike, the data moved 2 batches on
     step6 = run / "checkpoints" / "step-00000006"
-    train(tiny_config(tiny_data, by_hand, *SPIKY, f"train.resume={step6}", "train.skip_batches=2"))
+    by_hand_args = (*SPIKY, f"train.resume={step6}", "train.skip_batches=2")
+    train(tiny_config(tiny_data, by_hand, *by_hand_args, "train.stop_at=8"))  # a job that ends (or is preempted)
+    train(tiny_config(tiny_data, by_hand, *by_hand_args))  # requeued as it was: resumes step 8, skips nothing again
+    assert "was applied already: resuming" in capsys.readouterr().out
     # the data moved on: the last checkpoint's next sample is 2 batches past the 10 batches trained
     data = torch.load(run / "checkpoints" / "step-00000010" / "trainer.pt", weights_only=False)["data"]
     assert data["index"] == (10 + 2) * data["global_batch_size"]
@@ -143,10 +148,39 @@ def test_a_spike_rolls_back_skips_the_batches_and_continues_as_a_run_resumed_tha
     assert plot_metrics(run / "metrics.jsonl", tmp_path / "plot.png").stat().st_size > 1000
 
 
+def test_a_second_spike_before_the_next_save_moves_the_data_past_both(tiny_data, tmp_path, monkeypatch):
+    struck = _spike_at(monkeypatch, {8, 9})  # both go back to step 6
+    train(tiny_config(tiny_data, tmp_path / "run", *SPIKY, "train.save_every=6"))
+    assert struck == [8, 9]
+    events = [(r["step"], r["from_step"], r["skipped_batches"]) for r in records(tmp_path / "run") if "event" in r]
+    # at step 8 the data had read 8 batches: back to 6, on to batch 8 (past the spike's, not 6 + 2 again);
+    # at step 9 (the third step after going back) it had read 11: on to batch 11
+    assert events == [(6, 8, 2), (6, 9, 5)]
+    data = torch.load(tmp_path / "run" / "checkpoints" / "step-00000010" / "trainer.pt", weights_only=False)["data"]
+    assert data["index"] == (11 + 4) * data["global_batch_size"]
+    assert sorted(training_losses(tmp_path / "run")) == list(range(1, 11))
+
+
+def test_a_rollback_keeps_the_changes_a_resume_applied(tiny_data, tmp_path, monkeypatch):
+    first = [*SPIKY, "train.stop_at=4", "optim.lr=1e-3"]
+    again = [*SPIKY, "optim.lr=2e-3", "train.resume_changes=[optim.lr]"]
+    for name in ("straight", "spiky"):
+        train(tiny_config(tiny_data, tmp_path / name, *first))
+    train(tiny_config(tiny_data, tmp_path / "straight", *again))
+    _spike_at(monkeypatch, {6})  # back to step 4, saved before optim.lr changed
+    train(tiny_config(tiny_data, tmp_path / "spiky", *again, "spike.skip_batches=0"))
+    lrs = {
+        name: {r["step"]: r["lr"] for r in records(tmp_path / name) if "loss" in r} for name in ("straight", "spiky")
+    }
+    assert lrs["spiky"] == lrs["straight"]  # steps 5-10 on the new peak rate, before and after going back
+
+
 def test_a_run_that_keeps_spiking_stops_after_the_cap(tiny_data, tmp_path, monkeypatch):
     struck = _spike_at(monkeypatch, {5, 6, 7, 8, 9}, every_time=True)
     cfg = tiny_config(tiny_data, tmp_path / "run", *SPIKY, "train.max_consecutive_skips=3", "spike.skip_batches=1")
-    with pytest.raises(NonFiniteLoss, match=r"4 skipped steps or rollbacks in a row \(train.max_consecutive_skips=3"):
+    with pytest.raises(
+        NonFiniteLoss, match=r"4 rollbacks in a row without getting past step 5 \(train.max_consecutive_skips=3"
+    ):
         train(cfg)
     assert len(struck) == 4  # three rollbacks, then the fourth spike in a row stops it
 
@@ -176,13 +210,13 @@ def test_nan_skips_in_a_row_stop_at_the_cap_and_on_nan_rollback_goes_back(tiny_d
 
     monkeypatch.setattr(trainer_mod, "lm_loss", nan_from_step_4)
     monkeypatch.setattr(trainer_mod, "train_step", counting_step)
-    with pytest.raises(NonFiniteLoss, match=r"step 6: loss nan.* 3 skipped steps or rollbacks in a row"):
+    with pytest.raises(NonFiniteLoss, match=r"step 6: loss nan.* 3 skipped updates in a row"):
         train(
             tiny_config(
                 tiny_data, tmp_path / "skip", "train.steps=8", "train.on_nan=skip", "train.max_consecutive_skips=2"
             )
         )
-    with pytest.raises(NonFiniteLoss, match=r"3 skipped steps or rollbacks in a row"):
+    with pytest.raises(NonFiniteLoss, match=r"3 rollbacks in a row without getting past step 4"):
         train(
             tiny_config(
                 tiny_data, tmp_path / "rollback", *SPIKY, "train.on_nan=rollback", "train.max_consecutive_skips=2"
@@ -270,3 +304,19 @@ def test_a_nan_on_one_rank_rolls_back_every_rank_under_fsdp(tiny_data, tmp_path)
     assert sorted(losses) == list(range(1, 7)) and all(math.isfinite(v) for v in losses.values())
     data = torch.load(run / "checkpoints" / "step-00000006" / "trainer.pt", weights_only=False)["data"]
     assert data["index"] == (6 + 3) * data["global_batch_size"]
+
+
+def test_steps_and_tokens_given_together_in_a_yaml_are_refused_and_a_budget_run_extends_by_steps(tmp_path):
+    from pretrain.config import ConfigError, resume_changes, to_dict
+
+    both = tmp_path / "both.yaml"
+    both.write_text("defaults: [experiments/llama1-7b]\ntrain:\n  steps: 1000\n")
+    with pytest.raises(ConfigError, match="train.steps=1000 and train.tokens=1e\\+12 .* are both set"):
+        load_config(both)
+    saved = to_dict(load_config(ROOT / "configs" / "experiments" / "llama1-7b.yaml"))  # a checkpoint's config
+    extended = load_config(
+        ROOT / "configs" / "experiments" / "llama1-7b.yaml",
+        ["train.steps=300000", "train.resume_changes=[train.steps]"],
+    )
+    applied, _ = resume_changes(saved, extended, "step-00238419")  # the README's way to extend a run
+    assert applied == ["train.steps: 238419 -> 300000"]
