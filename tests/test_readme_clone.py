@@ -3,7 +3,8 @@ run the README's commands that need no GPU, in the order a new user meets them.
 
 The clone is of the committed HEAD. Its `.venv` is the environment running this test (a symlink):
 installing torch and the rest again would take minutes, and `scripts/setup.sh` finds it up to date
-through its stamp, as it does on a user's second run. Every other file comes from the clone, and each
+through its stamp, as it does on a user's second run. So that environment must have been made by
+`scripts/setup.sh` (the README's test command runs it); otherwise the test fails, saying so. Every other file comes from the clone, and each
 command must appear in the README as written here (overrides that shorten a run aside).
 """
 
@@ -30,13 +31,13 @@ def _clone(tmp_path: Path) -> Path:
     stamp = venv / ".llama-setup"
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout: nothing to clone")
-    if not stamp.is_file():
-        pytest.skip(f"{venv} was not made by scripts/setup.sh (no {stamp.name}): the clone cannot reuse it")
+    if not stamp.is_file():  # a failure, not a skip: a skipped clone test is too easy to miss in CI
+        pytest.fail(f"{venv} was not made by scripts/setup.sh (no {stamp.name}): run `bash scripts/setup.sh --dev`")
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True, timeout=120)
     setup_hash = hashlib.sha256((clone / "setup.py").read_bytes()).hexdigest()[:16]
     if not stamp.read_text().startswith(setup_hash):
-        pytest.skip("setup.py was committed after .venv was made: run scripts/setup.sh --dev again")
+        pytest.fail("setup.py changed since .venv was made (or is not committed): run `bash scripts/setup.sh --dev`")
     (clone / ".venv").symlink_to(venv)
     return clone
 
