@@ -76,6 +76,11 @@ def test_fsdp_training_evaluates_twice_the_held_out_tokens_of_one_process(tiny_d
     for s in tiny_data["sources"]:
         assert fsdp[f"val_tokens/{s}"] == 2 * one[f"val_tokens/{s}"] == same[f"val_tokens/{s}"]
         assert fsdp[f"val_loss/{s}"] == pytest.approx(same[f"val_loss/{s}"], abs=1e-5)  # FSDP's weights: 1e-5
+    # `evaluate` on the FSDP checkpoint, in one process over the same windows, gives what its 2 ranks logged
+    checkpoint = tmp_path / "fsdp" / "checkpoints" / "step-00000002"
+    cli = _evaluate_cli(checkpoint, tmp_path / "fsdp.json", batches=2, ranks=1)
+    keys = [k for k in fsdp if k.startswith(("val_loss", "val_tokens"))]
+    assert [cli[k] for k in keys] == pytest.approx([fsdp[k] for k in keys], abs=1e-6)
 
 
 # --- loss spikes -----------------------------------------------------------------------------------------
