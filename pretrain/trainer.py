@@ -501,7 +501,8 @@ def startup_banner(
         f"seq {cfg.data.seq_len}",
         f"   budget    {t.steps:,} steps x {t.global_batch_tokens:,} tokens = {t.steps * t.global_batch_tokens:,} "
         f"tokens ({budget}); micro-batch {t.micro_batch_size}, {accum} per step per rank",
-        f"   placement {strategy_name} on {strategy.world_size} x {strategy.device.type} ({strategy.device}), "
+        f"   placement {strategy_name} on {strategy.world_size} x {strategy.device.type}"
+        f"{f' (rank 0: {strategy.device})' if strategy.device.index is not None else ''}, "
         f"precision {precision.value if precision is not None else 'n/a'}, activation checkpointing "
         f"{t.activation_checkpointing.value}; {threads}",
         f"   data      {mix}; held out: {', '.join(val_sets) or 'none'}",
