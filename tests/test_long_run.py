@@ -296,11 +296,13 @@ def test_benchmarks_run_every_n_steps_in_training(tiny_data, tmp_path):
     assert training_losses(tmp_path / "run").keys() == set(range(1, 7))  # the run went on around them
 
 
-def test_a_nan_on_one_rank_rolls_back_every_rank_under_fsdp(tiny_data, tmp_path):
-    from test_distributed import run_distributed
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_a_nan_on_one_rank_rolls_back_every_rank(tiny_data, tmp_path, strategy):
+    from test_distributed import STRATEGIES, run_distributed
 
     run = tmp_path / "run"
-    common = ["train.steps=6", "train.micro_batch_size=2", "train.save_every=2", "spike.skip_batches=3"]
+    common = [*STRATEGIES[strategy], "train.steps=6", "train.micro_batch_size=2", "train.save_every=2"]
+    common.append("spike.skip_batches=3")
     # a NaN in rank 1's second micro-batch of step 3: both ranks go back to step 2, none hangs
     run_distributed(tiny_data, run, *common, "train.on_nan=rollback", inject=(1, 6, "nan"))
     events = [r for r in records(run) if r.get("event") == "rollback"]
