@@ -206,14 +206,12 @@ class CheckpointManager:
 
     def latest_before(self, step: int) -> Optional[Path]:
         """The newest complete checkpoint of a step below `step` (where a run goes back to after a spike)."""
-        found = []
-        if self.dir.is_dir():
-            for path in self.dir.iterdir():
-                name = path.name
-                if name.startswith("step-") and name[5:].isdigit() and (path / TRAINER).is_file():
-                    found.append((int(name[5:]), path))
-        earlier = [(s, path) for s, path in found if s < step]
-        return max(earlier)[1] if earlier else None
+        earlier = [p for p in self._step_folders() if int(p.name[5:]) < step and (p / TRAINER).is_file()]
+        return earlier[-1] if earlier else None
+
+    def _step_folders(self) -> list[Path]:
+        """The `step-XXXXXXXX` folders, oldest first (their zero-padded names sort by step)."""
+        return sorted(self.dir.glob("step-" + "[0-9]" * 8))
 
     def clean(self) -> None:
         """Remove what killed saves and prunes left (main rank, before the run saves anything).
@@ -391,7 +389,7 @@ class CheckpointManager:
     def _prune(self, keep: Path) -> None:
         """Delete the oldest complete checkpoints but `keep` (the one `latest` names) until `keep_last`
         are left; each is renamed to `.deleting` first, so a half-deleted one never looks complete."""
-        done = sorted(self.dir.glob("step-" + "[0-9]" * 8))
+        done = self._step_folders()
         others = [p for p in done if p != keep]
         for old in others[: max(len(done) - self.keep_last, 0)]:
             gone = old.with_name(old.name + DELETING)
