@@ -17,9 +17,8 @@ from torch import nn
 
 from data_pipeline.loader import BatchLoader, PackedSamples, PrefetchLoader, resolve_sources
 from data_pipeline.tokenizer import file_sha256
-from pretrain.checkpoint import CheckpointManager, RunFolder
+from pretrain.checkpoint import TRAINER, CheckpointManager, RunFolder, load_torch
 from pretrain.config import ConfigError, ExperimentConfig, resume_changes, to_dict, to_yaml
-from pretrain.consolidate import checkpoint_config
 from pretrain.errors import NonFiniteLoss
 from pretrain.evaluation import blend_weights, evaluate, held_out_sets
 from pretrain.metrics import MetricLogger, ThroughputMeter, device_peak_flops, duration
@@ -137,6 +136,7 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
     t, run_dir = cfg.train, Path(cfg.train.run_dir)
     train_data = load_data(cfg)
     val_sets = held_out_sets(cfg, quiet=not strategy.is_main) if t.eval_every else {}
+    val_weights = blend_weights(cfg, list(val_sets), val_sets)
     global_batch = t.global_batch_tokens // cfg.data.seq_len
     loader = PrefetchLoader(
         BatchLoader(
@@ -154,14 +154,22 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
     manual_skip = {"from": str(resume_from), "batches": t.skip_batches} if t.skip_batches else None
     if manual_skip is not None and resume_from is not None:  # a relaunch of the same command (a requeue)
         latest = checkpoints.latest()
-        if latest is not None and latest != resume_from and trainer_state(latest).get("manual_skip") == manual_skip:
+        if (
+            latest is not None
+            and latest != resume_from
+            and load_torch(latest / TRAINER).get("manual_skip") == manual_skip
+        ):
             if strategy.is_main:
                 print(f"train.skip_batches={t.skip_batches} from {resume_from} was applied already: resuming {latest}")
-            resume_from, manual_skip = latest, trainer_state(latest)["manual_skip"]
+            resume_from = latest
+    saved: dict[str, Any] = {}  # the checkpoint's common state (trainer.pt), read once before anything is built
     if resume_from is not None:
         checkpoints.check(resume_from)  # every file whole (sizes, checksums) before any is read
+        saved = load_torch(resume_from / TRAINER)
     # a changed config is refused before anything is built, unless train.resume_changes names the keys
-    applied, how = ([], []) if resume_from is None else resume_changes(checkpoint_config(resume_from), cfg, resume_from)
+    applied, how = ([], []) if resume_from is None else resume_changes(saved["config"], cfg, resume_from)
+    if "scheduler" in saved and saved["step"] >= t.steps:  # a finished run launched again: say so, touch nothing
+        return finished_summary(cfg, strategy, saved["step"], resume_from)
     torch.manual_seed(t.seed)
     # a resumed run takes its weights from its checkpoint: `init_from` only starts a new one
     model, optimizer = strategy.setup(cfg if resume_from is None else replace(cfg, train=replace(t, init_from=None)))
@@ -190,8 +198,6 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
         )
         step, run_id = state["step"], state["wandb_run_id"]
         manual_skip = manual_skip or state.get("manual_skip")  # carried on, so the command stays a no-op to requeue
-        if step >= t.steps:  # a finished run launched again: say so, touch nothing
-            return finished_summary(cfg, strategy, step, resume_from)
         if t.stop_at is not None and t.stop_at <= step:
             raise ConfigError(
                 f"train.stop_at={t.stop_at}, but {resume_from} is at step {step}: nothing to train; "
@@ -349,16 +355,9 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
                     t.eval_batches,
                     t.micro_batch_size,
                     cfg.data.document_attention,
-                    blend_weights(cfg, list(val_sets), val_sets),
+                    val_weights,
                 )
-                logger.log(
-                    {
-                        "step": step,
-                        **record,
-                        "tokens_seen": step * t.global_batch_tokens,
-                        "eval_time_s": time.perf_counter() - start,
-                    }
-                )
+                logger.log({"step": step, **record, "eval_time_s": time.perf_counter() - start})  # + tokens_seen
                 meter.reset()
             if cfg.lm_eval.every and step % cfg.lm_eval.every == 0:
                 from pretrain.lm_eval import scores_in_training
@@ -366,7 +365,7 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
                 start = time.perf_counter()
                 say(f"step {step:>6} | lm-eval {','.join(cfg.lm_eval.tasks)} ...")
                 scores = scores_in_training(model, cfg, strategy)
-                logger.log({"step": step, **scores, "tokens_seen": step * t.global_batch_tokens})
+                logger.log({"step": step, **scores})  # the logger adds tokens_seen
                 say(f"step {step:>6} | lm-eval done in {time.perf_counter() - start:.1f} s")
                 meter.reset()
             preempted = strategy.any(stop_signal.received)
@@ -423,11 +422,6 @@ class Console:
         if time.monotonic() - self.last >= self.every:
             per_step = elapsed / max(steps_done, 1)
             self(f"step {step:>6}/{last_step} | {per_step:.2f} s/step | ETA {duration(per_step * (last_step - step))}")
-
-
-def trainer_state(checkpoint: Path) -> dict[str, Any]:
-    """The common state (`trainer.pt`) of a checkpoint, without loading the model."""
-    return torch.load(checkpoint / "trainer.pt", weights_only=False)
 
 
 def last_logged_loss(run_dir: Path, step: int) -> Optional[tuple[int, float]]:
