@@ -4,8 +4,9 @@ run the README's commands that need no GPU, in the order a new user meets them.
 The clone is of the committed HEAD. Its `.venv` is the environment running this test (a symlink):
 installing torch and the rest again would take minutes, and `scripts/setup.sh` finds it up to date
 through its stamp, as it does on a user's second run. So that environment must have been made by
-`scripts/setup.sh` (the README's test command runs it); otherwise the test fails, saying so. Every other file comes from the clone, and each
-command must appear in the README as written here (overrides that shorten a run aside).
+`scripts/setup.sh` (the README's test command runs it); otherwise the test fails, saying so. Every
+other file comes from the clone, and each command must appear in the README as written here
+(overrides that shorten a run aside).
 """
 
 import hashlib
@@ -111,16 +112,5 @@ def test_a_bare_clone_runs_the_readme_commands_in_order(tmp_path):
 
 
 def _accuracies(result: dict) -> dict:
-    """{task: accuracy} of an lm-eval result file, whatever its nesting."""
-    found = {}
-
-    def walk(node, task=None):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k.split(",")[0] == "acc":
-                    found[task] = round(float(v), 9)
-                else:
-                    walk(v, k if isinstance(v, dict) else task)
-
-    walk(result)
-    return found
+    """{task: accuracy} of a `pretrain lm-eval --output` file."""
+    return {task: metrics["acc"] for task, metrics in result["results"].items()}
