@@ -71,7 +71,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Precision = Precision.auto
     strategy: str = "single"  # single | fsdp | deepspeed (the last two under a launcher, see launch/)
-    fsdp_shard_size: int = 0  # fsdp: ranks a model is sharded over (0: all; GPUs per node for HSDP)
+    fsdp_shard_size: int = 0  # fsdp: data-parallel ranks a model is sharded over (0: all; per node for HSDP)
+    tensor_parallel: int = 1  # fsdp: ranks that split each layer (Megatron tensor + sequence parallel), inside a node
     reshard_after_forward: bool = True  # fsdp: free gathered parameters after forward (less memory)
     zero_stage: int = 3  # deepspeed: 0 (data parallel), 1 (optimizer), 2 (+gradients), 3 (+parameters)
     offload_optimizer: bool = False  # deepspeed: optimizer states and update on the CPU (DeepSpeedCPUAdam)
@@ -280,6 +281,7 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"train.offload_params needs train.zero_stage=3, got {t.zero_stage}")
     if t.deepspeed_json is not None and not Path(t.deepspeed_json).is_file():
         raise ConfigError(f"train.deepspeed_json: {t.deepspeed_json} not found")
+    check_tensor_parallel(cfg)
     if t.fsdp_shard_size < 0:
         raise ConfigError(f"train.fsdp_shard_size must be >= 0, got {t.fsdp_shard_size}")
     if t.on_nan not in ("stop", "skip", "rollback"):
@@ -314,6 +316,27 @@ def validate(cfg: ExperimentConfig) -> None:
             )
 
 
+def check_tensor_parallel(cfg: ExperimentConfig) -> None:
+    """`train.tensor_parallel` against the strategy and the shapes it splits; one line naming the fix."""
+    m, t, tp = cfg.model, cfg.train, cfg.train.tensor_parallel
+    if tp < 1:
+        raise ConfigError(f"train.tensor_parallel must be >= 1, got {tp}")
+    if tp == 1:
+        return
+    if t.strategy != "fsdp":
+        fix = "use train.strategy=fsdp (FSDP2 over the data-parallel ranks, tensor parallel inside a node)"
+        raise ConfigError(f"train.tensor_parallel={tp} needs train.strategy=fsdp, got {t.strategy}: {fix}")
+    shapes = {"model.n_heads": m.n_heads, "model.n_kv_heads": m.kv_heads, "data.seq_len": cfg.data.seq_len}
+    for key, value in shapes.items():
+        if value % tp:
+            allowed = [d for d in range(1, 65) if all(v % d == 0 for v in shapes.values())]
+            raise ConfigError(f"train.tensor_parallel={tp} does not divide {key}={value}; choose one of {allowed}")
+    if t.compile:
+        raise ConfigError(
+            f"train.compile with train.tensor_parallel={tp} is not supported yet; set train.compile=false"
+        )
+
+
 # What a resumed run cannot change: the model, and what the data position of its checkpoint means.
 FIXED_ON_RESUME = ("model", "data.seq_len", "data.seed", "data.sources", "data.weights", "train.global_batch_tokens")
 # What it may change freely: names, logging and saving, and where and how the same steps are computed.
@@ -328,7 +351,7 @@ FREE_ON_RESUME = (
     *(
         f"train.{key}"
         for key in (
-            "micro_batch_size device precision strategy fsdp_shard_size reshard_after_forward zero_stage "
+            "micro_batch_size device precision strategy fsdp_shard_size tensor_parallel reshard_after_forward zero_stage "
             "offload_optimizer offload_params deepspeed_json activation_checkpointing compile loss_chunk_tokens "
             "seed run_dir log_every eval_every eval_batches save_every async_save keep_last on_nan stop_at resume "
             "init_from resume_changes verify_checkpoints max_consecutive_skips skip_batches"

@@ -77,7 +77,11 @@ def evaluate(
     `weights`, default equal). Every rank must call it at the same time."""
     was_training = model.training
     model.eval()
-    world, rank, device = strategy.world_size, strategy.rank, strategy.device
+    world, rank, device = (
+        strategy.data_world_size,
+        strategy.data_rank,
+        strategy.device,
+    )  # tensor-parallel peers: the same rows
     record: dict[str, float] = {}
     losses = {}
     for source, samples in sets.items():

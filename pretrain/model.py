@@ -90,10 +90,12 @@ def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     return out.flatten(-2).type_as(x)
 
 
-def heads_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin: torch.Tensor, n_heads: int):
+def heads_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin: torch.Tensor):
     """RoPE on q and k, keys and values repeated for grouped-query attention (each kv head serves
-    n_heads // n_kv_heads query heads); (batch, seq, heads, dim) in, (batch, heads, seq, dim) out."""
+    n_heads // n_kv_heads query heads); (batch, seq, heads, dim) in, (batch, heads, seq, dim) out.
+    The head counts are read from the shapes, so a tensor-parallel rank's share of the heads works too."""
     q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
+    n_heads = q.shape[2]
     if k.shape[2] != n_heads:
         k = k.repeat_interleave(n_heads // k.shape[2], dim=2)
         v = v.repeat_interleave(n_heads // v.shape[2], dim=2)
@@ -114,11 +116,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Causal attention, or with `mask` (batch, 1, seq, seq; additive, -inf where not allowed) within
         documents only."""
-        bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        q, k, v = heads_first(q, k, v, cos_sin, self.n_heads)
+        bsz, seqlen, _ = x.shape  # heads: -1, all of them, or a tensor-parallel rank's share
+        q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
+        q, k, v = heads_first(q, k, v, cos_sin)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 

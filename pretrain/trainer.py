@@ -143,8 +143,8 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
             train_data,
             global_batch,
             t.micro_batch_size,
-            strategy.rank,
-            strategy.world_size,
+            strategy.data_rank,
+            strategy.data_world_size,
             with_positions=cfg.data.document_attention,
         )
     )
@@ -249,9 +249,9 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
         return path
 
     def tokens_per_source() -> list[int]:
-        """Tokens seen per source by all ranks together (each rank counts its own slice)."""
+        """Tokens seen per source by all ranks together (each data-parallel rank counts its own slice)."""
         counts = torch.tensor(loader.tokens_per_source, dtype=torch.float64, device=strategy.device)
-        return (strategy.reduce_mean(counts) * strategy.world_size).round().long().tolist()
+        return (strategy.reduce_mean(counts) * strategy.data_world_size).round().long().tolist()
 
     def go_back(bad_step: int, why: str) -> int:
         """Back to the last checkpoint before `bad_step`; returns its step. The data moves `spike.skip_batches`
@@ -480,10 +480,12 @@ def startup_banner(
     t, m = cfg.train, cfg.model
     params, _ = count_params(m)
     fpt = flops_per_token(m, cfg.data.seq_len)
-    accum = t.global_batch_tokens // (t.micro_batch_size * cfg.data.seq_len * strategy.world_size)
+    accum = t.global_batch_tokens // (t.micro_batch_size * cfg.data.seq_len * strategy.data_world_size)
     budget = f"train.tokens={t.tokens:.3g}" if t.tokens is not None else "train.steps"
     precision = getattr(strategy, "precision", None)
     strategy_name = t.strategy + (f" ZeRO-{t.zero_stage}" if t.strategy == "deepspeed" else "")
+    if strategy.tensor_parallel > 1:
+        strategy_name += f" x tensor parallel {strategy.tensor_parallel} ({strategy.data_world_size} data-parallel)"
     threads = configure_threads()
     mix = ", ".join(f"{s} {w / sum(train_data.weights):.0%}" for s, w in zip(train_data.sources, train_data.weights))
     start = f"resumed from {resume_from} at step {step:,}" if resume_from is not None else "a new run"

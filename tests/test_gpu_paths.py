@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pretrain.config import Checkpointing
-from pretrain.llama_backward import LlamaBlockFunction
+from pretrain.llama_backward import LlamaBlockFunction, SequenceCollectives
 from pretrain.model import ModelArgs, Transformer, TransformerBlock, build_model, rope_cos_sin
 from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
 
@@ -58,7 +58,7 @@ def run_block(device: str, n_kv_heads: int, dtype: torch.dtype, residual_dtype: 
     weights = block_weights(block)
     x = torch.randn(2, 16, args.dim, device=device, dtype=residual_dtype, requires_grad=True)
     with RecordOps() as recorded:
-        y = LlamaBlockFunction.apply(x, cos_sin, *weights, args.norm_eps, args.n_heads, dtype)
+        y = LlamaBlockFunction.apply(x, cos_sin, *weights, args.norm_eps, args.head_dim, dtype, SequenceCollectives())
         y.sum().backward()
     return y, x.grad, weights, recorded.ops
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pretrain.config import Checkpointing
-from pretrain.llama_backward import LlamaBlockFunction
+from pretrain.llama_backward import LlamaBlockFunction, SequenceCollectives
 from pretrain.model import ModelArgs, TransformerBlock, build_model, rope_cos_sin
 from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
 
@@ -28,7 +28,9 @@ def test_gradcheck_in_float64(n_kv_heads):
     x = torch.randn(2, 6, 32, dtype=torch.float64, requires_grad=True)
 
     def block_fn(x, *weights):
-        return LlamaBlockFunction.apply(x, cos_sin, *weights, args.norm_eps, args.n_heads, torch.float64)
+        return LlamaBlockFunction.apply(
+            x, cos_sin, *weights, args.norm_eps, args.head_dim, torch.float64, SequenceCollectives()
+        )
 
     assert torch.autograd.gradcheck(block_fn, (x, *block_weights(block)))
 
@@ -77,18 +79,18 @@ def test_each_norm_backward_gets_its_partial_gradients_summed_in_fp32(monkeypatc
     import pretrain.llama_backward as lb
 
     partials, norm_inputs = {}, []
-    matmul_grads, rms_norm_backward = lb._matmul_grads, lb._rms_norm_backward
+    input_grad, rms_norm_backward = lb._input_grad, lb._rms_norm_backward
 
-    def recording_matmul_grads(dy, x, weight):
-        dx, dweight = matmul_grads(dy, x, weight)
+    def recording_input_grad(dy, weight):
+        dx = input_grad(dy, weight)
         partials[weight.data_ptr()] = dx
-        return dx, dweight
+        return dx
 
     def recording_rms_norm_backward(dy, x, weight, eps):
         norm_inputs.append(dy)
         return rms_norm_backward(dy, x, weight, eps)
 
-    monkeypatch.setattr(lb, "_matmul_grads", recording_matmul_grads)
+    monkeypatch.setattr(lb, "_input_grad", recording_input_grad)
     monkeypatch.setattr(lb, "_rms_norm_backward", recording_rms_norm_backward)
     args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=16, multiple_of=16, max_seq_len=16)
     torch.manual_seed(0)
@@ -96,7 +98,9 @@ def test_each_norm_backward_gets_its_partial_gradients_summed_in_fp32(monkeypatc
     weights = block_weights(block)
     cos_sin = rope_cos_sin(args.head_dim, args.max_seq_len, args.rope_theta)
     x = torch.randn(2, 16, 64, requires_grad=True)
-    y = LlamaBlockFunction.apply(x, cos_sin, *weights, args.norm_eps, args.n_heads, torch.bfloat16)
+    y = LlamaBlockFunction.apply(
+        x, cos_sin, *weights, args.norm_eps, args.head_dim, torch.bfloat16, SequenceCollectives()
+    )
     y.backward(torch.randn_like(y))
 
     a, f = block.attention, block.feed_forward

@@ -31,12 +31,23 @@ class Strategy:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    tensor_parallel: int = 1  # ranks that split each layer; they read the same data
     _checkpoint_group = None
 
     @property
     def is_main(self) -> bool:
         """Whether this process writes logs and shared files."""
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """Which slice of each batch this rank reads: the ranks of one tensor-parallel group read the same."""
+        return self.rank // self.tensor_parallel
+
+    @property
+    def data_world_size(self) -> int:
+        """Into how many slices each batch is split (the data-parallel ranks)."""
+        return self.world_size // self.tensor_parallel
 
     def setup(self, cfg: ExperimentConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
         """The model (`build_model`) and its optimizer (`build_optimizer`). The module returned is the
@@ -48,14 +59,16 @@ class Strategy:
         """The model, built in the same order under every strategy, so that no rank ever holds all of it:
 
         1. the modules without values (`new_model`: on `meta`, or partitioned as they are built);
-        2. activation checkpointing (and `torch.compile` of each block) applied to the blocks;
-        3. the strategy's wrapping or sharding (`shard`);
-        4. memory for this rank's part (`materialise`), then the initial values, one full parameter at
+        2. tensor-parallel plans (`parallelize`: each layer split over `train.tensor_parallel` ranks);
+        3. activation checkpointing (and `torch.compile` of each block) applied to the blocks;
+        4. the strategy's wrapping or sharding (`shard`);
+        5. memory for this rank's part (`materialise`), then the initial values, one full parameter at
            a time, each rank keeping its part (`write_initial_value`): `train.init_from`'s weights or
            the seeded ones, the same whatever the strategy and the number of ranks;
-        5. the loss computed `train.loss_chunk_tokens` tokens at a time.
+        6. the loss computed `train.loss_chunk_tokens` tokens at a time.
         """
         model = self.new_model(cfg.model)
+        self.parallelize(model, cfg)
         apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.compile)
         self.shard(model, cfg)
         self.materialise(model)
@@ -71,6 +84,9 @@ class Strategy:
         """The modules, on `meta`: shapes without memory."""
         with torch.device("meta"):
             return Transformer(args)
+
+    def parallelize(self, model: Transformer, cfg: ExperimentConfig) -> None:
+        """Split each layer over the tensor-parallel ranks, in place (nothing without tensor parallelism)."""
 
     def shard(self, model: Transformer, cfg: ExperimentConfig) -> None:
         """Wrap or shard the model in place (nothing on one device)."""

@@ -1,5 +1,9 @@
 """`fsdp`: PyTorch FSDP2 (`fully_shard`) one transformer block at a time, over all ranks or, with
 `train.fsdp_shard_size`, HSDP: sharded within groups of that many ranks (a node) and replicated across.
+With `train.tensor_parallel=T`, each layer is first split over groups of T consecutive ranks (tensor +
+sequence parallel, `pretrain.parallel.tensor_parallel`) and FSDP2 shards over the data-parallel ranks:
+the device mesh is (shard, tp), or (replicate, shard, tp) with `train.fsdp_shard_size`, tensor parallel
+innermost so that its ranks share a node.
 
 The model is built on `meta`, checkpointed and sharded from outside (each block, then the root), then
 materialised shard by shard: each rank only ever allocates its own slice of every parameter, and
@@ -9,6 +13,7 @@ go through torch.distributed.checkpoint (one file per rank), which any number of
 
 from __future__ import annotations
 
+import contextlib
 from datetime import timedelta
 
 import torch
@@ -21,6 +26,7 @@ from torch.distributed.tensor import distribute_tensor
 from pretrain.config import ConfigError, ExperimentConfig, Precision
 from pretrain.model import Transformer
 from pretrain.parallel.base import DataParallelStrategy, launched_device, resolve_precision
+from pretrain.parallel.tensor_parallel import apply_tensor_parallel, check_layout, forward_context
 
 
 def mixed_precision_policies(precision: Precision) -> tuple[MixedPrecisionPolicy, MixedPrecisionPolicy]:
@@ -42,24 +48,43 @@ class FSDP(DataParallelStrategy):
         if not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        shard = cfg.train.fsdp_shard_size or self.world_size
-        if self.world_size % shard:
-            raise ConfigError(f"train.fsdp_shard_size={shard} does not divide the world size {self.world_size}")
-        if shard == self.world_size:  # FSDP: shard over every rank
-            self.mesh = init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=("shard",))
-        else:  # HSDP: shard within groups of `shard` ranks (a node), replicate across groups
-            self.mesh = init_device_mesh(
-                self.device.type, (self.world_size // shard, shard), mesh_dim_names=("replicate", "shard")
+        check_layout(cfg, self.world_size)
+        self.tensor_parallel = tp = cfg.train.tensor_parallel
+        data = self.world_size // tp
+        shard = cfg.train.fsdp_shard_size or data
+        if data % shard:
+            raise ConfigError(
+                f"train.fsdp_shard_size={shard} does not divide the {data} data-parallel ranks "
+                f"({self.world_size} ranks / train.tensor_parallel={tp})"
             )
+        # FSDP: shard over every data-parallel rank; HSDP: within groups of `shard` (a node), replicated across
+        sizes = {"replicate": data // shard, "shard": shard, "tp": tp}
+        names = tuple(name for name, size in sizes.items() if size > 1 or name == "shard")
+        self.mesh = init_device_mesh(self.device.type, tuple(sizes[n] for n in names), mesh_dim_names=names)
+        self.data_mesh = self.mesh[tuple(n for n in names if n != "tp")] if tp > 1 else self.mesh
         self.reshard_after_forward = cfg.train.reshard_after_forward
         self.precision = resolve_precision(cfg, self.device)
 
+    def parallelize(self, model: Transformer, cfg: ExperimentConfig) -> None:
+        """Tensor + sequence parallel plans over the `tp` dimension of the mesh (with `train.tensor_parallel`)."""
+        if self.tensor_parallel > 1:
+            apply_tensor_parallel(model, self.mesh["tp"])
+
     def shard(self, model: Transformer, cfg: ExperimentConfig) -> None:
-        """`fully_shard` each block, then the root (the embedding, final norm and output)."""
+        """`fully_shard` each block, then the root (the embedding, final norm and output), over the
+        data-parallel dimensions of the mesh."""
         root, block = mixed_precision_policies(self.precision)
         for layer in model.layers:
-            fully_shard(layer, mesh=self.mesh, mp_policy=block, reshard_after_forward=self.reshard_after_forward)
-        fully_shard(model, mesh=self.mesh, mp_policy=root, reshard_after_forward=self.reshard_after_forward)
+            fully_shard(layer, mesh=self.data_mesh, mp_policy=block, reshard_after_forward=self.reshard_after_forward)
+        fully_shard(model, mesh=self.data_mesh, mp_policy=root, reshard_after_forward=self.reshard_after_forward)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The vocabulary-parallel cross-entropy under tensor parallelism (FSDP's policy does mixed precision)."""
+        return forward_context(self.tensor_parallel)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        with forward_context(self.tensor_parallel):
+            loss.backward()
 
     def write_initial_value(self, param: nn.Parameter, value: torch.Tensor) -> None:
         """This rank's shard of `value` (every rank holds the whole value: nothing is sent)."""
