@@ -184,8 +184,8 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
         state and the batches skipped."""
         state = checkpoints.load(path, model, optimizer, expect_model=to_dict(cfg)["model"])
         scheduler.load_state_dict(state["scheduler"])
-        data_state = dict(state["data"])  # its token counts are of all ranks: rank 0 carries them on
-        if not strategy.is_main:
+        data_state = dict(state["data"])  # its token counts are of all ranks: data rank 0 carries them on
+        if strategy.data_rank != 0:
             data_state["tokens_per_source"] = [0] * len(data_state["tokens_per_source"])
         data_state["index"] = max(data_state["index"] + skip_batches * global_batch, at_least)
         loader.load_state_dict(data_state)

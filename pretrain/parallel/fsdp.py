@@ -14,6 +14,7 @@ go through torch.distributed.checkpoint (one file per rank), which any number of
 from __future__ import annotations
 
 import contextlib
+import math
 from datetime import timedelta
 
 import torch
@@ -77,6 +78,20 @@ class FSDP(DataParallelStrategy):
         for layer in model.layers:
             fully_shard(layer, mesh=self.data_mesh, mp_policy=block, reshard_after_forward=self.reshard_after_forward)
         fully_shard(model, mesh=self.data_mesh, mp_policy=root, reshard_after_forward=self.reshard_after_forward)
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """The global gradient norm in one all-reduce over every rank, whatever the mesh: each rank adds the
+        squares of its local gradient shards, a tensor replicated over k ranks counted 1/k on each."""
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        squares = torch.zeros((), dtype=torch.float64, device=self.device)
+        for grad in grads:
+            replicas = math.prod(grad.device_mesh.size(i) for i, p in enumerate(grad.placements) if p.is_replicate())
+            squares += grad.to_local().double().pow(2).sum() / replicas
+        dist.all_reduce(squares)
+        norm = squares.sqrt().float()
+        if max_norm > 0 and math.isfinite(coefficient := max_norm / (norm.item() + 1e-6)) and coefficient < 1:
+            torch._foreach_mul_([g.to_local() for g in grads], coefficient)
+        return norm
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The vocabulary-parallel cross-entropy under tensor parallelism (FSDP's policy does mixed precision)."""

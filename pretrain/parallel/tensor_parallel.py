@@ -73,8 +73,8 @@ def block_plan() -> dict[str, ParallelStyle]:
 
 def plain_outputs(module: nn.Module, inputs, output):
     """The model's output as a plain tensor: the loss (replicated over the group) as it is, logits gathered."""
-    if isinstance(output, DTensor):
-        return output.to_local() if all(p.is_replicate() for p in output.placements) else output.full_tensor()
+    if isinstance(output, DTensor):  # a copy of the loss, not a view: FSDP's hooks refuse views
+        return output.to_local().clone() if all(p.is_replicate() for p in output.placements) else output.full_tensor()
     return output
 
 
