@@ -351,10 +351,10 @@ FREE_ON_RESUME = (
     *(
         f"train.{key}"
         for key in (
-            "micro_batch_size device precision strategy fsdp_shard_size tensor_parallel reshard_after_forward zero_stage "
-            "offload_optimizer offload_params deepspeed_json activation_checkpointing compile loss_chunk_tokens "
-            "seed run_dir log_every eval_every eval_batches save_every async_save keep_last on_nan stop_at resume "
-            "init_from resume_changes verify_checkpoints max_consecutive_skips skip_batches"
+            "micro_batch_size device precision strategy fsdp_shard_size tensor_parallel reshard_after_forward "
+            "zero_stage offload_optimizer offload_params deepspeed_json activation_checkpointing compile "
+            "loss_chunk_tokens seed run_dir log_every eval_every eval_batches save_every async_save keep_last on_nan "
+            "stop_at resume init_from resume_changes verify_checkpoints max_consecutive_skips skip_batches"
         ).split()
     ),
 )

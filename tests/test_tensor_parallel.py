@@ -14,9 +14,9 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_distributed import free_port, losses
 
 from conftest import tiny_config
-from test_distributed import free_port, losses
 from pretrain.config import ConfigError
 from pretrain.trainer import train
 
@@ -33,7 +33,7 @@ def batch_gradients(cfg) -> dict[str, torch.Tensor]:
 
     from data_pipeline.loader import BatchLoader
     from pretrain.parallel import build_strategy
-    from pretrain.trainer import load_data, lm_loss
+    from pretrain.trainer import lm_loss, load_data
 
     strategy = build_strategy(cfg)
     model, _ = strategy.setup(cfg)
