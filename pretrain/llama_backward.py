@@ -236,10 +236,11 @@ def llama_block_forward(
         ffn.w2.weight,
         ffn.w3.weight,
     ]
-    comm = SequenceCollectives()
+    group = None
     if isinstance(weights[1], DTensor):  # tensor parallel: this rank's shards, the mesh's group
-        comm = SequenceCollectives(weights[1].device_mesh.get_group())
+        group = weights[1].device_mesh.get_group()
         weights = [w.to_local() for w in weights]
+    comm = SequenceCollectives(group)
     device = x.device.type  # `meta` has no autocast: there the weights' dtype is the compute dtype
     autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
     dtype = torch.get_autocast_dtype(device) if autocast else weights[1].dtype
