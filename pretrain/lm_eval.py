@@ -82,8 +82,10 @@ def _lm_class() -> type:
             self._device = torch.device(device)
             self.batch_size = batch_size
             self.strategy = strategy
-            self._rank = strategy.rank if strategy else 0
-            self._world_size = strategy.world_size if strategy else 1
+            # documents split by data-parallel rank: the ranks of a tensor-parallel group score the same ones
+            self._rank = strategy.data_rank if strategy else 0
+            self._world_size = strategy.data_world_size if strategy else 1
+            self._width = strategy.tensor_parallel if strategy else 1  # sequences split over this many ranks
 
         # tokens, as the export's tokenizer.json with add_bos_token (tested against it in tests/test_export.py)
         @property
@@ -119,6 +121,7 @@ def _lm_class() -> type:
         def _logits(self, rows: Optional[list[list[int]]]) -> Optional[torch.Tensor]:
             """Logits (batch, seq, vocab) of right-padded `rows`, on the device; None: a dummy pass."""
             width = max(map(len, rows)) if rows else 1
+            width = -(-width // self._width) * self._width  # a multiple of the tensor-parallel ranks (padding)
             tokens = torch.zeros((len(rows) if rows else 1, width), dtype=torch.long)
             for i, row in enumerate(rows or []):
                 tokens[i, : len(row)] = torch.tensor(row)
@@ -202,11 +205,15 @@ def _lm_class() -> type:
         def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
             if self._world_size == 1:
                 return tensor
-            return torch.cat([t.reshape(-1) for t in self.strategy.gather(tensor.detach().cpu())])
+            return torch.cat([t.reshape(-1) for t in self._gather(tensor.detach().cpu())])
 
         def gather_object(self, obj: Any, dst: int = 0) -> Optional[list]:
-            gathered = self.strategy.gather(obj) if self._world_size > 1 else [obj]
+            gathered = self._gather(obj) if self._world_size > 1 else [obj]
             return gathered if self._rank == dst else None
+
+        def _gather(self, obj: Any) -> list:
+            """`obj` of each data-parallel rank (the first of each tensor-parallel group), in order."""
+            return self.strategy.gather(obj)[:: self.strategy.tensor_parallel]
 
         def barrier(self) -> None:
             if self.strategy is not None:

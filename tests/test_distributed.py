@@ -25,27 +25,36 @@ def _worker(rank: int, world_size: int, port: int, tiny_data: dict, run_dir, ove
     )
     import torch.distributed as dist
 
-    if inject is not None and inject[0] == rank:  # (rank, call of the loss function, "sigterm" | "nan")
-        import signal
-
-        import pretrain.trainer as trainer_mod
-
-        real, calls = trainer_mod.lm_loss, {"n": 0}
-
-        def lm_loss(*args):
-            calls["n"] += 1
-            if calls["n"] == inject[1] and inject[2] == "sigterm":
-                os.kill(os.getpid(), signal.SIGTERM)
-            loss = real(*args)
-            return loss * float("nan") if calls["n"] == inject[1] and inject[2] == "nan" else loss
-
-        trainer_mod.lm_loss = lm_loss
-
+    inject_fault(rank, inject)
     try:
         train(tiny_config(tiny_data, run_dir, *overrides))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def inject_fault(rank: int, inject) -> None:
+    """With `inject` = (rank, call of the loss function, "sigterm" | "nan"): on that rank, that call of the
+    trainer's loss sends this process a SIGTERM, or returns NaN; without, the real loss function again."""
+    import pretrain.trainer as trainer_mod
+
+    real = getattr(trainer_mod.lm_loss, "real", trainer_mod.lm_loss)
+    trainer_mod.lm_loss = real
+    if inject is None or inject[0] != rank:
+        return
+    import signal
+
+    calls = {"n": 0}
+
+    def lm_loss(*args):
+        calls["n"] += 1
+        if calls["n"] == inject[1] and inject[2] == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        loss = real(*args)
+        return loss * float("nan") if calls["n"] == inject[1] and inject[2] == "nan" else loss
+
+    lm_loss.real = real
+    trainer_mod.lm_loss = lm_loss
 
 
 def run_distributed(tiny_data: dict, run_dir, *overrides: str, world_size: int = 2, inject=None) -> None:

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_distributed import free_port, losses
+from test_distributed import free_port, inject_fault, losses
 
 from conftest import tiny_config
 from pretrain.config import ConfigError
@@ -62,7 +62,8 @@ def _jobs_worker(rank: int, world_size: int, port: int, tiny_data: dict, jobs: l
     import torch.distributed as dist
 
     try:
-        for kind, name, overrides in jobs:
+        for kind, name, overrides, *inject in jobs:
+            inject_fault(rank, inject[0] if inject else None)
             if kind == "train":
                 train(tiny_config(tiny_data, out / name, "train.strategy=fsdp", *overrides))
             elif kind == "grads":
@@ -79,7 +80,8 @@ def _jobs_worker(rank: int, world_size: int, port: int, tiny_data: dict, jobs: l
 
 
 def run_jobs(tiny_data: dict, out, jobs: list, world_size: int, limit: float = 600) -> None:
-    """Run `jobs` ((kind, name, overrides) in order) on `world_size` gloo ranks; fail rather than hang."""
+    """Run `jobs` ((kind, name, overrides[, inject]) in order) on `world_size` gloo ranks; fail rather than hang.
+    `inject`: a fault, as `test_distributed.inject_fault` takes it."""
     context = mp.start_processes(
         _jobs_worker,
         args=(world_size, free_port(), tiny_data, jobs, out),
@@ -133,6 +135,59 @@ def test_tensor_parallel_layouts_match_one_process_and_resume_across_layouts(tin
         assert len(losses(tmp_path / run)) == 6
         last = json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1])
         assert sum(v for k, v in last.items() if k.startswith("tokens_seen/")) == last["tokens_seen"]
+
+
+def records(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tensor_parallel_runs_evaluate_benchmark_stop_roll_back_and_export_as_one_process(tiny_data, tmp_path):
+    import subprocess
+    import sys
+
+    from pretrain.consolidate import consolidated_state_dict
+
+    pytest.importorskip("lm_eval")
+    tp2 = [*COMMON, "train.tensor_parallel=2", "train.activation_checkpointing=llama"]
+    scored = ["train.eval_every=3", "lm_eval.every=3", "lm_eval.tasks=[sample_continuation]", "lm_eval.limit=8"]
+    rollback = ["train.save_every=2", "train.on_nan=rollback", "spike.skip_batches=3"]
+    sigterm_step = 4  # 4 micro-batches a step on each rank (one data-parallel rank): loss call 13 is in step 4
+    jobs = [
+        ("train", "scored", [*tp2, *scored]),
+        ("train", "stopped", tp2, (1, 4 * (sigterm_step - 1) + 1, "sigterm")),
+        ("train", "stopped", tp2),
+        ("train", "rolled", [*tp2, *rollback], (1, 10, "nan")),  # a NaN in step 3 on one rank of the group
+    ]
+    run_jobs(tiny_data, tmp_path, jobs, world_size=2)
+    train(tiny_config(tiny_data, tmp_path / "single", *COMMON, *scored))
+    single, scored_run = records(tmp_path / "single"), records(tmp_path / "scored")
+    for key in ("loss", "val_loss", "val_loss/gutenberg", "lm_eval/sample_continuation/acc"):
+        ours, theirs = [r[key] for r in scored_run if key in r], [r[key] for r in single if key in r]
+        assert len(ours) == len(theirs) >= 2 and ours == pytest.approx(theirs, abs=2e-4), key
+
+    # SIGTERM on one rank: every rank saved that step; the next launch went on to the unbroken losses
+    assert (tmp_path / "stopped" / "checkpoints" / f"step-{sigterm_step:08d}").is_dir()
+    assert losses(tmp_path / "stopped") == pytest.approx(losses(tmp_path / "single"), abs=2e-4)
+    # a NaN on one rank of the group: both went back to step 2, the data moved on, every step logged once
+    events = [r for r in records(tmp_path / "rolled") if r.get("event") == "rollback"]
+    assert [(e["step"], e["from_step"]) for e in events] == [(2, 3)]
+    assert [r["step"] for r in records(tmp_path / "rolled") if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+    # the tools read the tensor-parallel checkpoint as the one-process one
+    ours, theirs = (tmp_path / r / "checkpoints" / "step-00000006" for r in ("scored", "single"))
+    reference = consolidated_state_dict(theirs)
+    for name, tensor in consolidated_state_dict(ours).items():
+        torch.testing.assert_close(tensor, reference[name], atol=2e-5, rtol=0, msg=name)
+    for command in (
+        ["export-hf", str(ours), str(tmp_path / "hf"), "--dtype", "fp32"],
+        ["evaluate", str(ours), "--json", str(tmp_path / "evaluated.json")],
+        ["generate", str(ours), "The", "--max-new-tokens", "8"],
+    ):
+        done = subprocess.run([sys.executable, "-m", "pretrain", *command], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "hf" / "model.safetensors").is_file() and done.stdout.strip()
+    evaluated = json.loads((tmp_path / "evaluated.json").read_text())
+    assert evaluated["val_loss"] == pytest.approx([r["val_loss"] for r in scored_run if "val_loss" in r][-1], abs=1e-5)
 
 
 @pytest.mark.parametrize(
