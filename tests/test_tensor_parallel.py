@@ -70,6 +70,12 @@ def _jobs_worker(rank: int, world_size: int, port: int, tiny_data: dict, jobs: l
                 grads = batch_gradients(tiny_config(tiny_data, out / name, "train.strategy=fsdp", *overrides))
                 if rank == 0:
                     torch.save(grads, out / f"{name}.pt")
+            elif kind == "count":  # bytes of one step's collectives, by mesh dimension and kind
+                from pretrain.parallel.collectives import count_training_step
+
+                counted = count_training_step(tiny_config(tiny_data, out / name, "train.strategy=fsdp", *overrides))
+                if rank == 0:
+                    (out / f"{name}.json").write_text(json.dumps({f"{d}/{k}": v for (d, k), v in counted.items()}))
             elif kind == "copy":  # a run folder copied (by rank 0) to resume it under another layout
                 if rank == 0:
                     shutil.copytree(out / overrides[0], out / name)
@@ -411,3 +417,25 @@ def test_hand_written_block_under_tp2_equals_autograd_saves_half_and_needs_every
         assert r["calls"] == 12 and len(r["mutations"]) == 2 * r["calls"]  # 4 in the forward, 8 in the backward
         for name, err in r["mutations"].items():
             assert isinstance(err, str) or err > 1e-3, f"collective {name} was not needed: {err}"
+
+
+COUNTED = {  # layout -> overrides, on 4 ranks
+    "fsdp4": [],
+    "fsdp2xtp2-none": ["train.tensor_parallel=2"],
+    "fsdp2xtp2-selective": ["train.tensor_parallel=2", "train.activation_checkpointing=selective"],
+    "fsdp2xtp2-llama": ["train.tensor_parallel=2", "train.activation_checkpointing=llama"],
+    "hsdp2x1xtp2-llama": ["train.tensor_parallel=2", "train.fsdp_shard_size=1", "train.activation_checkpointing=llama"],
+}
+
+
+def test_bytes_per_step_by_kind_and_mesh_dimension_match_the_formula(tiny_data, tmp_path):
+    from pretrain.parallel.comm_model import step_bytes
+
+    jobs = [("count", name, [*COMMON, *overrides]) for name, overrides in COUNTED.items()]
+    run_jobs(tiny_data, tmp_path, jobs, world_size=4)
+    for name, overrides in COUNTED.items():
+        measured = json.loads((tmp_path / f"{name}.json").read_text())
+        expected = step_bytes(tiny_config(tiny_data, tmp_path, "train.strategy=fsdp", *COMMON, *overrides), 4)
+        assert set(measured) == {f"{dim}/{kind}" for dim, kind in expected}, name
+        for (dim, kind), size in expected.items():
+            assert measured[f"{dim}/{kind}"] == pytest.approx(size, rel=0.05), f"{name}: {dim}/{kind}"

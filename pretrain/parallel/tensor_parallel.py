@@ -41,14 +41,18 @@ from pretrain.model import Transformer
 
 class GatherSequence(ParallelStyle):
     """The module's first input, this rank's slice of the sequence (batch, seq / T, dim), all-gathered into
-    the whole sequence before the module runs; its other inputs (RoPE table, mask) pass as they are."""
+    the whole sequence before the module runs; its other inputs (RoPE table, mask) pass as they are.
+
+    The gathered input stays a (replicated) DTensor into the column-parallel matmuls, so that their input
+    gradients, partial sums on each rank, are added up as such and reduce-scattered once in the backward
+    (a plain tensor there would make DTensor all-reduce each matmul's input gradient on its own)."""
 
     def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
         def gather(_, inputs):
             x = inputs[0]
             if not isinstance(x, DTensor):
                 x = DTensor.from_local(x, mesh, (Shard(1),), run_check=False)
-            return (x.redistribute(placements=(Replicate(),)).to_local(), *inputs[1:])
+            return (x.redistribute(placements=(Replicate(),)), *inputs[1:])
 
         module.register_forward_pre_hook(gather)
         return module
