@@ -71,6 +71,10 @@ def cmd_info(config: str, overrides: list[str], as_json: bool) -> None:
         "tokens_budget": cfg.train.tokens,
         "total_tokens": cfg.train.steps * cfg.train.global_batch_tokens,
         "total_flops": fpt * cfg.train.steps * cfg.train.global_batch_tokens,
+        "tensor_parallel": cfg.train.tensor_parallel,
+        # each layer split over the tensor-parallel ranks (the norms whole on each), before FSDP shards it further
+        "params_per_tensor_parallel_rank": (total - (2 * m.n_layers + 1) * m.dim) // cfg.train.tensor_parallel
+        + (2 * m.n_layers + 1) * m.dim,
     }
     if as_json:
         print(json.dumps(info, indent=2))
@@ -86,6 +90,11 @@ def cmd_info(config: str, overrides: list[str], as_json: bool) -> None:
     print(f"training tokens:          {info['total_tokens']:>20,}  ({cfg.train.steps:,} steps)")
     print(f"token budget:             {budget_text(cfg)}")
     print(f"training FLOPs:           {info['total_flops']:>20.3e}")
+    if cfg.train.tensor_parallel > 1:
+        print(
+            f"tensor parallel:          {cfg.train.tensor_parallel:>20}  (each layer split over these GPUs: "
+            f"{info['params_per_tensor_parallel_rank']:,} parameters each before FSDP)"
+        )
 
 
 def cmd_plan(config: str, overrides: list[str], tokens: list[str], total: float | None) -> None:

@@ -10,12 +10,15 @@ Bytes per parameter, bf16 training with fp32 master weights and AdamW (two fp32 
 |---|---|---|---|
 | single | 4 (fp32; + 2 for autocast's bf16 copies) | 4 | 8 |
 | fsdp | 4 / N (fp32 shards) | 4 / N | 8 / N |
+| fsdp x tensor parallel T | 4 / (N_shard T) | 4 / (N_shard T) | 8 / (N_shard T) |
 | deepspeed ZeRO-0 | 2 | 2 (+ 4 at the step) | 12 |
 | ZeRO-1 | 2 | 6 (bf16 + fp32 accumulation) | 12 / N |
 | ZeRO-2 | 2 | 4 / N | 12 / N |
 | ZeRO-3 | 2 / N | 4 / N | 12 / N |
 
-plus, for the sharded ones, the gathered bf16 parameters and gradients of about two blocks at a time.
+plus, for the sharded ones, the gathered bf16 parameters and gradients of about two blocks at a time
+(1/T of a block each under tensor parallelism). N_shard: the data-parallel GPUs one copy of the model
+is sharded over (`train.fsdp_shard_size`, or all of them).
 Optimizer offload moves the optimizer column to CPU memory; parameter offload (ZeRO-3) the first.
 """
 
@@ -29,22 +32,31 @@ from pretrain.model import ModelArgs, count_params
 GPU_MEMORY_GB = {"a100-40gb": 40, "a100-80gb": 80, "h100-80gb": 80, "h200": 141}
 
 
-def activation_elements_per_token(args: ModelArgs, mode: Checkpointing) -> float:
-    """Elements one transformer block keeps per token for its backward pass, by checkpointing mode.
+def activation_elements_per_token(args: ModelArgs, mode: Checkpointing, tensor_parallel: int = 1) -> float:
+    """Elements one transformer block keeps per token for its backward pass, by checkpointing mode, on each
+    of `tensor_parallel` ranks (tensor + sequence parallel).
 
     `llama` keeps x, q, k, v, the attention output, h, a and b (plus a logsumexp per head); `selective`
     also keeps one more model-width tensor; `none` keeps everything autograd saves (about 10 model
     widths and 4 feed-forward widths: norm inputs and outputs, RoPE'd and repeated q k v, attention
     output, residuals, a, b, silu(a) and the SwiGLU product); `full` keeps only the block input.
+
+    Under tensor + sequence parallelism (Korthikanti et al. 2022, whose 34/t is `none` with the
+    gathered inputs re-gathered) every kept tensor is split over the T ranks, by heads, feed-forward
+    slice or sequence, except what the DTensor plans keep whole: `none` the two gathered normed
+    inputs of the column-parallel matmuls (2 model widths), `selective` the outputs of wo and w2
+    before they are reduce-scattered. `llama` keeps no whole tensor: it gathers the normed inputs
+    again in the backward. (Measured for none, full and llama at T = 1, 2, 4: tests/test_memory.py.)
     """
     d, kv, f, heads = args.dim, args.kv_heads * args.head_dim, args.hidden_dim, args.n_heads
     llama = 4 * d + 2 * kv + 2 * f + heads
-    return {
-        Checkpointing.llama: llama,
-        Checkpointing.selective: llama + d,
-        Checkpointing.none: 10 * d + 4 * f + heads,
-        Checkpointing.full: d,
+    whole, split = {  # (elements every rank keeps whole, elements split over the ranks)
+        Checkpointing.llama: (0, llama),
+        Checkpointing.selective: (2 * d, llama + d - 2 * d),
+        Checkpointing.none: (2 * d, 10 * d + 4 * f + heads - 2 * d),
+        Checkpointing.full: (0, d),
     }[mode]
+    return whole + split / tensor_parallel
 
 
 @dataclass
@@ -69,16 +81,18 @@ def plan_memory(cfg: ExperimentConfig, world_size: int, act_bytes: int = 2) -> M
     total, _ = count_params(args)
     layer = (total - 2 * args.vocab_size * args.dim) / args.n_layers
     n = world_size
+    tp = t.tensor_parallel if t.strategy == "fsdp" else 1  # each layer split over tp GPUs
     autocast_copies = t.precision != "fp32" and t.activation_checkpointing != Checkpointing.llama
     if t.strategy == "single":
         n = 1
         params, grads, optim = 4.0 * total, 4.0 * total, 8.0 * total
         transient = 2.0 * total if autocast_copies else 2.0 * layer  # autocast's bf16 weights, kept for backward
     elif t.strategy == "fsdp":
-        params, grads, optim = 4 * total / n, 4 * total / n, 8 * total / n
-        transient = 2 * 2 * layer + 6 * layer  # two blocks' gathered bf16 weights; one's bf16 + fp32 gradients
+        shards = (t.fsdp_shard_size or max(n // tp, 1)) * tp  # GPUs one copy of the model is split over
+        params, grads, optim = 4 * total / shards, 4 * total / shards, 8 * total / shards
+        transient = (2 * 2 * layer + 6 * layer) / tp  # two blocks' gathered bf16 weights; one's bf16 + fp32 grads
         if not t.reshard_after_forward:
-            transient += 2.0 * total  # every block's gathered weights, from forward to backward
+            transient += 2.0 * total / tp  # every block's gathered weights, from forward to backward
     else:
         stage = t.zero_stage
         params = 2.0 * total / (n if stage == 3 else 1)
@@ -93,19 +107,20 @@ def plan_memory(cfg: ExperimentConfig, world_size: int, act_bytes: int = 2) -> M
         offloaded, params = offloaded + params, 0.0
     tokens = t.micro_batch_size * cfg.data.seq_len
     mode = t.activation_checkpointing
-    per_layer = activation_elements_per_token(args, mode) * act_bytes * tokens
+    per_layer = activation_elements_per_token(args, mode, tp) * act_bytes * tokens
     activations = args.n_layers * per_layer
     if mode == Checkpointing.full:  # one block's full activations while it is recomputed
-        activations += activation_elements_per_token(args, Checkpointing.none) * act_bytes * tokens
+        activations += activation_elements_per_token(args, Checkpointing.none, tp) * act_bytes * tokens
     logit_tokens = min(tokens, t.loss_chunk_tokens) if t.loss_chunk_tokens else tokens
-    activations += logit_tokens * args.vocab_size * (act_bytes + 4 + 4)  # logits, their fp32 copy and gradient
+    # logits, their fp32 copy and gradient; vocabulary-parallel under tensor parallelism
+    activations += logit_tokens * args.vocab_size / tp * (act_bytes + 4 + 4)
     return MemoryPlan(params, grads, optim, activations, transient, offloaded)
 
 
 def format_plan(cfg: ExperimentConfig, world_size: int, gpu_gb: float) -> str:
     """A table of the memory per GPU and whether it fits `gpu_gb`."""
     p, t = plan_memory(cfg, world_size), cfg.train
-    where = t.strategy + (f" ZeRO-{t.zero_stage}" if t.strategy == "deepspeed" else "")
+    where = strategy_name(cfg)
     offload = " + optimizer offload" if t.offload_optimizer else ""
     offload += " + parameter offload" if t.offload_params else ""
     gb = 1e9
@@ -152,9 +167,10 @@ SHARDING = ({"strategy": "fsdp"}, {"strategy": "deepspeed", "zero_stage": 3})
 
 
 def strategy_name(cfg: ExperimentConfig) -> str:
-    """`fsdp`, `deepspeed ZeRO-3`, `single`, ... of a config."""
+    """`fsdp`, `fsdp x tensor parallel 8`, `deepspeed ZeRO-3`, `single`, ... of a config."""
     t = cfg.train
-    return t.strategy + (f" ZeRO-{t.zero_stage}" if t.strategy == "deepspeed" else "")
+    tp = f" x tensor parallel {t.tensor_parallel}" if t.tensor_parallel > 1 else ""
+    return t.strategy + (f" ZeRO-{t.zero_stage}" if t.strategy == "deepspeed" else "") + tp
 
 
 def with_train(cfg: ExperimentConfig, **changes) -> ExperimentConfig:
@@ -162,12 +178,22 @@ def with_train(cfg: ExperimentConfig, **changes) -> ExperimentConfig:
     return replace(cfg, train=replace(cfg.train, **changes))
 
 
+def tensor_parallel_options(cfg: ExperimentConfig, step: int = 8) -> list[dict]:
+    """`train.*` values of FSDP with the largest tensor-parallel degree (a divisor of a node's `step` GPUs)
+    that the heads, kv heads and sequence allow, when that is more than 1."""
+    from pretrain.parallel.tensor_parallel import divisible_heads
+
+    m = cfg.model
+    allowed = [t for t in divisible_heads(m.n_heads, m.kv_heads, cfg.data.seq_len, step) if step % t == 0]
+    return [{"strategy": "fsdp", "tensor_parallel": allowed[-1]}] if allowed[-1] > 1 else []
+
+
 def fewest_sharded(cfg: ExperimentConfig, gpu_gb: float, step: int = 8) -> list[tuple[dict, int | None]]:
-    """For each sharding strategy other than the config's own: its `train.*` values and the fewest GPUs
-    (multiples of `step`) it fits on, or None."""
+    """For each sharding strategy other than the config's own (FSDP, ZeRO-3, FSDP x tensor parallel inside
+    a node): its `train.*` values and the fewest GPUs (multiples of `step`) it fits on, or None."""
     return [
         (changes, fewest_gpus(with_train(cfg, **changes), gpu_gb, step))
-        for changes in SHARDING
+        for changes in (*SHARDING, *tensor_parallel_options(cfg, step))
         if any(getattr(cfg.train, key) != value for key, value in changes.items())
     ]
 

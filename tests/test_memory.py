@@ -79,6 +79,7 @@ def test_fewest_says_why_a_single_gpu_strategy_fits_nowhere_and_finds_the_sharde
         for strategy, overrides in (
             ("train.strategy=fsdp", ["train.strategy=fsdp"]),
             ("train.strategy=deepspeed train.zero_stage=3", ["train.strategy=deepspeed", "train.zero_stage=3"]),
+            ("train.strategy=fsdp train.tensor_parallel=8", ["train.strategy=fsdp", "train.tensor_parallel=8"]),
         )
     }
     best = min(counts, key=lambda strategy: counts[strategy])
@@ -96,3 +97,87 @@ def test_fewest_says_why_a_single_gpu_strategy_fits_nowhere_and_finds_the_sharde
     assert f"add {best} to the command line" in out and f"(multiples of 8): {counts[best]}" in out
     plan = out.split(f"(multiples of 8): {counts[best]}")[1]
     assert f"{counts[best]} GPU(s), {best.split('=')[1].split()[0]}" in plan and "fits" in plan
+
+
+def _saved_bytes_worker(rank: int, port: int, modes: list, out) -> None:
+    """Bytes per token one block under tensor + sequence parallel (2 ranks) keeps for its backward, by mode."""
+    import json
+    import os
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from pretrain.model import Transformer, rope_cos_sin
+    from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
+    from pretrain.parallel.tensor_parallel import block_plan
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (2,))
+    args, seq = load_config("debug").model, 64
+
+    def saved_per_token(mode: str) -> float:
+        with torch.device("meta"):
+            model = Transformer(args)
+        model.layers = torch.nn.ModuleList([model.layers[0]])
+        parallelize_module(model.layers[0], mesh, block_plan())
+        apply_activation_checkpointing(model, Checkpointing(mode))
+        block = model.layers[0].to_empty(device="cpu")
+        for p in block.parameters():
+            torch.nn.init.normal_(p.to_local(), std=0.02)
+        cos_sin = rope_cos_sin(args.head_dim, seq, args.rope_theta)
+        skip = {p.to_local().untyped_storage().data_ptr() for p in block.parameters()}
+        skip.add(cos_sin.untyped_storage().data_ptr())
+        saved = {}
+
+        def pack(t):
+            storage = (t.to_local() if isinstance(t, DTensor) else t).untyped_storage()
+            if storage.data_ptr() not in skip:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        x = torch.randn(1, seq // 2, args.dim, requires_grad=True)  # this rank's half of the sequence
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = block(x, cos_sin)
+        y.sum().backward()
+        return sum(saved.values()) / seq
+
+    result = {mode: saved_per_token(mode) for mode in modes}
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def test_activation_formula_under_tensor_parallel_2_matches_the_measured_saved_bytes(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+    from test_distributed import free_port
+
+    modes = ["none", "full", "llama"]  # selective keeps its outputs inside torch.utils.checkpoint: not seen here
+    mp.spawn(_saved_bytes_worker, args=(free_port(), modes, tmp_path), nprocs=2)
+    args = load_config("debug").model
+    for rank in range(2):
+        measured = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for mode in modes:
+            planned = 4 * activation_elements_per_token(args, Checkpointing(mode), tensor_parallel=2)
+            assert planned == pytest.approx(measured[mode], rel=0.01), mode
+            assert planned < 0.56 * 4 * activation_elements_per_token(args, Checkpointing(mode)), mode
+
+
+def test_tensor_parallel_divides_each_gpus_share_and_fewest_offers_it():
+    def plan(*overrides, gpus=64):
+        return plan_memory(load_config("configs/experiments/llama1-65b.yaml", list(overrides)), gpus)
+
+    llama = "train.activation_checkpointing=llama"
+    alone, split = plan("train.strategy=fsdp", llama), plan("train.strategy=fsdp", "train.tensor_parallel=8", llama)
+    assert split.parameters == pytest.approx(alone.parameters)  # 64 GPUs share the weights either way
+    assert split.activations == pytest.approx(alone.activations / 8)  # each GPU keeps 1/8 of the activations
+    hsdp = plan("train.strategy=fsdp", "train.tensor_parallel=8", "train.fsdp_shard_size=2")
+    assert hsdp.parameters == pytest.approx(alone.parameters * 64 / 16)  # one copy on 2 x 8 GPUs
+    thirty_three = load_config("configs/experiments/llama1-33b.yaml")
+    from pretrain.memory import tensor_parallel_options
+
+    assert tensor_parallel_options(thirty_three) == [{"strategy": "fsdp", "tensor_parallel": 4}]  # its 52 heads

@@ -439,3 +439,20 @@ def test_bytes_per_step_by_kind_and_mesh_dimension_match_the_formula(tiny_data, 
         assert set(measured) == {f"{dim}/{kind}" for dim, kind in expected}, name
         for (dim, kind), size in expected.items():
             assert measured[f"{dim}/{kind}"] == pytest.approx(size, rel=0.05), f"{name}: {dim}/{kind}"
+
+
+def test_info_says_what_each_tensor_parallel_rank_holds(capsys):
+    from pretrain.__main__ import main
+    from pretrain.model import count_params
+
+    main(["info", "llama1-65b", "train.strategy=fsdp", "train.tensor_parallel=8", "--json"])
+    info = json.loads(capsys.readouterr().out)
+    total, _ = count_params(load_config_65b().model)
+    assert info["tensor_parallel"] == 8 and info["params"] == total
+    assert info["params_per_tensor_parallel_rank"] == pytest.approx(total / 8, rel=1e-4)
+
+
+def load_config_65b():
+    from pretrain.config import load_config
+
+    return load_config("llama1-65b")
