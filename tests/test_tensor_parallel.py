@@ -422,6 +422,7 @@ COUNTED = {  # layout -> overrides, on 4 ranks
     "fsdp2xtp2-selective": ["train.tensor_parallel=2", "train.activation_checkpointing=selective"],
     "fsdp2xtp2-llama": ["train.tensor_parallel=2", "train.activation_checkpointing=llama"],
     "hsdp2x1xtp2-llama": ["train.tensor_parallel=2", "train.fsdp_shard_size=1", "train.activation_checkpointing=llama"],
+    "tp4-none": ["train.tensor_parallel=4"],
 }
 
 

@@ -74,6 +74,7 @@ def step_bytes(
             out[("tp", "all_gather")] = m * A * (4 * L + 2 + 2 * recompute)
             out[("tp", "reduce_scatter")] = m * A * (4 * L + 1 + recompute)
         out[("tp", "all_reduce")] = m * (A + norms * p + 3 * b * s * 4)
-    whole = "shard" if T == 1 and R == 1 and D > 1 else "world"  # the group of every rank
+    spanning = [name for name, size in (("replicate", R), ("shard", D), ("tp", T)) if size > 1]
+    whole = spanning[0] if len(spanning) == 1 else "world"  # the group of every rank: one dimension, or more
     out[(whole, "all_reduce")] += 12
     return dict(out)
