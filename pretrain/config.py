@@ -316,6 +316,11 @@ def validate(cfg: ExperimentConfig) -> None:
             )
 
 
+def tensor_parallel_degrees(n_heads: int, n_kv_heads: int, seq_len: int, limit: int = 64) -> list[int]:
+    """The tensor-parallel degrees up to `limit` that divide the heads, the kv heads and the sequence."""
+    return [t for t in range(1, limit + 1) if n_heads % t == 0 and n_kv_heads % t == 0 and seq_len % t == 0]
+
+
 def check_tensor_parallel(cfg: ExperimentConfig) -> None:
     """`train.tensor_parallel` against the strategy and the shapes it splits; one line naming the fix."""
     m, t, tp = cfg.model, cfg.train, cfg.train.tensor_parallel
@@ -329,7 +334,7 @@ def check_tensor_parallel(cfg: ExperimentConfig) -> None:
     shapes = {"model.n_heads": m.n_heads, "model.n_kv_heads": m.kv_heads, "data.seq_len": cfg.data.seq_len}
     for key, value in shapes.items():
         if value % tp:
-            allowed = [d for d in range(1, 65) if all(v % d == 0 for v in shapes.values())]
+            allowed = tensor_parallel_degrees(m.n_heads, m.kv_heads, cfg.data.seq_len)
             raise ConfigError(f"train.tensor_parallel={tp} does not divide {key}={value}; choose one of {allowed}")
     if t.compile:
         raise ConfigError(

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from pretrain.config import Checkpointing, ExperimentConfig
+from pretrain.config import Checkpointing, ExperimentConfig, tensor_parallel_degrees
 from pretrain.model import ModelArgs, count_params
 
 GPU_MEMORY_GB = {"a100-40gb": 40, "a100-80gb": 80, "h100-80gb": 80, "h200": 141}
@@ -181,10 +181,8 @@ def with_train(cfg: ExperimentConfig, **changes) -> ExperimentConfig:
 def tensor_parallel_options(cfg: ExperimentConfig, step: int = 8) -> list[dict]:
     """`train.*` values of FSDP with the largest tensor-parallel degree (a divisor of a node's `step` GPUs)
     that the heads, kv heads and sequence allow, when that is more than 1."""
-    from pretrain.parallel.tensor_parallel import divisible_heads
-
     m = cfg.model
-    allowed = [t for t in divisible_heads(m.n_heads, m.kv_heads, cfg.data.seq_len, step) if step % t == 0]
+    allowed = [t for t in tensor_parallel_degrees(m.n_heads, m.kv_heads, cfg.data.seq_len, step) if step % t == 0]
     return [{"strategy": "fsdp", "tensor_parallel": allowed[-1]}] if allowed[-1] > 1 else []
 
 

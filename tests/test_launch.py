@@ -63,22 +63,26 @@ for pid in "${pids[@]}"; do wait "$pid"; done
 """
 
 
+def fake_slurm(folder: Path, tasks: int) -> dict[str, str]:
+    """Stand-ins for srun and scontrol in `folder`; the environment of a one-node job of `tasks` tasks."""
+    folder.mkdir()
+    (folder / "srun").write_text(FAKE_SRUN)
+    (folder / "scontrol").write_text("#!/usr/bin/env bash\necho localhost\n")
+    for tool in folder.iterdir():
+        tool.chmod(0o755)
+    return {
+        "PATH": f"{folder}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_NTASKS": str(tasks),
+        "SLURM_NTASKS_PER_NODE": str(tasks),
+        "SLURM_CPUS_PER_TASK": "1",
+    }
+
+
 def test_slurm_template_starts_one_rank_per_task_without_ssh(tiny_data, tmp_path):
     from test_distributed import free_port
 
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "srun").write_text(FAKE_SRUN)
-    (fake / "scontrol").write_text("#!/usr/bin/env bash\necho localhost\n")
-    for tool in fake.iterdir():
-        tool.chmod(0o755)
-    env = {"PATH": f"{fake}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env |= {
-        "SLURM_JOB_NODELIST": "localhost",
-        "SLURM_NTASKS": "2",
-        "SLURM_NTASKS_PER_NODE": "2",
-        "SLURM_CPUS_PER_TASK": "1",
-    }
+    env = fake_slurm(tmp_path / "bin", tasks=2)
     result = launch("train.sbatch", tmp_path / "run", tiny_data, MASTER_PORT=str(free_port()), **env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert steps_logged(tmp_path / "run") == [1, 2, 3]
@@ -115,24 +119,12 @@ def test_readme_tensor_parallel_launch_lines_parse_and_each_override_set_runs_on
         ("train.tensor_parallel=8",): "torchrun.sh",
         ("train.tensor_parallel=4",): "train.sbatch",
     }
-    fake = tmp_path / "bin"  # SLURM on one machine, as in test_slurm_template_starts_one_rank_per_task_without_ssh
-    fake.mkdir()
-    (fake / "srun").write_text(FAKE_SRUN)
-    (fake / "scontrol").write_text("#!/usr/bin/env bash\necho localhost\n")
-    for tool in fake.iterdir():
-        tool.chmod(0o755)
     for n, (overrides, script) in enumerate(runs.items()):
         tp = int(next(o for o in overrides if o.startswith("train.tensor_parallel=")).split("=")[1])
         ranks = max(tp, 4) if "train.device=cpu" in overrides else tp  # the CPU line's NGPU=4
         env = {"MASTER_PORT": str(free_port()), "NGPU": str(ranks)}
-        if script == "train.sbatch":
-            env |= {
-                "PATH": f"{fake}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                "SLURM_JOB_NODELIST": "localhost",
-                "SLURM_NTASKS": str(ranks),
-                "SLURM_NTASKS_PER_NODE": str(ranks),
-                "SLURM_CPUS_PER_TASK": "1",
-            }
+        if script == "train.sbatch":  # SLURM on one machine
+            env |= fake_slurm(tmp_path / f"bin{n}", tasks=ranks)
         model = ["model.n_heads=8", "model.n_kv_heads=8", "train.device=cpu", "train.steps=2"]
         result = launch(script, tmp_path / f"run{n}", tiny_data, *model, *overrides, **env)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

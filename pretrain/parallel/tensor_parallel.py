@@ -116,8 +116,3 @@ def check_layout(cfg: ExperimentConfig, world_size: int) -> None:
             f"train.tensor_parallel={tp} does not divide the {node} GPUs of a node (LOCAL_WORLD_SIZE): tensor "
             f"parallelism stays inside a node, on NVLink; choose one of {choices}"
         )
-
-
-def divisible_heads(n_heads: int, n_kv_heads: int, seq_len: int, limit: int = 64) -> list[int]:
-    """The tensor-parallel degrees up to `limit` that divide the heads, the kv heads and the sequence."""
-    return [t for t in range(1, limit + 1) if n_heads % t == 0 and n_kv_heads % t == 0 and seq_len % t == 0]
