@@ -316,14 +316,28 @@ def validate(cfg: ExperimentConfig) -> None:
             )
 
 
-def tensor_parallel_degrees(n_heads: int, n_kv_heads: int, seq_len: int, limit: int = 64) -> list[int]:
-    """The tensor-parallel degrees up to `limit` that divide the heads, the kv heads and the sequence."""
-    return [t for t in range(1, limit + 1) if n_heads % t == 0 and n_kv_heads % t == 0 and seq_len % t == 0]
+def tensor_parallel_shapes(cfg: ExperimentConfig) -> dict[str, int]:
+    """What tensor parallelism splits, by config key: heads, kv heads, feed-forward width, vocabulary, sequence."""
+    m = cfg.model
+    return {
+        "model.n_heads": m.n_heads,
+        "model.n_kv_heads": m.kv_heads,
+        "model.ffn_hidden_dim": m.hidden_dim,
+        "model.vocab_size": m.vocab_size,
+        "model.max_seq_len": m.max_seq_len,
+        "data.seq_len": cfg.data.seq_len,
+    }
+
+
+def tensor_parallel_degrees(cfg: ExperimentConfig, limit: int = 64) -> list[int]:
+    """The tensor-parallel degrees up to `limit` that divide everything tensor parallelism splits."""
+    shapes = tensor_parallel_shapes(cfg).values()
+    return [t for t in range(1, limit + 1) if all(value % t == 0 for value in shapes)]
 
 
 def check_tensor_parallel(cfg: ExperimentConfig) -> None:
     """`train.tensor_parallel` against the strategy and the shapes it splits; one line naming the fix."""
-    m, t, tp = cfg.model, cfg.train, cfg.train.tensor_parallel
+    t, tp = cfg.train, cfg.train.tensor_parallel
     if tp < 1:
         raise ConfigError(f"train.tensor_parallel must be >= 1, got {tp}")
     if tp == 1:
@@ -331,10 +345,9 @@ def check_tensor_parallel(cfg: ExperimentConfig) -> None:
     if t.strategy != "fsdp":
         fix = "use train.strategy=fsdp (FSDP2 over the data-parallel ranks, tensor parallel inside a node)"
         raise ConfigError(f"train.tensor_parallel={tp} needs train.strategy=fsdp, got {t.strategy}: {fix}")
-    shapes = {"model.n_heads": m.n_heads, "model.n_kv_heads": m.kv_heads, "data.seq_len": cfg.data.seq_len}
-    for key, value in shapes.items():
+    for key, value in tensor_parallel_shapes(cfg).items():
         if value % tp:
-            allowed = tensor_parallel_degrees(m.n_heads, m.kv_heads, cfg.data.seq_len)
+            allowed = tensor_parallel_degrees(cfg)
             raise ConfigError(f"train.tensor_parallel={tp} does not divide {key}={value}; choose one of {allowed}")
     if t.compile:
         raise ConfigError(

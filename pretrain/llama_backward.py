@@ -35,7 +35,8 @@ aten = torch.ops.aten
 def _rms_norm_backward(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of `rms_norm` for input and weight, recomputing the normalised input in fp32."""
+    """Gradients of `rms_norm` for input and weight, recomputing the normalised input in fp32; the weight's in
+    fp32 too (the caller sums it over tensor-parallel ranks, then casts it to the weight's dtype)."""
     compute = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for float64 checks
     xf = x.to(compute)
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -44,7 +45,7 @@ def _rms_norm_backward(
     dweight = (dyf * xhat.type_as(x).to(compute)).flatten(0, -2).sum(0)
     dxhat = dyf * weight.to(compute)
     dx = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
-    return dx.type_as(x), dweight.to(weight.dtype)
+    return dx.type_as(x), dweight
 
 
 def _rope_backward(dy: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
@@ -210,7 +211,8 @@ class LlamaBlockFunction(torch.autograd.Function):
         dx_norm, dattn_norm = _rms_norm_backward(dxn.wait(), x, attn_norm, eps)
         dx = dh + dx_norm
         dattn_norm = comm.all_reduce(dattn_norm)
-        weights = (dattn_norm.wait(), dwq, dwk, dwv, dwo, dffn_norm.wait(), dw1, dw2, dw3)
+        dattn_norm, dffn_norm = dattn_norm.wait().to(attn_norm.dtype), dffn_norm.wait().to(ffn_norm.dtype)
+        weights = (dattn_norm, dwq, dwk, dwv, dwo, dffn_norm, dw1, dw2, dw3)
         return dx, None, *weights, None, None, None, None
 
 

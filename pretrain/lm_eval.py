@@ -187,7 +187,7 @@ def _lm_class() -> type:
                 max_new = int(kwargs.get("max_gen_toks", MAX_GEN_TOKS))
                 if not new:
                     ids = self.tok_encode(context)[-(self.max_length - max_new) :]
-                token = int(self._logits([ids + new])[0, -1].argmax())
+                token = int(self._logits([ids + new])[0, len(ids) + len(new) - 1].argmax())  # not a padding column
                 text = self.tok_decode(new + [token])
                 done = token == self.eot_token_id or any(stop in text for stop in until if stop)
                 if token != self.eot_token_id:

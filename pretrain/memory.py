@@ -180,9 +180,8 @@ def with_train(cfg: ExperimentConfig, **changes) -> ExperimentConfig:
 
 def tensor_parallel_options(cfg: ExperimentConfig, step: int = 8) -> list[dict]:
     """`train.*` values of FSDP with the largest tensor-parallel degree (a divisor of a node's `step` GPUs)
-    that the heads, kv heads and sequence allow, when that is more than 1."""
-    m = cfg.model
-    allowed = [t for t in tensor_parallel_degrees(m.n_heads, m.kv_heads, cfg.data.seq_len, step) if step % t == 0]
+    that the model's shapes and the sequence allow, when that is more than 1."""
+    allowed = [t for t in tensor_parallel_degrees(cfg, step) if step % t == 0]
     return [{"strategy": "fsdp", "tensor_parallel": allowed[-1]}] if allowed[-1] > 1 else []
 
 

@@ -179,24 +179,30 @@ def _rank(rank: int, world_size: int, port: int, tiny_data: dict, run_dir, overr
     model, _ = strategy.setup(cfg)
     flat = scores_in_training(model, cfg, strategy)
     lm = PretrainLM(model, cfg.data.tokenizer, 32, strategy.device, 2, strategy)  # 32-token windows: many passes
-    rolling, gen = uneven_requests(rank)
+    rolling, gen = uneven_requests(rank if strategy.data_world_size > 1 else -1)  # a TP group: the same requests
     record = {"flat": flat, "rolling": lm.loglikelihood_rolling(rolling), "gen": lm.generate_until(gen)}
     out.with_name(f"rank{rank}.json").write_text(json.dumps(record))
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", pytest.param("zero3", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("strategy", ["fsdp", "tp2", pytest.param("zero3", marks=pytest.mark.slow)])
 def test_two_ranks_score_as_one_process(trained, tiny_data, tmp_path, strategy):
     """2 gloo ranks under FSDP (every forward gathers parameters from both), each scoring its half of an
     odd number of examples: the scores of one process, on both ranks. Rolling log-likelihoods and
-    generations of very different lengths per rank (one rank has none) finish, as in one process."""
+    generations of very different lengths per rank (one rank has none) finish, as in one process. Under
+    tensor parallel 2 both ranks score every example together, sequences padded to an even length,
+    and greedy generation reads the last real position, not the padding."""
     import torch.multiprocessing as mp
     from test_distributed import free_port
 
     from pretrain.lm_eval import load_lm, run
 
     limit = 2 * (LIMIT // 2) + 1
-    overrides = {"fsdp": ["train.strategy=fsdp"], "zero3": ["train.strategy=deepspeed", "train.zero_stage=3"]}[strategy]
+    overrides = {
+        "fsdp": ["train.strategy=fsdp"],
+        "tp2": ["train.strategy=fsdp", "train.tensor_parallel=2"],
+        "zero3": ["train.strategy=deepspeed", "train.zero_stage=3"],
+    }[strategy]
     overrides += [f"train.init_from={trained['checkpoint']}", "train.precision=fp32"]
     overrides += [f"lm_eval.tasks=[{TASK}]", f"lm_eval.limit={limit}", "lm_eval.batch_size=2"]
     args = (2, free_port(), tiny_data, tmp_path / "run", overrides, tmp_path / "out.json")
@@ -215,5 +221,10 @@ def test_two_ranks_score_as_one_process(trained, tiny_data, tmp_path, strategy):
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     for record in ranks:
         assert record["flat"] == {f"lm_eval/{TASK}/{k}": v for k, v in expected.items() if "stderr" not in k}
+    if strategy == "tp2":
+        for record in ranks:
+            assert record["rolling"] == pytest.approx(rolling, rel=1e-5)
+            assert record["gen"] == gen
+        return
     assert ranks[0]["rolling"] + ranks[1]["rolling"] == pytest.approx(rolling, rel=1e-5)
     assert ranks[0]["gen"] == [] and ranks[1]["gen"] == gen

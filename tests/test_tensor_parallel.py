@@ -211,6 +211,14 @@ def test_tensor_parallel_runs_evaluate_benchmark_stop_roll_back_and_export_as_on
         ),
         (["train.strategy=single", "train.tensor_parallel=2"], "needs train.strategy=fsdp, got single"),
         (["train.tensor_parallel=0"], "train.tensor_parallel must be >= 1"),
+        (
+            ["train.tensor_parallel=4", "model.vocab_size=510"],
+            r"does not divide model.vocab_size=510; choose one of \[1, 2\]",
+        ),
+        (
+            ["train.tensor_parallel=8", "model.n_kv_heads=8", "model.ffn_hidden_dim=100"],
+            "does not divide model.ffn_hidden_dim=100",
+        ),
     ],
 )
 def test_layouts_that_cannot_split_are_refused_naming_the_fix(tiny_data, tmp_path, overrides, message):

@@ -16,7 +16,7 @@ sharded over (R replicas of them under HSDP), L layers, d the model width, b x s
                                 m * A * (6L + 2)                 (llama: the normed inputs gathered again)
                reduce-scatter   m * A * (4L + 1 + r)            (none, selective, full)
                                 m * (A * (2L + 1) + A32 * 2L)    (llama: input gradients in fp32, A32 = A * 4 / a)
-               all-reduce       m * (A + N * p + 3 * b * s * 4)
+               all-reduce       m * (A + N * p + 3 * b * s * 4)   (llama: N * 4, the norms' gradients in fp32)
     (world)    all-reduce       12 bytes: the step's loss (fp32) and gradient norm (fp64) agreed by all ranks
 
 Per block and micro-batch, the DTensor plans (`none`) all-gather the sequence-sharded normed input
@@ -73,7 +73,8 @@ def step_bytes(
             recompute = 0 if mode == Checkpointing.none else L  # the forward's collectives once more
             out[("tp", "all_gather")] = m * A * (4 * L + 2 + 2 * recompute)
             out[("tp", "reduce_scatter")] = m * A * (4 * L + 1 + recompute)
-        out[("tp", "all_reduce")] = m * (A + norms * p + 3 * b * s * 4)
+        norm_bytes = 4 if mode == Checkpointing.llama else p  # the hand-written block sums them in fp32
+        out[("tp", "all_reduce")] = m * (A + norms * norm_bytes + 3 * b * s * 4)
     spanning = [name for name, size in (("replicate", R), ("shard", D), ("tp", T)) if size > 1]
     whole = spanning[0] if len(spanning) == 1 else "world"  # the group of every rank: one dimension, or more
     out[(whole, "all_reduce")] += 12

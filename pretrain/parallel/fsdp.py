@@ -56,7 +56,8 @@ class FSDP(DataParallelStrategy):
         if data % shard:
             raise ConfigError(
                 f"train.fsdp_shard_size={shard} does not divide the {data} data-parallel ranks "
-                f"({self.world_size} ranks / train.tensor_parallel={tp})"
+                f"({self.world_size} ranks / train.tensor_parallel={tp}); choose one of "
+                f"{[d for d in range(1, data + 1) if data % d == 0]}"
             )
         # FSDP: shard over every data-parallel rank; HSDP: within groups of `shard` (a node), replicated across
         sizes = {"replicate": data // shard, "shard": shard, "tp": tp}

@@ -108,7 +108,10 @@ def check_layout(cfg: ExperimentConfig, world_size: int) -> None:
     """Refuse a tensor-parallel degree that does not divide the world, or a node's GPUs, in one line."""
     tp = cfg.train.tensor_parallel
     if world_size % tp:
-        raise ConfigError(f"train.tensor_parallel={tp} does not divide the {world_size} ranks of this launch")
+        raise ConfigError(
+            f"train.tensor_parallel={tp} does not divide the {world_size} ranks of this launch; launch a multiple of "
+            f"{tp} ranks, or choose one of {[d for d in range(1, world_size + 1) if world_size % d == 0]}"
+        )
     node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if node % tp:
         choices = [d for d in range(1, node + 1) if node % d == 0]
