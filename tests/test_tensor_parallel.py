@@ -119,6 +119,7 @@ def test_tensor_parallel_layouts_match_one_process_and_resume_across_layouts(tin
             overrides = [*COMMON, *extra, f"train.activation_checkpointing={mode}"]
             jobs += [("train", f"{layout}-{mode}", overrides), ("grads", f"grads-{layout}-{mode}", overrides)]
     dp2tp2 = [*COMMON, "train.tensor_parallel=2", "train.activation_checkpointing=llama"]
+    jobs += [("train", "hsdp", [*dp2tp2, "train.fsdp_shard_size=1"])]  # the 3-D mesh: 2 replicas x 1 shard x TP 2
     jobs += [("train", "saved", [*dp2tp2, "train.stop_at=3"])]
     for copy in ("to-dp4", "to-dp1tp2", "to-one"):
         jobs += [("copy", copy, ["saved"])]
@@ -135,6 +136,7 @@ def test_tensor_parallel_layouts_match_one_process_and_resume_across_layouts(tin
             assert set(grads) == set(single_grads[mode])
             for name, grad in single_grads[mode].items():
                 assert (grads[name] - grad).norm() <= 1e-5 * grad.norm(), f"{run}: {name}"
+    assert losses(tmp_path / "hsdp") == pytest.approx(reference, abs=2e-4)
     assert (tmp_path / "saved" / "checkpoints" / "latest").read_text() == "step-00000003"
     for run in ("to-dp4", "to-dp1tp2", "to-one"):  # steps 4-6 resumed under another layout
         assert losses(tmp_path / run)[3:] == pytest.approx(reference[3:], abs=2e-4), run
