@@ -3,6 +3,8 @@
 #   one node, all GPUs:  bash launch/torchrun.sh configs/experiments/llama1-7b.yaml
 #   N nodes, run on each node (c10d rendezvous at node 0, no ssh):
 #     NNODES=4 MASTER_ADDR=node-0 bash launch/torchrun.sh configs/experiments/llama1-65b.yaml train.fsdp_shard_size=8
+#   each layer split over a node's 8 GPUs (tensor + sequence parallel), FSDP2 over the rest:
+#     bash launch/torchrun.sh configs/experiments/llama1-65b.yaml train.tensor_parallel=8
 #   CPU test:            NGPU=2 bash launch/torchrun.sh configs/experiments/debug.yaml train.device=cpu
 set -euo pipefail
 config=${1:?usage: launch/torchrun.sh CONFIG [key=value ...]}
