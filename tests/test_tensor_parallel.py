@@ -158,11 +158,12 @@ def test_tensor_parallel_runs_evaluate_benchmark_stop_roll_back_and_export_as_on
     tp2 = [*COMMON, "train.tensor_parallel=2", "train.activation_checkpointing=llama"]
     scored = ["train.eval_every=3", "lm_eval.every=3", "lm_eval.tasks=[sample_continuation]", "lm_eval.limit=8"]
     rollback = ["train.save_every=2", "train.on_nan=rollback", "spike.skip_batches=3"]
+    periodic = ["train.save_every=2", "train.async_save=true", "train.keep_last=5"]  # written in the background
     sigterm_step = 4  # 2 micro-batches a step on each rank (one data-parallel rank): loss call 7 is in step 4
     jobs = [
         ("train", "scored", [*tp2, *scored]),
-        ("train", "stopped", tp2, (1, 2 * (sigterm_step - 1) + 1, "sigterm")),
-        ("train", "stopped", tp2),
+        ("train", "stopped", [*tp2, *periodic], (1, 2 * (sigterm_step - 1) + 1, "sigterm")),
+        ("train", "stopped", [*tp2, *periodic]),
         ("train", "rolled", [*tp2, *rollback], (1, 6, "nan")),  # a NaN in step 3 on one rank of the group
     ]
     run_jobs(tiny_data, tmp_path, jobs, world_size=2)
@@ -174,6 +175,7 @@ def test_tensor_parallel_runs_evaluate_benchmark_stop_roll_back_and_export_as_on
 
     # SIGTERM on one rank: every rank saved that step; the next launch went on to the unbroken losses
     assert (tmp_path / "stopped" / "checkpoints" / f"step-{sigterm_step:08d}").is_dir()
+    assert (tmp_path / "stopped" / "checkpoints" / "step-00000002").is_dir()  # the asynchronous save before it
     assert losses(tmp_path / "stopped") == pytest.approx(losses(tmp_path / "single"), abs=2e-4)
     # a NaN on one rank of the group: both went back to step 2, the data moved on, every step logged once
     events = [r for r in records(tmp_path / "rolled") if r.get("event") == "rollback"]
