@@ -14,6 +14,10 @@ their backward takes the saved output and logsumexp, so attention is not recompu
 
 The forward is op for op the one of `pretrain.model.TransformerBlock`, so losses match the autograd
 model; under autocast the matmuls, RoPE and attention run in the autocast dtype as they do there.
+
+Under tensor + sequence parallelism (`pretrain.parallel.tensor_parallel`) the same Function runs on
+this rank's weight shards and sequence slice and issues the collectives itself (`SequenceCollectives`),
+as Megatron-LM's and xformers' sequence-parallel matmuls do; see `LlamaBlockFunction`.
 """
 
 from __future__ import annotations
