@@ -47,7 +47,7 @@ def cmd_config(config: str, overrides: list[str], as_json: bool) -> None:
 
 def cmd_info(config: str, overrides: list[str], as_json: bool) -> None:
     """Print what a config means: parameters, FLOPs per token, batch and total compute."""
-    from pretrain.model import count_params, flops_per_token
+    from pretrain.model import count_params, flops_per_token, tensor_parallel_params
 
     cfg = load_config(config, overrides)
     m, seq = cfg.model, cfg.data.seq_len
@@ -73,8 +73,7 @@ def cmd_info(config: str, overrides: list[str], as_json: bool) -> None:
         "total_flops": fpt * cfg.train.steps * cfg.train.global_batch_tokens,
         "tensor_parallel": cfg.train.tensor_parallel,
         # each layer split over the tensor-parallel ranks (the norms whole on each), before FSDP shards it further
-        "params_per_tensor_parallel_rank": (total - (2 * m.n_layers + 1) * m.dim) // cfg.train.tensor_parallel
-        + (2 * m.n_layers + 1) * m.dim,
+        "params_per_tensor_parallel_rank": tensor_parallel_params(m, cfg.train.tensor_parallel),
     }
     if as_json:
         print(json.dumps(info, indent=2))

@@ -329,6 +329,11 @@ def tensor_parallel_shapes(cfg: ExperimentConfig) -> dict[str, int]:
     }
 
 
+def divisors(n: int) -> list[int]:
+    """The numbers that divide `n`, in order (the choices offered when a split does not divide)."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
 def tensor_parallel_degrees(cfg: ExperimentConfig, limit: int = 64) -> list[int]:
     """The tensor-parallel degrees up to `limit` that divide everything tensor parallelism splits."""
     shapes = tensor_parallel_shapes(cfg).values()

@@ -77,11 +77,8 @@ def evaluate(
     `weights`, default equal). Every rank must call it at the same time."""
     was_training = model.training
     model.eval()
-    world, rank, device = (
-        strategy.data_world_size,
-        strategy.data_rank,
-        strategy.device,
-    )  # tensor-parallel peers: the same rows
+    # by data-parallel rank: the ranks of a tensor-parallel group score the same rows
+    world, rank, device = strategy.data_world_size, strategy.data_rank, strategy.device
     record: dict[str, float] = {}
     losses = {}
     for source, samples in sets.items():

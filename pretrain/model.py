@@ -35,6 +35,13 @@ def count_params(args: ModelArgs) -> tuple[int, int]:
     return embedding + non_embedding, non_embedding
 
 
+def tensor_parallel_params(args: ModelArgs, tensor_parallel: int) -> int:
+    """Parameters one of `tensor_parallel` ranks holds: the norms whole, every matrix split."""
+    total, _ = count_params(args)
+    norms = (2 * args.n_layers + 1) * args.dim
+    return (total - norms) // tensor_parallel + norms
+
+
 def flops_per_token(args: ModelArgs, seq_len: int) -> int:
     """Training FLOPs per token: 6 * N + 12 * L * H * Q * T (PaLM appendix B, as torchtitan).
 

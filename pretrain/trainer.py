@@ -475,6 +475,7 @@ def startup_banner(
     step: int,
 ) -> str:
     """What is about to run, in a few lines: model, budget, placement, data, run folder and start point."""
+    from pretrain.memory import strategy_name
     from pretrain.model import count_params
 
     t, m = cfg.train, cfg.model
@@ -483,9 +484,9 @@ def startup_banner(
     accum = t.global_batch_tokens // (t.micro_batch_size * cfg.data.seq_len * strategy.data_world_size)
     budget = f"train.tokens={t.tokens:.3g}" if t.tokens is not None else "train.steps"
     precision = getattr(strategy, "precision", None)
-    strategy_name = t.strategy + (f" ZeRO-{t.zero_stage}" if t.strategy == "deepspeed" else "")
+    placement = strategy_name(cfg)
     if strategy.tensor_parallel > 1:
-        strategy_name += f" x tensor parallel {strategy.tensor_parallel} ({strategy.data_world_size} data-parallel)"
+        placement += f" ({strategy.data_world_size} data-parallel)"
     threads = configure_threads()
     mix = ", ".join(f"{s} {w / sum(train_data.weights):.0%}" for s, w in zip(train_data.sources, train_data.weights))
     start = f"resumed from {resume_from} at step {step:,}" if resume_from is not None else "a new run"
@@ -497,7 +498,7 @@ def startup_banner(
         f"seq {cfg.data.seq_len}",
         f"   budget    {t.steps:,} steps x {t.global_batch_tokens:,} tokens = {t.steps * t.global_batch_tokens:,} "
         f"tokens ({budget}); micro-batch {t.micro_batch_size}, {accum} per step per rank",
-        f"   placement {strategy_name} on {strategy.world_size} x {strategy.device.type}"
+        f"   placement {placement} on {strategy.world_size} x {strategy.device.type}"
         f"{f' (rank 0: {strategy.device})' if strategy.device.index is not None else ''}, "
         f"precision {precision.value if precision is not None else 'n/a'}, activation checkpointing "
         f"{t.activation_checkpointing.value}; {threads}",

@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from pretrain.config import Checkpointing, ExperimentConfig, Precision
-from pretrain.model import count_params
+from pretrain.model import tensor_parallel_params
 
 
 def step_bytes(
@@ -53,9 +53,8 @@ def step_bytes(
     b, s = t.micro_batch_size, cfg.data.seq_len
     m = t.global_batch_tokens // (b * s * data)  # micro-batches per rank per step
     p = 2 if precision == Precision.bf16 else 4
-    total, _ = count_params(m_args)
     norms = (2 * L + 1) * d
-    P_T = (total - norms) / T + norms
+    P_T = tensor_parallel_params(m_args, T)
     out: dict[tuple[str, str], float] = defaultdict(float)
     if D > 1:
         out[("shard", "all_gather")] = m * (2 if t.reshard_after_forward else 1) * P_T * p

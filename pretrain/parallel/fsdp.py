@@ -24,7 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import distribute_tensor
 
-from pretrain.config import ConfigError, ExperimentConfig, Precision
+from pretrain.config import ConfigError, ExperimentConfig, Precision, divisors
 from pretrain.model import Transformer
 from pretrain.parallel.base import DataParallelStrategy, launched_device, resolve_precision
 from pretrain.parallel.tensor_parallel import apply_tensor_parallel, check_layout, forward_context
@@ -57,7 +57,7 @@ class FSDP(DataParallelStrategy):
             raise ConfigError(
                 f"train.fsdp_shard_size={shard} does not divide the {data} data-parallel ranks "
                 f"({self.world_size} ranks / train.tensor_parallel={tp}); choose one of "
-                f"{[d for d in range(1, data + 1) if data % d == 0]}"
+                f"{divisors(data)}"
             )
         # FSDP: shard over every data-parallel rank; HSDP: within groups of `shard` (a node), replicated across
         sizes = {"replicate": data // shard, "shard": shard, "tp": tp}

@@ -35,7 +35,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from pretrain.config import ConfigError, ExperimentConfig
+from pretrain.config import ConfigError, ExperimentConfig, divisors
 from pretrain.model import Transformer
 
 
@@ -110,11 +110,11 @@ def check_layout(cfg: ExperimentConfig, world_size: int) -> None:
     if world_size % tp:
         raise ConfigError(
             f"train.tensor_parallel={tp} does not divide the {world_size} ranks of this launch; launch a multiple of "
-            f"{tp} ranks, or choose one of {[d for d in range(1, world_size + 1) if world_size % d == 0]}"
+            f"{tp} ranks, or choose one of {divisors(world_size)}"
         )
     node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if node % tp:
-        choices = [d for d in range(1, node + 1) if node % d == 0]
+        choices = divisors(node)
         raise ConfigError(
             f"train.tensor_parallel={tp} does not divide the {node} GPUs of a node (LOCAL_WORLD_SIZE): tensor "
             f"parallelism stays inside a node, on NVLink; choose one of {choices}"
