@@ -1,0 +1,576 @@
+"""The layout planner: predicted step time, tokens/sec/GPU, MFU and GPU-hours of a config on a GPU cluster.
+
+    step time = compute + recomputation + the communication not hidden behind compute + optimizer step
+
+Compute is counted, not estimated: one forward and backward of the model (one and two layers, on the
+`meta` device, under the layout's activation-checkpointing mode and micro-batch) runs under a dispatch
+mode that lists every GEMM with its shape, every attention kernel and the bytes every other kernel
+reads and writes. The GPU kind (`configs/gpus.yaml`, constants cited there) turns them into seconds:
+
+    GEMM              2mnk / matmul_flops + matmul_overhead_s      (per GEMM; 1/T of it per tensor-parallel rank)
+    attention         causal FLOPs / attention_flops + matmul_overhead_s
+    memory-bound op   bytes / memory_bandwidth + op_overhead_s
+
+Recomputation is what the mode's GEMMs and attention cost beyond `none`'s (the `full` mode's second
+forward); its memory-bound work is in compute. Communication: what FSDP, ZeRO and tensor parallelism
+issue per layer and micro-batch (sizes as `pretrain.parallel.comm_model` counts them), each collective
+timed by NCCL's own latency + bandwidth model on the level it crosses (NVLink inside a node, one NIC per
+GPU between nodes; ring, or the faster of ring and tree for all-reduce). FSDP and ZeRO-3 prefetch: a
+layer's all-gathers hide behind the previous layer's compute and its reduce-scatter behind the next
+one's, so per layer only max(0, communication - compute) shows; tensor-parallel collectives show whole
+except the ones the `llama` backward overlaps with its weight-gradient matmuls. Memory comes from
+`pretrain.memory.plan_memory`; a layout that does not fit in 90% of the GPU is listed as not fitting.
+
+Limits: no pipeline parallelism, no stragglers or failures (the published runs include restarts),
+perfect load balance, bandwidth of a level shared by nothing else, and kernel rates that do not depend
+on the rest of the step. `bench/layout_cpu.py` checks the same model against runs on this machine.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from unittest import mock
+from dataclasses import MISSING, asdict, dataclass, fields, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+from pretrain.config import Checkpointing, ConfigError, ExperimentConfig, Precision, tensor_parallel_degrees
+from pretrain.memory import fits, plan_memory, strategy_name, with_train
+from pretrain.model import ModelArgs, count_params, flops_per_token, tensor_parallel_params
+
+KINDS_FILE = Path(__file__).resolve().parent.parent / "configs" / "gpus.yaml"
+
+# NCCL's latency model (src/graph/tuning.cc, Simple protocol): a base per ring collective, then per step.
+RING_BASE_LATENCY_S = 8.4e-6
+NVLINK_STEP_LATENCY_S = 5.7e-6
+NET_STEP_LATENCY_S = 6.6e-6
+TREE_NVLINK_LATENCY_S = 28e-6
+TREE_NET_LATENCY_S = 50e-6
+ADAMW_BYTES_PER_PARAM = 28  # fp32 AdamW: read parameter, gradient, two moments; write parameter, two moments
+HEADROOM = 0.9  # the share of GPU memory a plan may use (memory.fits)
+
+
+@dataclass(frozen=True)
+class GpuKind:
+    """What the cost model needs of one GPU kind; every rate per GPU (per process for `cpu`)."""
+
+    name: str
+    memory_gb: float
+    peak_flops: float  # MFU is reported against this
+    matmul_flops: float  # achieved rate of a large GEMM
+    matmul_overhead_s: float  # fixed time per GEMM (and attention kernel) on top of flops / rate
+    attention_flops: float  # causal attention forward + backward
+    memory_bandwidth: float  # bytes/s achieved by memory-bound kernels
+    op_overhead_s: float  # fixed time per memory-bound kernel
+    gpus_per_node: int
+    intra_node_bw: float  # bytes/s, bus bandwidth of a collective inside a node
+    inter_node_bw: float  # bytes/s, per GPU, between nodes
+    intra_node_latency_s: float = NVLINK_STEP_LATENCY_S
+    inter_node_latency_s: float = NET_STEP_LATENCY_S
+    collective_base_latency_s: float = RING_BASE_LATENCY_S
+    overlap: float = 1.0  # share of overlappable communication that hides behind compute (a CPU: none)
+    comm_compute_share: float = 0.0  # share of the GPU a running collective's kernels take from compute
+    dtype_bytes: int = 2  # bytes of the activations and gathered parameters (bf16); 4 on a CPU (fp32)
+
+
+def load_kinds(extra: Optional[str] = None) -> dict[str, GpuKind]:
+    """The GPU kinds of `configs/gpus.yaml`, then those of `extra` (a YAML of the same layout) on top."""
+    from omegaconf import OmegaConf
+
+    kinds: dict[str, GpuKind] = {}
+    names = {f.name for f in fields(GpuKind)} - {"name"}
+    for path in [KINDS_FILE] + ([Path(extra)] if extra else []):
+        if not path.is_file():
+            raise ConfigError(f"--kinds {path}: no such file")
+        data = OmegaConf.to_container(OmegaConf.load(path))
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of GPU kinds")
+        for name, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: {name}: expected a mapping of figures")
+            unknown = set(values) - names
+            if unknown:
+                raise ConfigError(f"{path}: {name}: unknown key(s) {', '.join(sorted(unknown))}")
+            merged = {**(asdict(kinds[name]) if name in kinds else {}), **values, "name": name}
+            required = {f.name for f in fields(GpuKind) if f.default is MISSING}
+            if required - set(merged):
+                raise ConfigError(f"{path}: {name}: missing key(s) {', '.join(sorted(required - set(merged)))}")
+            kinds[name] = GpuKind(**merged)
+    return kinds
+
+
+def get_kind(name: str, extra: Optional[str] = None) -> GpuKind:
+    kinds = load_kinds(extra)
+    if name not in kinds:
+        raise ConfigError(f"--gpu {name}: one of {', '.join(kinds)} (or add it to a YAML given with --kinds)")
+    return kinds[name]
+
+
+# --- compute, counted -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What one forward + backward of one micro-batch runs (see `count_step`)."""
+
+    gemms: tuple[tuple[float, int], ...]  # (FLOPs of one GEMM, how many)
+    attention_flops: float  # causal FLOPs of attention kernels, forward + backward
+    attention_kernels: int
+    memory_bytes: float  # bytes read + written by every other kernel
+    memory_ops: int
+
+    def __sub__(self, other: "Counts") -> "Counts":
+        gemms = dict(self.gemms)
+        for flops, n in other.gemms:
+            gemms[flops] = gemms.get(flops, 0) - n
+        return Counts(
+            tuple(sorted(gemms.items())),
+            self.attention_flops - other.attention_flops,
+            self.attention_kernels - other.attention_kernels,
+            self.memory_bytes - other.memory_bytes,
+            self.memory_ops - other.memory_ops,
+        )
+
+    def scaled(self, factor: float, plus: "Counts") -> "Counts":
+        """`plus` + factor x self (the blocks of L layers from one block's counts)."""
+        gemms = dict(plus.gemms)
+        for flops, n in self.gemms:
+            gemms[flops] = gemms.get(flops, 0) + n * factor
+        return Counts(
+            tuple(sorted(gemms.items())),
+            plus.attention_flops + factor * self.attention_flops,
+            plus.attention_kernels + round(factor * self.attention_kernels),
+            plus.memory_bytes + factor * self.memory_bytes,
+            plus.memory_ops + round(factor * self.memory_ops),
+        )
+
+    @property
+    def gemm_flops(self) -> float:
+        return sum(f * n for f, n in self.gemms)
+
+
+FREE_OPS = {  # views and metadata: no kernel runs
+    "view", "_unsafe_view", "t", "transpose", "expand", "as_strided", "detach", "alias", "unsqueeze", "squeeze",
+    "select", "slice", "unbind", "permute", "split", "split_with_sizes", "promote_types", "lift_fresh", "reshape",
+    "is_same_size", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "size", "stride",
+    "_to_copy_noop",
+}  # fmt: skip
+GEMM_OPS = {"mm", "addmm", "bmm"}
+ATTENTION_OPS = {
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_flash_attention_backward",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention_for_cpu_backward",
+}
+
+
+def _count_model(args: ModelArgs, seq: int, micro_batch: int, mode: Checkpointing, dtype_bytes: int) -> Counts:
+    """Run one forward + backward of `args` (on `meta`) and count what it runs."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from pretrain.model import Transformer
+    from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
+
+    gemms: dict[float, int] = {}
+    totals = {"attn_flops": 0.0, "attn_n": 0, "bytes": 0.0, "ops": 0}
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name in FREE_OPS:
+                return out
+            if name in GEMM_OPS:
+                a, b = args[-2], args[-1]
+                batch = a.shape[0] if a.dim() == 3 else 1
+                flops = 2.0 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
+                gemms[flops] = gemms.get(flops, 0) + 1
+                return out
+            if name in ATTENTION_OPS:
+                q = args[0] if "backward" not in name else args[1]
+                bsz, heads, s, hd = q.shape
+                fwd = 4.0 * bsz * heads * s * s * hd / 2  # QK^T and PV, causal: half the square
+                totals["attn_flops"] += fwd * (2.5 if "backward" in name else 1.0)  # backward: 5 GEMMs to 2
+                totals["attn_n"] += 1
+                return out
+            tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+            totals["bytes"] += sum(t.numel() * t.element_size() for t in tensors)
+            totals["ops"] += 1
+            return out
+
+    def flash_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        """scaled_dot_product_attention as the one fused kernel it is on a GPU (on `meta` it decomposes)."""
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal)[0]
+
+    dtype = torch.bfloat16 if dtype_bytes == 2 else torch.float32
+    with torch.device("meta"):
+        model = Transformer(args).to(dtype)
+    apply_activation_checkpointing(model, mode)
+    tokens = torch.zeros(micro_batch, seq, dtype=torch.long, device="meta")
+    with mock.patch.object(F, "scaled_dot_product_attention", flash_attention), Counter():
+        loss = model(tokens, tokens)
+        loss.backward()
+    return Counts(tuple(sorted(gemms.items())), totals["attn_flops"], totals["attn_n"], totals["bytes"], totals["ops"])
+
+
+def count_step(args: ModelArgs, seq: int, micro_batch: int, mode: Checkpointing, dtype_bytes: int) -> Counts:
+    """One micro-batch's forward + backward of the whole model: the counts of one and two layers, the
+    second's difference (one block) times the remaining layers."""
+    return _count_step(tuple(sorted(asdict(args).items())), seq, micro_batch, mode, dtype_bytes)
+
+
+@lru_cache(maxsize=256)
+def _count_step(key: tuple, seq: int, micro_batch: int, mode: Checkpointing, dtype_bytes: int) -> Counts:
+    args = ModelArgs(**dict(key))
+    one = _count_model(replace(args, n_layers=1), seq, micro_batch, mode, dtype_bytes)
+    two = _count_model(replace(args, n_layers=2), seq, micro_batch, mode, dtype_bytes)
+    return (two - one).scaled(args.n_layers - 1, one)
+
+
+def compute_seconds(c: Counts, kind: GpuKind, tensor_parallel: int = 1) -> float:
+    """Seconds of `c` on one GPU of `kind`, each kernel split over `tensor_parallel` GPUs."""
+    t = tensor_parallel
+    gemm = sum(n * (f / t / kind.matmul_flops + kind.matmul_overhead_s) for f, n in c.gemms)
+    attention = c.attention_flops / t / kind.attention_flops + c.attention_kernels * kind.matmul_overhead_s
+    memory = c.memory_bytes / t / kind.memory_bandwidth + c.memory_ops * kind.op_overhead_s
+    return gemm + attention + memory
+
+
+def matmul_seconds(c: Counts, kind: GpuKind, tensor_parallel: int = 1) -> float:
+    """The GEMM and attention part of `compute_seconds`."""
+    t = tensor_parallel
+    gemm = sum(n * (f / t / kind.matmul_flops + kind.matmul_overhead_s) for f, n in c.gemms)
+    return gemm + c.attention_flops / t / kind.attention_flops + c.attention_kernels * kind.matmul_overhead_s
+
+
+# --- communication ------------------------------------------------------------------------------------
+
+
+def collective_seconds(kind: GpuKind, op: str, nbytes: float, ranks: int, nodes: int) -> float:
+    """One NCCL collective of `nbytes` (the whole gathered or reduced tensor) over `ranks` GPUs on `nodes`
+    nodes: latency per step by the link it crosses, bandwidth of the slowest link (a NIC once it spans
+    nodes). All-reduce: the faster of ring and tree (NCCL picks by size)."""
+    if ranks <= 1 or nbytes <= 0:
+        return 0.0
+    bw = kind.inter_node_bw if nodes > 1 else kind.intra_node_bw
+    steps = ranks - 1
+    inter = nodes - 1 if nodes > 1 else 0
+    step_latency = inter * kind.inter_node_latency_s + (steps - inter) * kind.intra_node_latency_s
+    if op in ("all_gather", "reduce_scatter"):
+        return kind.collective_base_latency_s + step_latency + steps / ranks * nbytes / bw
+    ring = kind.collective_base_latency_s + 2 * step_latency + 2 * steps / ranks * nbytes / bw
+    local = ranks // max(nodes, 1)
+    tree_latency = 2 * (
+        (local - 1) * TREE_NVLINK_LATENCY_S / 8 + math.ceil(math.log2(nodes)) * TREE_NET_LATENCY_S if nodes > 1 else 0
+    )
+    tree = tree_latency + 2 * nbytes / bw if nodes > 1 else math.inf
+    return min(ring, tree)
+
+
+# --- layouts ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    strategy: str  # fsdp | deepspeed | single
+    zero_stage: Optional[int]
+    fsdp_shard_size: int  # 0: all data-parallel ranks
+    tensor_parallel: int
+    activation_checkpointing: str
+    micro_batch_size: int
+
+    def overrides(self) -> list[str]:
+        """The `train.*` overrides that select this layout."""
+        out = [f"train.strategy={self.strategy}"]
+        if self.strategy == "deepspeed":
+            out.append(f"train.zero_stage={self.zero_stage}")
+        if self.strategy == "fsdp":
+            out.append(f"train.fsdp_shard_size={self.fsdp_shard_size}")
+            out.append(f"train.tensor_parallel={self.tensor_parallel}")
+        out.append(f"train.activation_checkpointing={self.activation_checkpointing}")
+        out.append(f"train.micro_batch_size={self.micro_batch_size}")
+        return out
+
+    def apply(self, cfg: ExperimentConfig) -> ExperimentConfig:
+        return with_train(
+            cfg,
+            strategy=self.strategy,
+            zero_stage=self.zero_stage if self.zero_stage is not None else cfg.train.zero_stage,
+            fsdp_shard_size=self.fsdp_shard_size,
+            tensor_parallel=self.tensor_parallel,
+            activation_checkpointing=Checkpointing(self.activation_checkpointing),
+            micro_batch_size=self.micro_batch_size,
+        )
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig) -> "Layout":
+        t = cfg.train
+        return cls(
+            t.strategy,
+            t.zero_stage if t.strategy == "deepspeed" else None,
+            t.fsdp_shard_size if t.strategy == "fsdp" else 0,
+            t.tensor_parallel if t.strategy == "fsdp" else 1,
+            t.activation_checkpointing.value,
+            t.micro_batch_size,
+        )
+
+
+@dataclass
+class Prediction:
+    """The predicted cost of one layout (seconds per optimizer step unless named otherwise)."""
+
+    layout: Layout
+    memory_gb: float
+    fits: bool
+    step_time_s: float
+    compute_s: float
+    recompute_s: float
+    comm_exposed_s: float
+    comm_total_s: float
+    optimizer_s: float
+    tokens_per_sec_per_gpu: float
+    mfu: float
+    days: float
+    gpu_hours: float
+    name: str = ""
+
+    def as_json(self) -> dict:
+        lay = self.layout
+        return {
+            "strategy": lay.strategy,
+            "zero_stage": lay.zero_stage,
+            "fsdp_shard_size": lay.fsdp_shard_size,
+            "tensor_parallel": lay.tensor_parallel,
+            "activation_checkpointing": lay.activation_checkpointing,
+            "micro_batch_size": lay.micro_batch_size,
+            "memory_gb": round(self.memory_gb, 2),
+            "fits": self.fits,
+            "step_time_s": self.step_time_s,
+            "compute_s": self.compute_s,
+            "recompute_s": self.recompute_s,
+            "comm_exposed_s": self.comm_exposed_s,
+            "comm_total_s": self.comm_total_s,
+            "optimizer_s": self.optimizer_s,
+            "tokens_per_sec_per_gpu": self.tokens_per_sec_per_gpu,
+            "mfu": self.mfu,
+            "days": self.days,
+            "gpu_hours": self.gpu_hours,
+            "overrides": lay.overrides(),
+        }
+
+
+def _nodes(ranks: int, stride: int, per_node: int) -> int:
+    """Nodes a group of `ranks` GPUs spans when its members are `stride` apart (tensor parallel innermost)."""
+    return max(1, math.ceil(ranks * stride / per_node))
+
+
+def predict(cfg: ExperimentConfig, world_size: int, kind: GpuKind) -> Prediction:
+    """The predicted step of `cfg` (its train.* layout) on `world_size` GPUs of `kind`."""
+    args, t, seq = cfg.model, cfg.train, cfg.data.seq_len
+    layout = Layout.of(cfg)
+    T = layout.tensor_parallel
+    n = 1 if t.strategy == "single" else world_size
+    data = n // T
+    b = t.micro_batch_size
+    m = t.global_batch_tokens // (b * seq * data)  # micro-batches per rank per step
+    mode = Checkpointing(layout.activation_checkpointing)
+    p = kind.dtype_bytes
+    L = args.n_layers
+    counts = count_step(args, seq, b, mode, p)
+    plain = count_step(args, seq, b, Checkpointing.none, p) if mode != Checkpointing.none else counts
+    micro = compute_seconds(counts, kind, T)
+    recompute = max(0.0, matmul_seconds(counts, kind, T) - matmul_seconds(plain, kind, T))
+    per = kind.gpus_per_node
+
+    # tensor parallel: the activation collectives of one micro-batch (sizes and counts as comm_model)
+    tp_hidden = tp_total = 0.0
+    if T > 1:
+        A = b * seq * args.dim * p
+        r = L if mode in (Checkpointing.selective, Checkpointing.full) else 0
+        if mode == Checkpointing.llama:
+            gathers, scatters, scatter_bytes = 6 * L + 2, 2 * L + 1, A * 4 / p
+        else:
+            gathers, scatters, scatter_bytes = 4 * L + 2 + 2 * r, 4 * L + 1 + r, A
+        nodes = _nodes(T, 1, per)
+        ag = collective_seconds(kind, "all_gather", A, T, nodes)
+        rs = collective_seconds(kind, "reduce_scatter", scatter_bytes, T, nodes)
+        ar = collective_seconds(kind, "all_reduce", 3 * b * seq * 4, T, nodes)
+        tp_total = gathers * ag + scatters * rs + ar
+        # the llama backward overlaps its 4 gathers and 2 reduce-scatters per block with weight-gradient GEMMs
+        tp_hidden = (4 * ag + 2 * rs) * L * kind.overlap if mode == Checkpointing.llama else 0.0
+
+    # data parallel: parameters and gradients
+    P = count_params(args)[0]
+    P_T = tensor_parallel_params(args, T)
+    layer_params = (P_T - (2 * args.vocab_size * args.dim) / T) / L
+    shards = layout.fsdp_shard_size or data
+    replicas = data // shards if t.strategy == "fsdp" else 1
+    dp_layer = dp_once = dp_after = 0.0  # per micro-batch and layer; per step during the last backward; after it
+    local_params = P_T
+    if t.strategy == "fsdp" and shards > 1:
+        nodes = _nodes(shards, T, per)
+        gathers = 2 if t.reshard_after_forward else 1
+        dp_layer = gathers * collective_seconds(
+            kind, "all_gather", layer_params * p, shards, nodes
+        ) + collective_seconds(kind, "reduce_scatter", layer_params * 4, shards, nodes)
+        if replicas > 1:
+            dp_layer += collective_seconds(
+                kind, "all_reduce", layer_params * 4 / shards, replicas, _nodes(replicas, T * shards, per)
+            )
+        local_params = P_T / shards
+    elif t.strategy == "deepspeed" and data > 1:
+        nodes = _nodes(data, 1, per)
+        if t.zero_stage == 3:
+            dp_layer = 2 * collective_seconds(kind, "all_gather", layer_params * 2, data, nodes)
+            dp_layer += collective_seconds(kind, "reduce_scatter", layer_params * 2, data, nodes)
+        else:  # gradients reduced once a step, during the last backward; updated parameters gathered after
+            op = "all_reduce" if t.zero_stage <= 1 else "reduce_scatter"
+            dp_once = collective_seconds(kind, op, P * 2, data, nodes)
+            if t.zero_stage >= 1:
+                dp_after = collective_seconds(kind, "all_gather", P * 2, data, nodes)
+        local_params = P / (1 if t.zero_stage == 0 else data)
+    # Overlap: per micro-batch and layer, data-parallel traffic hides behind that layer's compute (FSDP and
+    # ZeRO-3 prefetch); ZeRO-0/1/2 reduce gradients during the last backward (2/3 of a micro-batch). Hidden
+    # traffic is not free: while a collective runs its kernels hold `comm_compute_share` of the GPU.
+    layer_compute = micro / L
+    dp_hidden_layer = min(dp_layer, kind.overlap * layer_compute)
+    first_layer = dp_layer / 2 if dp_layer else 0.0  # the first block's gather waits for nothing to hide behind
+    once_hidden = min(dp_once, kind.overlap * 2 / 3 * micro)
+    hidden = m * (L * dp_hidden_layer + tp_hidden) + once_hidden
+    comm_exposed = (
+        m * (tp_total - tp_hidden + L * (dp_layer - dp_hidden_layer) + first_layer)
+        + dp_after
+        + dp_once
+        - once_hidden
+        + kind.comm_compute_share * hidden
+    )
+    comm_total = m * (tp_total + L * dp_layer) + dp_once + dp_after
+    optimizer = local_params * ADAMW_BYTES_PER_PARAM / kind.memory_bandwidth
+    step = m * micro + comm_exposed + optimizer
+    tokens_per_gpu = t.global_batch_tokens / n / step
+    mfu = tokens_per_gpu * flops_per_token(args, seq) / kind.peak_flops
+    plan = plan_memory(cfg, n, act_bytes=p)
+    total_tokens = t.steps * t.global_batch_tokens
+    seconds = total_tokens / (tokens_per_gpu * n)
+    return Prediction(
+        layout,
+        plan.total / 1e9,
+        fits(plan, kind.memory_gb, HEADROOM),
+        step,
+        m * (micro - recompute),
+        m * recompute,
+        comm_exposed,
+        comm_total,
+        optimizer,
+        tokens_per_gpu,
+        mfu,
+        seconds / 86400,
+        seconds * n / 3600,
+        strategy_name(cfg),
+    )
+
+
+def candidate_layouts(cfg: ExperimentConfig, world_size: int, kind: GpuKind) -> list[Layout]:
+    """Every layout of `cfg` on `world_size` GPUs that the config's checks accept."""
+    seq, batch_tokens = cfg.data.seq_len, cfg.train.global_batch_tokens
+    sequences = batch_tokens // seq
+    per = kind.gpus_per_node
+    modes = [m.value for m in Checkpointing]
+    out: list[Layout] = []
+    if world_size == 1:
+        for mode in modes:
+            for b in _micro_batches(sequences):
+                out.append(Layout("single", None, 0, 1, mode, b))
+    tps = [t for t in tensor_parallel_degrees(cfg, per) if per % t == 0 and world_size % t == 0]
+    for T in tps if world_size > 1 else []:
+        data = world_size // T
+        if sequences % data:
+            continue
+        shard_sizes = {0}
+        if data > per // T and (per // T) > 1:
+            shard_sizes.add(per // T)  # HSDP: a copy per node
+        for shard in sorted(shard_sizes):
+            for mode in modes:
+                for b in _micro_batches(sequences // data):
+                    out.append(Layout("fsdp", None, shard, T, mode, b))
+    if world_size > 1 and sequences % world_size == 0:
+        for stage in (1, 2, 3):
+            for mode in modes:
+                for b in _micro_batches(sequences // world_size):
+                    out.append(Layout("deepspeed", stage, 0, 1, mode, b))
+    return out
+
+
+def _micro_batches(per_rank: int, largest: int = 64) -> list[int]:
+    return [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= largest and per_rank % b == 0]
+
+
+def plan_layouts(cfg: ExperimentConfig, world_size: int, kind: GpuKind) -> list[Prediction]:
+    """Predictions for every candidate layout: fitting ones first, fastest first."""
+    predictions = [predict(lay.apply(cfg), world_size, kind) for lay in candidate_layouts(cfg, world_size, kind)]
+    return sorted(predictions, key=lambda p: (not p.fits, p.step_time_s))
+
+
+def kind_for_precision(kind: GpuKind, cfg: ExperimentConfig) -> GpuKind:
+    """fp32 training moves 4-byte activations and parameters."""
+    return replace(kind, dtype_bytes=4) if cfg.train.precision == Precision.fp32 else kind
+
+
+def format_table(cfg: ExperimentConfig, world_size: int, kind: GpuKind, predictions: list[Prediction], top: int) -> str:
+    """The layouts as a table, best first, then the overrides of the best fitting one."""
+    lines = [
+        f"{cfg.name} on {world_size} x {kind.name} ({kind.gpus_per_node} per node): "
+        f"{cfg.train.steps:,} steps of {cfg.train.global_batch_tokens:,} tokens",
+        f"{'layout':<44}{'mem GB':>8}{'step s':>9}{'compute':>9}{'recomp':>8}{'comm':>8}"
+        f"{'tok/s/GPU':>11}{'MFU':>7}{'days':>8}{'GPU-hours':>12}",
+    ]
+    shown = predictions[:top]
+    for p in shown:
+        lay = p.layout
+        name = p.name.replace("tensor parallel", "TP") + (
+            f" shard {lay.fsdp_shard_size}" if lay.fsdp_shard_size else ""
+        )
+        name += f", {lay.activation_checkpointing}, mb {lay.micro_batch_size}"
+        mem = f"{p.memory_gb:.1f}" + ("" if p.fits else "!")
+        lines.append(
+            f"{name:<44}{mem:>8}{p.step_time_s:>9.3f}{p.compute_s:>9.3f}{p.recompute_s:>8.3f}{p.comm_exposed_s:>8.3f}"
+            f"{p.tokens_per_sec_per_gpu:>11,.0f}{100 * p.mfu:>6.1f}%{p.days:>8.1f}{p.gpu_hours:>12,.0f}"
+        )
+    if len(predictions) > top:
+        lines.append(f"... {len(predictions) - top} more (--top N)")
+    fitting = [p for p in predictions if p.fits]
+    lines.append("! does not fit in 90% of the GPU's memory")
+    if fitting:
+        lines.append("\nbest: " + " ".join(fitting[0].layout.overrides()))
+    else:
+        lines.append("\nno layout fits: more GPUs, or a GPU with more memory")
+    return "\n".join(lines)
+
+
+def predicted_for_run(cfg: ExperimentConfig, world_size: int, device_name: str) -> Optional[Prediction]:
+    """The prediction for the layout a run uses, when its device is a known kind (else None)."""
+    kind = kind_of_device(device_name)
+    if kind is None:
+        return None
+    return predict(cfg, world_size, kind_for_precision(kind, cfg))
+
+
+def kind_of_device(device_name: str) -> Optional[GpuKind]:
+    """The kind of a CUDA device name (`NVIDIA A100-SXM4-80GB` -> a100-80gb); None when unknown. A calibrated
+    kind named by LLAMA_PRETRAIN_KINDS (a YAML) wins: its kind `cpu` for CPU runs."""
+    extra = os.environ.get("LLAMA_PRETRAIN_KINDS")
+    kinds = load_kinds(extra)
+    name = device_name.upper()
+    if name == "CPU":
+        return kinds.get("cpu")
+    for key, kind in (("H200", "h200"), ("H100", "h100-80gb"), ("A100", None)):
+        if key in name:
+            if kind is None:
+                kind = "a100-80gb" if "80" in name else "a100-40gb"
+            return kinds.get(kind)
+    return None
