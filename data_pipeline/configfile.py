@@ -23,9 +23,13 @@ class ConfigError(ValueError):
 
 
 def resolve_config_path(name: str | os.PathLike) -> Path:
-    """A YAML path as given, or relative to `configs/`, or a model preset name like `llama1-7b`."""
+    """A YAML path as given, or relative to `configs/`, or a preset name like `llama1-7b`: its experiment
+    (`configs/experiments/llama1-7b.yaml`: model, training recipe and token budget) when there is one,
+    else its model preset alone."""
     path = Path(name)
-    candidates = [path, CONFIGS_DIR / path, CONFIGS_DIR / f"{path}.yaml", CONFIGS_DIR / "model" / f"{path}.yaml"]
+    candidates = [path, CONFIGS_DIR / path, CONFIGS_DIR / f"{path}.yaml"]
+    if len(path.parts) == 1 and not path.suffix:
+        candidates += [CONFIGS_DIR / "experiments" / f"{path}.yaml", CONFIGS_DIR / "model" / f"{path}.yaml"]
     for candidate in candidates:
         if candidate.is_file():
             return candidate

@@ -1,4 +1,4 @@
-"""Command line: `python -m pretrain {train,config,info,plan,memory,plot,consolidate,export-hf,import,generate} ...`.
+"""Command line: `python -m pretrain {train,config,info,layout,plan,memory,plot,consolidate,export-hf,import,generate} ...`.
 
 Nothing heavy is imported here at module level (torch comes with the command that needs it), so
 `--help` answers at once.
@@ -45,16 +45,22 @@ def cmd_config(config: str, overrides: list[str], as_json: bool) -> None:
         print(OmegaConf.to_yaml(OmegaConf.create(resolved)), end="")
 
 
-def cmd_info(config: str, overrides: list[str], as_json: bool) -> None:
-    """Print what a config means: parameters, FLOPs per token, batch and total compute."""
+def cmd_info(
+    config: str, overrides: list[str], as_json: bool, gpus: int | None = None, gpu: str | None = None, kinds=None
+) -> None:
+    """Print what a config means: parameters, FLOPs per token, batch and total compute; with a cluster
+    (--gpus, --gpu), the predicted days and GPU-hours of its best layout."""
+    from data_pipeline.configfile import resolve_config_path
     from pretrain.model import count_params, flops_per_token, tensor_parallel_params
 
     cfg = load_config(config, overrides)
+    source = resolve_config_path(config)
     m, seq = cfg.model, cfg.data.seq_len
     total, non_embedding = count_params(m)
     fpt = flops_per_token(m, seq)
     info = {
         "config": config,
+        "config_file": str(source),
         "params": total,
         "non_embedding_params": non_embedding,
         "flops_per_token": fpt,
@@ -75,9 +81,18 @@ def cmd_info(config: str, overrides: list[str], as_json: bool) -> None:
         # each layer split over the tensor-parallel ranks (the norms whole on each), before FSDP shards it further
         "params_per_tensor_parallel_rank": tensor_parallel_params(m, cfg.train.tensor_parallel),
     }
+    best = None
+    if gpus or gpu:
+        from pretrain.layout import get_kind, kind_for_precision, plan_layouts
+
+        kind = kind_for_precision(get_kind(gpu or "a100-80gb", kinds), cfg)
+        fitting = [p for p in plan_layouts(cfg, gpus or 8, kind) if p.fits]
+        best = fitting[0] if fitting else None
+        info["cluster"] = {"gpus": gpus or 8, "gpu": kind.name, "best_layout": best.as_json() if best else None}
     if as_json:
         print(json.dumps(info, indent=2))
         return
+    print(f"read {source}")
     print(
         f"{config}: dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads ({m.kv_heads} kv), head dim "
         f"{m.head_dim}, ffn {m.hidden_dim}, vocab {m.vocab_size}"
@@ -94,6 +109,16 @@ def cmd_info(config: str, overrides: list[str], as_json: bool) -> None:
             f"tensor parallel:          {cfg.train.tensor_parallel:>20}  (each layer split over these GPUs: "
             f"{info['params_per_tensor_parallel_rank']:,} parameters each before FSDP)"
         )
+    if "cluster" in info:
+        where = f"{info['cluster']['gpus']:,} x {info['cluster']['gpu']}"
+        if best is None:
+            print(f"on {where}:          no layout fits (python -m pretrain memory ... --fewest)")
+        else:
+            print(
+                f"on {where}: {best.days:,.1f} days, {best.gpu_hours:,.0f} GPU-hours at "
+                f"{best.tokens_per_sec_per_gpu:,.0f} tokens/sec/GPU (MFU {100 * best.mfu:.1f}%), predicted for"
+            )
+            print(f"  {' '.join(best.layout.overrides())}  (python -m pretrain layout: every layout)")
 
 
 def cmd_plan(config: str, overrides: list[str], tokens: list[str], total: float | None) -> None:
@@ -162,6 +187,43 @@ def cmd_memory(config: str, overrides: list[str], gpus: int, gpu: str, fewest: b
         print(f"fewest GPUs of {gpu_gb:g} GB (multiples of 8): {n}")
     print(format_plan(cfg, gpus, gpu_gb))
     return 0
+
+
+def cmd_layout(args: argparse.Namespace) -> int:
+    """Every layout of a config on a cluster, predicted step time and cost, best first; or calibrate."""
+    from dataclasses import replace
+
+    from pretrain.layout import format_table, get_kind, kind_for_precision, plan_layouts
+
+    if args.calibrate:
+        from pretrain.calibrate import calibrate
+
+        print(calibrate(Path(args.output), args.threads))
+        return 0
+    if args.config is None:
+        raise ConfigError("layout: give a config (or --calibrate)")
+    cfg = load_config(args.config, args.overrides)
+    kind = kind_for_precision(get_kind(args.gpu, args.kinds), cfg)
+    if args.nodes_of:
+        kind = replace(kind, gpus_per_node=args.nodes_of)
+    if args.gpus < 1:
+        raise ConfigError(f"--gpus {args.gpus}: at least 1")
+    predictions = plan_layouts(cfg, args.gpus, kind)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "config": args.config,
+                    "gpus": args.gpus,
+                    "gpu": kind.name,
+                    "layouts": [p.as_json() for p in predictions],
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(format_table(cfg, args.gpus, kind, predictions, args.top))
+    return 0 if any(p.fits for p in predictions) else 1
 
 
 def cmd_train(config: str, overrides: list[str]) -> None:
@@ -243,6 +305,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="a YAML or a model preset name such as llama1-7b")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--gpus", type=int, help="with --gpu: predicted days and GPU-hours on this many GPUs")
+    p.add_argument("--gpu", help="a GPU kind of configs/gpus.yaml (a100-40gb, a100-80gb, h100-80gb, h200)")
+    p.add_argument("--kinds", help="a YAML of more GPU kinds (configs/gpus.yaml's layout), e.g. a calibration")
+    p = with_config("layout", "predicted step time, tokens/sec/GPU, MFU, days and GPU-hours of every layout")
+    p.add_argument("config", nargs="?", help="an experiment YAML or a preset name such as llama1-65b")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.add_argument("--gpus", type=int, default=8, help="GPUs in all (default 8)")
+    p.add_argument("--gpu", default="a100-80gb", help="a GPU kind of configs/gpus.yaml or of --kinds")
+    p.add_argument("--nodes-of", type=int, help="GPUs per node (default: the kind's, 8)")
+    p.add_argument("--kinds", help="a YAML of more GPU kinds (configs/gpus.yaml's layout), e.g. a calibration")
+    p.add_argument("--json", action="store_true", help='{"layouts": [...]}, best first')
+    p.add_argument("--top", type=int, default=15, help="rows of the table (default 15)")
+    p.add_argument("--calibrate", action="store_true", help="measure this machine's CPU as the kind `cpu`")
+    p.add_argument("--output", default="runs/kinds-cpu.yaml", help="with --calibrate: the YAML to write")
+    p.add_argument("--threads", type=int, help="with --calibrate: intra-op threads (default: all usable CPUs)")
     p = with_config("plan", "tokens drawn and epochs per source for the training budget")
     p.add_argument("config", help="an experiment YAML")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
@@ -312,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             cmd_config(args.config, args.overrides, args.json)
         elif args.command == "info":
-            cmd_info(args.config, args.overrides, args.json)
+            cmd_info(args.config, args.overrides, args.json, args.gpus, args.gpu, args.kinds)
+        elif args.command == "layout":
+            return cmd_layout(args)
         elif args.command == "plan":
             cmd_plan(args.config, args.overrides, args.tokens, args.total)
         elif args.command == "train":

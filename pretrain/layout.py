@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import math
 import os
-from unittest import mock
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
+from unittest import mock
 
 from pretrain.config import Checkpointing, ConfigError, ExperimentConfig, Precision, tensor_parallel_degrees
 from pretrain.memory import fits, plan_memory, strategy_name, with_train
