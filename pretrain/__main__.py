@@ -1,4 +1,4 @@
-"""Command line: `python -m pretrain {train,config,info,layout,plan,memory,plot,consolidate,export-hf,import,generate} ...`.
+"""Command line: `python -m pretrain COMMAND ...` (train, config, info, layout, plan, memory, plot, ...).
 
 Nothing heavy is imported here at module level (torch comes with the command that needs it), so
 `--help` answers at once.
@@ -242,6 +242,12 @@ def cmd_train(config: str, overrides: list[str]) -> None:
             + (f", {tps:,.0f} tokens/sec/GPU" if tps else "")
             + (f", MFU {100 * mfu:.1f}%" if mfu is not None else ", MFU n/a (no known peak for this device)")
         )
+        if summary.get("predicted_tokens_per_sec_per_gpu") and tps:
+            predicted = summary["predicted_tokens_per_sec_per_gpu"]
+            print(
+                f"throughput:  measured {tps:,.0f} vs predicted {predicted:,.0f} tokens/sec/GPU "
+                f"({100 * (tps / predicted - 1):+.0f}%; layout planner, kind {summary['gpu_kind']})"
+            )
         print(f"run folder:  {summary['run_dir']}")
         print(f"checkpoint:  {summary['checkpoint']}")
         print(f"metrics:     {summary['metrics']}")

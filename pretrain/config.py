@@ -120,6 +120,8 @@ class MetricsConfig:
     peak_flops: Optional[float] = None  # per device; None: from the device table (none on CPU)
     skip_steps: int = 3  # first steps left out of throughput averages (warm-up)
     tensorboard: bool = False  # also write TensorBoard event files to <run>/tensorboard
+    gpu_kind: Optional[str] = None  # the layout planner's kind for the prediction logged; None: from the device
+    gpu_kinds: Optional[str] = None  # a YAML of more kinds (e.g. `layout --calibrate`'s, for CPU runs)
 
 
 @dataclass

@@ -29,7 +29,7 @@ on the rest of the step. `bench/layout_cpu.py` checks the same model against run
 from __future__ import annotations
 
 import math
-import os
+from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
@@ -73,6 +73,10 @@ class GpuKind:
     overlap: float = 1.0  # share of overlappable communication that hides behind compute (a CPU: none)
     comm_compute_share: float = 0.0  # share of the GPU a running collective's kernels take from compute
     dtype_bytes: int = 2  # bytes of the activations and gathered parameters (bf16); 4 on a CPU (fp32)
+    # Framework time on the host that a GPU hides behind its kernels, but a CPU pays in full (calibrated):
+    step_overhead_s: float = 0.0  # per optimizer step (optimizer bookkeeping, clipping, the loss's .item())
+    fsdp_collective_overhead_s: float = 0.0  # per FSDP all-gather or reduce-scatter (hooks, copy-in and out)
+    tp_op_overhead_s: float = 0.0  # per kernel under tensor parallelism (DTensor's dispatch)
 
 
 def load_kinds(extra: Optional[str] = None) -> dict[str, GpuKind]:
@@ -166,18 +170,30 @@ ATTENTION_OPS = {
 }
 
 
-def _count_model(args: ModelArgs, seq: int, micro_batch: int, mode: Checkpointing, dtype_bytes: int) -> Counts:
-    """Run one forward + backward of `args` (on `meta`) and count what it runs."""
+class _Tally:
+    """What ran under `counting()`, turned into `Counts` by `result()`."""
+
+    def __init__(self):
+        self.gemms: dict[float, int] = {}
+        self.attention_flops, self.attention_kernels, self.bytes, self.ops = 0.0, 0, 0.0, 0
+
+    def result(self) -> Counts:
+        return Counts(
+            tuple(sorted(self.gemms.items())), self.attention_flops, self.attention_kernels, self.bytes, self.ops
+        )
+
+
+@contextmanager
+def counting():
+    """Count every kernel that runs inside (forward and backward): GEMMs by FLOPs, attention (as the one
+    fused kernel it is on a GPU: on `meta` or the CPU `scaled_dot_product_attention` is swapped for the
+    flash kernel's op), and the bytes and number of all other kernels. Yields a `_Tally`."""
     import torch
     import torch.nn.functional as F
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
-    from pretrain.model import Transformer
-    from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
-
-    gemms: dict[float, int] = {}
-    totals = {"attn_flops": 0.0, "attn_n": 0, "bytes": 0.0, "ops": 0}
+    tally = _Tally()
 
     class Counter(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -189,33 +205,50 @@ def _count_model(args: ModelArgs, seq: int, micro_batch: int, mode: Checkpointin
                 a, b = args[-2], args[-1]
                 batch = a.shape[0] if a.dim() == 3 else 1
                 flops = 2.0 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
-                gemms[flops] = gemms.get(flops, 0) + 1
-                return out
-            if name in ATTENTION_OPS:
-                q = args[0] if "backward" not in name else args[1]
-                bsz, heads, s, hd = q.shape
-                fwd = 4.0 * bsz * heads * s * s * hd / 2  # QK^T and PV, causal: half the square
-                totals["attn_flops"] += fwd * (2.5 if "backward" in name else 1.0)  # backward: 5 GEMMs to 2
-                totals["attn_n"] += 1
-                return out
-            tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
-            totals["bytes"] += sum(t.numel() * t.element_size() for t in tensors)
-            totals["ops"] += 1
+                tally.gemms[flops] = tally.gemms.get(flops, 0) + 1
+            elif name in ATTENTION_OPS:
+                q = args[1] if "backward" in name else args[0]
+                # the backward runs 5 GEMMs to the forward's 2
+                tally.attention_flops += attention_flops(*q.shape) * (2.5 if "backward" in name else 1.0)
+                tally.attention_kernels += 1
+            else:
+                tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+                tally.bytes += sum(t.numel() * t.element_size() for t in tensors)
+                tally.ops += 1
             return out
 
     def flash_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
-        """scaled_dot_product_attention as the one fused kernel it is on a GPU (on `meta` it decomposes)."""
+        if attn_mask is not None:
+            return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+        if q.device.type == "cpu":
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal)[0]
         return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal)[0]
+
+    sdpa = F.scaled_dot_product_attention
+    with mock.patch.object(F, "scaled_dot_product_attention", flash_attention), Counter():
+        yield tally
+
+
+def attention_flops(batch: int, heads: int, seq: int, head_dim: int) -> float:
+    """FLOPs of causal attention's forward: QK^T and PV, half of each square."""
+    return 4.0 * batch * heads * seq * seq * head_dim / 2
+
+
+def _count_model(args: ModelArgs, seq: int, micro_batch: int, mode: Checkpointing, dtype_bytes: int) -> Counts:
+    """Run one forward + backward of `args` (on `meta`) and count what it runs."""
+    import torch
+
+    from pretrain.model import Transformer
+    from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
 
     dtype = torch.bfloat16 if dtype_bytes == 2 else torch.float32
     with torch.device("meta"):
         model = Transformer(args).to(dtype)
     apply_activation_checkpointing(model, mode)
     tokens = torch.zeros(micro_batch, seq, dtype=torch.long, device="meta")
-    with mock.patch.object(F, "scaled_dot_product_attention", flash_attention), Counter():
-        loss = model(tokens, tokens)
-        loss.backward()
-    return Counts(tuple(sorted(gemms.items())), totals["attn_flops"], totals["attn_n"], totals["bytes"], totals["ops"])
+    with counting() as tally:
+        model(tokens, tokens).backward()
+    return tally.result()
 
 
 def count_step(args: ModelArgs, seq: int, micro_batch: int, mode: Checkpointing, dtype_bytes: int) -> Counts:
@@ -333,6 +366,7 @@ class Prediction:
     comm_exposed_s: float
     comm_total_s: float
     optimizer_s: float
+    overhead_s: float
     tokens_per_sec_per_gpu: float
     mfu: float
     days: float
@@ -356,6 +390,7 @@ class Prediction:
             "comm_exposed_s": self.comm_exposed_s,
             "comm_total_s": self.comm_total_s,
             "optimizer_s": self.optimizer_s,
+            "overhead_s": self.overhead_s,
             "tokens_per_sec_per_gpu": self.tokens_per_sec_per_gpu,
             "mfu": self.mfu,
             "days": self.days,
@@ -451,7 +486,13 @@ def predict(cfg: ExperimentConfig, world_size: int, kind: GpuKind) -> Prediction
     )
     comm_total = m * (tp_total + L * dp_layer) + dp_once + dp_after
     optimizer = local_params * ADAMW_BYTES_PER_PARAM / kind.memory_bandwidth
-    step = m * micro + comm_exposed + optimizer
+    overhead = kind.step_overhead_s
+    if t.strategy == "fsdp" and shards > 1 or t.strategy == "deepspeed" and t.zero_stage == 3 and data > 1:
+        overhead += m * (L + 1) * (3 if t.reshard_after_forward else 2) * kind.fsdp_collective_overhead_s
+    if T > 1:
+        kernels = sum(n for _, n in counts.gemms) + counts.attention_kernels + counts.memory_ops
+        overhead += m * kernels * kind.tp_op_overhead_s
+    step = m * micro + comm_exposed + optimizer + overhead
     tokens_per_gpu = t.global_batch_tokens / n / step
     mfu = tokens_per_gpu * flops_per_token(args, seq) / kind.peak_flops
     plan = plan_memory(cfg, n, act_bytes=p)
@@ -467,6 +508,7 @@ def predict(cfg: ExperimentConfig, world_size: int, kind: GpuKind) -> Prediction
         comm_exposed,
         comm_total,
         optimizer,
+        overhead,
         tokens_per_gpu,
         mfu,
         seconds / 86400,
@@ -552,25 +594,22 @@ def format_table(cfg: ExperimentConfig, world_size: int, kind: GpuKind, predicti
     return "\n".join(lines)
 
 
-def predicted_for_run(cfg: ExperimentConfig, world_size: int, device_name: str) -> Optional[Prediction]:
-    """The prediction for the layout a run uses, when its device is a known kind (else None)."""
-    kind = kind_of_device(device_name)
-    if kind is None:
-        return None
-    return predict(cfg, world_size, kind_for_precision(kind, cfg))
-
-
-def kind_of_device(device_name: str) -> Optional[GpuKind]:
-    """The kind of a CUDA device name (`NVIDIA A100-SXM4-80GB` -> a100-80gb); None when unknown. A calibrated
-    kind named by LLAMA_PRETRAIN_KINDS (a YAML) wins: its kind `cpu` for CPU runs."""
-    extra = os.environ.get("LLAMA_PRETRAIN_KINDS")
-    kinds = load_kinds(extra)
-    name = device_name.upper()
+def run_kind(cfg: ExperimentConfig, device_name: str, processes_per_node: int) -> Optional[GpuKind]:
+    """The kind a run's prediction uses: `metrics.gpu_kind`, else the device's (`NVIDIA A100-SXM4-80GB` ->
+    a100-80gb; a CPU -> `cpu` for one process, `cpu-2p` for two on the node, ... when `metrics.gpu_kinds`
+    holds a calibration); None when there is none."""
+    kinds = load_kinds(cfg.metrics.gpu_kinds)
+    if cfg.metrics.gpu_kind:
+        if cfg.metrics.gpu_kind not in kinds:
+            raise ConfigError(f"metrics.gpu_kind={cfg.metrics.gpu_kind}: one of {', '.join(kinds)}")
+        return kind_for_precision(kinds[cfg.metrics.gpu_kind], cfg)
+    name, found = device_name.upper(), None
     if name == "CPU":
-        return kinds.get("cpu")
-    for key, kind in (("H200", "h200"), ("H100", "h100-80gb"), ("A100", None)):
-        if key in name:
-            if kind is None:
-                kind = "a100-80gb" if "80" in name else "a100-40gb"
-            return kinds.get(kind)
-    return None
+        found = kinds.get("cpu" if processes_per_node == 1 else f"cpu-{processes_per_node}p")
+    elif "H200" in name:
+        found = kinds.get("h200")
+    elif "H100" in name and "PCIE" not in name:
+        found = kinds.get("h100-80gb")
+    elif "A100" in name:
+        found = kinds.get("a100-80gb" if "80G" in name else "a100-40gb")
+    return kind_for_precision(found, cfg) if found else None

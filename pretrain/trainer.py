@@ -232,6 +232,7 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
         cfg.metrics.skip_steps,
     )
     say = Console(strategy.is_main)
+    predicted = predicted_step(cfg, strategy) if strategy.is_main else None
 
     def save(asynchronous: bool = False) -> Path:
         state = {
@@ -339,8 +340,12 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
                         "skipped_steps": skipped,
                         "eta_s": elapsed / steps_done * (last_step - step),
                         **{f"tokens_seen/{s}": int(n) for s, n in zip(train_data.sources, tokens_per_source())},
+                        **(predicted.record() if predicted and not predicted.logged else {}),
                     }
                 )
+                if predicted and not predicted.logged:
+                    predicted.logged = True
+                    say(predicted.line())
                 say.mark()
                 meter.reset()
             else:
@@ -394,6 +399,7 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
         "metrics": str(logger.path),
         "wandb": logger.wandb_location(),
         **meter.average(),
+        **(predicted.summary() if predicted else {}),
     }
     logger.close()
     return summary
@@ -464,6 +470,46 @@ def finished_summary(cfg: ExperimentConfig, strategy: Strategy, step: int, check
         "tokens_per_sec_per_gpu": None,
         "mfu": None,
     }
+
+
+class PredictedStep:
+    """The layout planner's prediction for the run's own layout, logged with the first log line."""
+
+    def __init__(self, prediction, kind_name: str):
+        self.prediction, self.kind, self.logged = prediction, kind_name, False
+
+    def record(self) -> dict[str, Any]:
+        p = self.prediction
+        return {"predicted_tokens_per_sec_per_gpu": p.tokens_per_sec_per_gpu, "predicted_step_time_s": p.step_time_s}
+
+    def line(self) -> str:
+        p = self.prediction
+        return (
+            f"predicted by the layout planner ({self.kind}, {p.name}): {p.tokens_per_sec_per_gpu:,.0f} tok/s/gpu, "
+            f"{p.step_time_s * 1000:.0f} ms/step (compute {p.compute_s * 1000:.0f}, "
+            f"recompute {p.recompute_s * 1000:.0f}, "
+            f"communication {p.comm_exposed_s * 1000:.0f}, other {(p.optimizer_s + p.overhead_s) * 1000:.0f} ms)"
+        )
+
+    def summary(self) -> dict[str, Any]:
+        return {"predicted_tokens_per_sec_per_gpu": self.prediction.tokens_per_sec_per_gpu, "gpu_kind": self.kind}
+
+
+def predicted_step(cfg: ExperimentConfig, strategy: Strategy) -> Optional[PredictedStep]:
+    """The prediction for this run, or None when its device is no known kind (a note says how to get one)."""
+    from pretrain.layout import predict, run_kind
+    from pretrain.runtime import processes_on_node
+
+    device = strategy.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    kind = run_kind(cfg, name, processes_on_node())
+    if kind is None:
+        print(
+            f"no layout-planner kind for {name}: no predicted throughput (set metrics.gpu_kinds to the YAML of "
+            "`python -m pretrain layout --calibrate`, or metrics.gpu_kind)"
+        )
+        return None
+    return PredictedStep(predict(cfg, strategy.world_size, kind), kind.name)
 
 
 def startup_banner(

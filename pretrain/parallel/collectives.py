@@ -138,9 +138,9 @@ def mesh_dimensions(mesh) -> dict[str, Any]:
     return {name: mesh.get_group(name) for name in mesh.mesh_dim_names}
 
 
-def count_training_step(cfg, warmup: int = 1) -> dict[tuple[str, str], int]:
-    """Bytes by (mesh dimension, kind) of one optimizer step of `cfg` on this launch's ranks, after `warmup`
-    steps, on random tokens (what is sent does not depend on the values). Every rank must call it."""
+def training_step(cfg) -> tuple[Callable[[], None], Any]:
+    """(a function that runs one optimizer step of `cfg` on random tokens, its strategy), on this launch's
+    ranks; every rank must call it and then the function."""
     from pretrain.optim import build_scheduler
     from pretrain.parallel import build_strategy
     from pretrain.trainer import train_step
@@ -157,6 +157,13 @@ def count_training_step(cfg, warmup: int = 1) -> dict[tuple[str, str], int]:
         batches = [(row[:, :-1], row[:, 1:]) for row in tokens]
         train_step(model, batches, optimizer, scheduler, strategy, cfg.optim.grad_clip)
 
+    return step, strategy
+
+
+def count_training_step(cfg, warmup: int = 1) -> dict[tuple[str, str], int]:
+    """Bytes by (mesh dimension, kind) of one optimizer step of `cfg` on this launch's ranks, after `warmup`
+    steps, on random tokens (what is sent does not depend on the values). Every rank must call it."""
+    step, strategy = training_step(cfg)
     for _ in range(warmup):
         step()
     with CollectiveCounter(mesh_dimensions(strategy.mesh) if hasattr(strategy, "mesh") else {}) as counter:

@@ -1,0 +1,181 @@
+"""The layout planner (`python -m pretrain layout`): its counts, its cost model, the published runs it must
+reproduce, and what it tells a user (JSON, info, the trainer's predicted-vs-measured line)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from conftest import tiny_config
+from pretrain.__main__ import main
+from pretrain.config import Checkpointing, ConfigError, load_config
+from pretrain.layout import (
+    Layout,
+    collective_seconds,
+    count_step,
+    get_kind,
+    load_kinds,
+    plan_layouts,
+    predict,
+)
+from pretrain.memory import fits, plan_memory
+from pretrain.model import count_params
+
+LLAMA1 = {  # LLaMA-1 paper, Table 15: GPU-hours on A100-80GB (2048 GPUs for 65B, 380 tokens/sec/GPU)
+    "llama1-7b": 82_432,
+    "llama1-13b": 135_168,
+    "llama1-33b": 530_432,
+    "llama1-65b": 1_022_362,
+}
+JSON_KEYS = {
+    "strategy", "zero_stage", "fsdp_shard_size", "tensor_parallel", "activation_checkpointing", "micro_batch_size",
+    "memory_gb", "fits", "step_time_s", "compute_s", "comm_exposed_s", "tokens_per_sec_per_gpu", "mfu", "days",
+    "gpu_hours",
+}  # fmt: skip
+
+
+def cli_json(capsys, *argv) -> dict:
+    capsys.readouterr()
+    main(list(argv))
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("preset", list(LLAMA1))
+def test_llama1_published_gpu_hours_within_20_percent(preset):
+    cfg = load_config(f"configs/experiments/{preset}.yaml")
+    best = next(p for p in plan_layouts(cfg, 2048, get_kind("a100-80gb")) if p.fits)
+    assert best.gpu_hours == pytest.approx(LLAMA1[preset], rel=0.2), (best.layout, best.gpu_hours)
+    if preset == "llama1-65b":
+        assert 285 <= best.tokens_per_sec_per_gpu <= 475
+
+
+def test_layout_json_schema_and_order(capsys):
+    out = cli_json(
+        capsys, "layout", "configs/experiments/llama1-65b.yaml", "--gpus", "2048", "--gpu", "a100-80gb", "--json"
+    )
+    layouts = out["layouts"]
+    assert layouts and all(JSON_KEYS <= set(lay) for lay in layouts)
+    fitting = [lay for lay in layouts if lay["fits"]]
+    assert fitting and layouts[: len(fitting)] == fitting  # fitting ones first
+    assert [lay["step_time_s"] for lay in fitting] == sorted(lay["step_time_s"] for lay in fitting)
+    best = fitting[0]
+    assert 285 <= best["tokens_per_sec_per_gpu"] <= 475
+    assert best["days"] == pytest.approx(best["gpu_hours"] / 2048 / 24)
+    tokens = 333_787 * 4_194_304
+    assert best["tokens_per_sec_per_gpu"] * 2048 * best["days"] * 86400 == pytest.approx(tokens, rel=1e-9)
+    # the overrides it prints select that layout
+    cfg = load_config("configs/experiments/llama1-65b.yaml", best["overrides"])
+    assert predict(cfg, 2048, get_kind("a100-80gb")).step_time_s == pytest.approx(best["step_time_s"])
+
+
+def test_a_layout_that_does_not_fit_is_never_listed_as_fitting(capsys):
+    kind = get_kind("a100-40gb")
+    cfg = load_config("configs/experiments/llama1-13b.yaml")
+    predictions = plan_layouts(cfg, 16, kind)
+    assert any(p.fits for p in predictions) and any(not p.fits for p in predictions)
+    for p in predictions:
+        assert p.fits == fits(plan_memory(p.layout.apply(cfg), 16), 40)
+    # and as the `memory` command says it, for the best layout and the first that does not fit
+    for p in (predictions[0], next(p for p in predictions if not p.fits)):
+        capsys.readouterr()
+        main(["memory", "configs/experiments/llama1-13b.yaml", *p.layout.overrides(), "--gpus", "16", "--gpu", "40"])
+        said = capsys.readouterr().out
+        assert ("does NOT fit" not in said) == p.fits, said
+
+
+def test_more_gpus_at_a_fixed_batch_never_beat_compute_bound():
+    kind = get_kind("h100-80gb")
+    cfg = load_config("configs/experiments/llama1-7b.yaml")
+    previous = None
+    for gpus in (64, 128, 256, 512, 1024, 2048):
+        predictions = [p for p in plan_layouts(cfg, gpus, kind) if p.fits]
+        for p in predictions:  # no layout is faster than its own compute alone
+            bound = cfg.train.global_batch_tokens / gpus / (p.compute_s + p.recompute_s)
+            assert p.tokens_per_sec_per_gpu <= bound * (1 + 1e-9)
+        best = predictions[0].tokens_per_sec_per_gpu
+        if previous is not None:
+            assert best <= previous * (1 + 1e-9), gpus
+        previous = best
+
+
+def test_counted_flops_are_the_model_formula():
+    args = load_config("configs/experiments/llama1-7b.yaml").model
+    tokens = 2048
+    _, n = count_params(args)
+    matrices = n - (2 * args.n_layers + 1) * args.dim  # the norms' weights take no matmul
+    plain = count_step(args, 2048, 1, Checkpointing.none, 2)
+    assert plain.gemm_flops == 6 * matrices * tokens  # every weight: 2 FLOPs forward, 4 backward, per token
+    causal_attention = 12 * args.n_layers * args.n_heads * args.head_dim * 2048 * tokens / 2 * 3.5 / 3
+    assert plain.attention_flops == pytest.approx(causal_attention)
+    full = count_step(args, 2048, 1, Checkpointing.full, 2)
+    block_matrices = (matrices - args.vocab_size * args.dim) / args.n_layers
+    # `full` runs each block's forward again up to the last tensor its backward needs: all but w2's matmul
+    # (torch.utils.checkpoint stops the recomputation early)
+    recomputed = block_matrices - args.dim * args.hidden_dim
+    assert full.gemm_flops - plain.gemm_flops == pytest.approx(2 * recomputed * tokens * args.n_layers)
+    llama = count_step(args, 2048, 1, Checkpointing.llama, 2)
+    assert llama.gemm_flops == plain.gemm_flops  # the hand-written backward recomputes no matmul
+    assert count_step(args, 2048, 2, Checkpointing.none, 2).memory_bytes == pytest.approx(2 * plain.memory_bytes, 0.01)
+
+
+def test_collectives_cost_more_across_nodes_and_with_size():
+    kind = get_kind("a100-80gb")
+    inside = collective_seconds(kind, "all_gather", 1e9, 8, 1)
+    across = collective_seconds(kind, "all_gather", 1e9, 16, 2)
+    assert across > inside * 5  # a NIC is ~10x slower than NVLink
+    assert collective_seconds(kind, "reduce_scatter", 2e9, 8, 1) > inside
+    assert collective_seconds(kind, "all_reduce", 1e9, 1, 1) == 0.0
+    # a latency-bound all-reduce over many nodes takes the tree (logarithmic in nodes), not the ring
+    small = [collective_seconds(kind, "all_reduce", 1e3, 8 * nodes, nodes) for nodes in (32, 256)]
+    assert small[1] < small[0] * 4
+
+
+def test_kinds_yaml_extends_and_checks(tmp_path):
+    extra = tmp_path / "mine.yaml"
+    extra.write_text("a100-80gb:\n  inter_node_bw: 50.0e9\nmy-gpu:\n  memory_gb: 24\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml: my-gpu: missing key\(s\) .*matmul_flops"):
+        load_kinds(str(extra))
+    extra.write_text("a100-80gb:\n  inter_node_bw: 50.0e9\n  nic_speed: 1\n")
+    with pytest.raises(ConfigError, match="mine.yaml: a100-80gb: unknown key.*nic_speed"):
+        load_kinds(str(extra))
+    extra.write_text("a100-80gb:\n  inter_node_bw: 50.0e9\n")
+    faster = load_kinds(str(extra))["a100-80gb"]
+    assert faster.inter_node_bw == 50e9 and faster.matmul_flops == get_kind("a100-80gb").matmul_flops
+    cfg = load_config("configs/experiments/llama1-65b.yaml", Layout("fsdp", None, 0, 8, "llama", 8).overrides())
+    assert predict(cfg, 2048, faster).comm_exposed_s < predict(cfg, 2048, get_kind("a100-80gb")).comm_exposed_s
+    with pytest.raises(ConfigError, match="--gpu b200"):
+        get_kind("b200")
+
+
+def test_info_reads_the_experiment_of_a_preset_and_prices_it(capsys):
+    info = cli_json(capsys, "info", "llama1-65b", "--json")
+    assert info["config_file"].endswith("configs/experiments/llama1-65b.yaml")
+    assert info["total_tokens"] == pytest.approx(1.4e12, rel=1e-5)
+    capsys.readouterr()
+    main(["info", "llama1-65b", "--gpus", "2048", "--gpu", "a100-80gb"])
+    out = capsys.readouterr().out
+    assert "read " in out and "experiments/llama1-65b.yaml" in out
+    assert "1,400,004,149,248" in out and "GPU-hours" in out and "days" in out
+
+
+def test_the_trainer_logs_the_prediction_and_the_summary_compares(tiny_data, tmp_path, capsys):
+    from pretrain.trainer import train
+
+    kinds = tmp_path / "kinds.yaml"
+    cpu = replace(get_kind("a100-80gb"), gpus_per_node=64, dtype_bytes=4)
+    fields = {k: v for k, v in vars(cpu).items() if k != "name"}
+    kinds.write_text("cpu:\n" + "".join(f"  {k}: {v}\n" for k, v in fields.items()))
+    summary = train(tiny_config(tiny_data, tmp_path / "run", "train.steps=4", f"metrics.gpu_kinds={kinds}"))
+    out = capsys.readouterr().out
+    assert "predicted by the layout planner (cpu, single)" in out
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = [r for r in records if "loss" in r][0]
+    assert first["predicted_tokens_per_sec_per_gpu"] == pytest.approx(summary["predicted_tokens_per_sec_per_gpu"])
+    assert all("predicted_tokens_per_sec_per_gpu" not in r for r in records if r is not first)
+    assert summary["gpu_kind"] == "cpu"
+    # without a kind for this device: a note, no prediction
+    summary = train(tiny_config(tiny_data, tmp_path / "run2", "train.steps=2"))
+    assert "no layout-planner kind for cpu" in capsys.readouterr().out
+    assert "predicted_tokens_per_sec_per_gpu" not in summary
