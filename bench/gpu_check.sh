@@ -185,6 +185,13 @@ if warm:
         f"- tokens/sec/GPU (median): {tps:,.0f}",
         f"- MFU (median): {100 * median(mfu):.1f}%" if mfu else "- MFU: n/a (no peak FLOPs known for this GPU)",
         f"- step time (median): {median([r['step_time_s'] for r in warm]):.3f} s",
+        *[  # the layout planner's prediction, logged by the trainer with its first line on a known GPU kind
+            f"- predicted by the layout planner: {r['predicted_tokens_per_sec_per_gpu']:,.0f} tokens/sec/GPU "
+            f"({r['predicted_step_time_s']:.3f} s/step); measured / predicted = "
+            f"{tps / r['predicted_tokens_per_sec_per_gpu']:.2f}"
+            for r in fsdp[:1]
+            if r.get("predicted_tokens_per_sec_per_gpu")
+        ],
         f"- peak memory: {max(r['peak_mem_gb'] for r in fsdp):.1f} GB",
         f"- loss: {fsdp[0]['loss']:.4f} at step {fsdp[0]['step']} -> {fsdp[-1]['loss']:.4f} at step {fsdp[-1]['step']}",
     ]

@@ -129,7 +129,8 @@ def main() -> None:
         f"median step after the first {SKIP}",
         f"load average: before {load_before[0]:.2f}, during runs {min(loads):.2f}-{max(loads):.2f}",
         "",
-        "| model | layout | kind | measured s/step | predicted s/step | error | compute | recompute | comm | CPU s (run) |",
+        "| model | layout | kind | measured s/step | predicted s/step | error | compute | recompute | comm "
+        "| CPU s (run) |",
         "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",

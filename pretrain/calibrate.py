@@ -5,7 +5,7 @@ the trainer sets them: usable CPUs // processes), that many processes run the me
 time, so they share the cores as training ranks do:
 
 - GEMMs of several shapes: the fit t = 2mnk / matmul_flops + matmul_overhead_s (least relative error);
-- elementwise kernels from 1 KB to 32 MB: t = bytes / memory_bandwidth + overhead;
+- LLaMA's memory-bound kernels (RMSNorm, SwiGLU, cross-entropy, RoPE) forward and backward: counted bytes / s;
 - a chain of tiny ops run forward and backward under autograd, counted as the cost model counts them
   (`pretrain.layout.counting`): op_overhead_s = seconds / kernels (dispatch, autograd bookkeeping);
 - causal attention forward + backward: attention_flops;
@@ -30,7 +30,10 @@ MEMORY_SHAPES = [(256, 256, 4096), (1024, 256, 4096), (512, 768, 4096)]  # (toke
 COLLECTIVE_BYTES = [2**p for p in range(12, 24, 2)]
 
 
-def _timed(fn, sync=None, seconds: float = 0.3, repeats: int = 5) -> float:
+TIMING_SECONDS = 0.5  # each timing: calls enough for this long
+
+
+def _timed(fn, sync=None, seconds: float | None = None, repeats: int = 5) -> float:
     """Seconds per call of `fn`: the median of `repeats` timings of a fixed number of calls (the median, not
     the best: a training step meets the machine as it usually is). With several processes (`sync`: agrees
     on a count and waits for all), every process makes the same number of calls from one barrier to the
@@ -39,7 +42,7 @@ def _timed(fn, sync=None, seconds: float = 0.3, repeats: int = 5) -> float:
     start = time.perf_counter()
     fn()
     probe = time.perf_counter() - start
-    calls = max(2, int(seconds / max(probe, 1e-7)))
+    calls = max(2, int((seconds or TIMING_SECONDS) / max(probe, 1e-7)))
     if sync is not None:
         calls = sync(calls)
     times = []
@@ -100,7 +103,7 @@ def measure_compute(sync) -> dict:
     import torch.nn.functional as F
 
     from pretrain.layout import attention_flops, counting
-    from pretrain.model import rms_norm
+    from pretrain.model import apply_rope, rms_norm, rope_cos_sin
 
     out: dict = {}
     xs, ts = [], []
@@ -129,7 +132,7 @@ def measure_compute(sync) -> dict:
     out["op_overhead_s"] = _timed(chain, sync) / tally.ops
 
     xs, ts = [], []
-    for tokens, dim, vocab in MEMORY_SHAPES:  # LLaMA's memory-bound work: RMSNorm, SwiGLU's product, cross-entropy
+    for tokens, dim, vocab in MEMORY_SHAPES:  # LLaMA's memory-bound work: RMSNorm, SwiGLU, cross-entropy, RoPE
         sets = cold(
             lambda tokens=tokens, dim=dim, vocab=vocab: (
                 torch.randn(tokens, dim, requires_grad=True),
@@ -138,12 +141,14 @@ def measure_compute(sync) -> dict:
                 torch.randn(tokens, 3 * dim, requires_grad=True),
                 torch.randn(tokens, vocab, requires_grad=True),
                 torch.randint(0, vocab, (tokens,)),
+                torch.randn(1, tokens, dim // 32, 32, requires_grad=True),
             )
         )
+        cos_sin = rope_cos_sin(32, tokens, 10000.0)
 
-        def elementwise(x, g, a, b, logits, targets):
+        def elementwise(x, g, a, b, logits, targets, q, cos_sin=cos_sin):
             y = rms_norm(x, g, 1e-6).sum() + (F.silu(a) * b).sum() + F.cross_entropy(logits, targets)
-            y.backward()
+            (y + apply_rope(q, cos_sin).sum()).backward()
 
         with counting() as tally:
             elementwise(*sets[0])
@@ -151,7 +156,6 @@ def measure_compute(sync) -> dict:
         xs.append(tally.bytes)
     out["memory_bandwidth"] = 1.0 / (sum(x * t for x, t in zip(xs, ts)) / sum(x * x for x in xs))
 
-    xs, ts = [], []
     xs, ts = [], []
     for batch, heads, head_dim in (
         (4, 8, 32),
@@ -284,6 +288,9 @@ def _worker(rank: int, world: int, port: int, folder: str, cores: int) -> None:
     import torch
     import torch.distributed as dist
 
+    if world == 1:  # in the calling process
+        Path(folder, "0.json").write_text(json.dumps(_measure_one(cores)))
+        return
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -312,6 +319,20 @@ def _worker(rank: int, world: int, port: int, folder: str, cores: int) -> None:
     Path(folder, f"{rank}.json").write_text(json.dumps(result))
 
 
+def _measure_one(cores: int) -> dict:
+    """`_worker` for one process, run in the caller (its thread count restored after)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cores)
+    try:
+        result = measure_compute(None)
+        result.update(measure_overheads(result, 1))
+        return result
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -323,13 +344,17 @@ def measure(world: int, cores: int) -> dict:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as folder:
-        mp.start_processes(_worker, args=(world, _free_port(), folder, cores), nprocs=world, start_method="spawn")
+        if world == 1:
+            _worker(0, 1, 0, folder, cores)
+        else:
+            mp.start_processes(_worker, args=(world, _free_port(), folder, cores), nprocs=world, start_method="spawn")
         results = [json.loads(Path(folder, f"{r}.json").read_text()) for r in range(world)]
     return {key: statistics.mean(r[key] for r in results if key in r) for key in results[0]}
 
 
-def calibrate(output: Path, threads: int | None = None) -> str:
-    """Measure the kinds `cpu`, `cpu-2p`, `cpu-4p` and write them to `output`; return a summary."""
+def calibrate(output: Path, threads: int | None = None, processes: tuple[int, ...] = PROCESSES) -> str:
+    """Measure the kinds `cpu`, `cpu-2p`, `cpu-4p` (one per count in `processes`) and write them to
+    `output`; return a summary."""
     from omegaconf import OmegaConf
 
     from data_pipeline.shards import atomic_write_bytes
@@ -337,7 +362,7 @@ def calibrate(output: Path, threads: int | None = None) -> str:
 
     cores = threads or usable_cpus()
     kinds, lines = {}, []
-    for world in PROCESSES:
+    for world in processes:
         m = measure(world, cores)
         name = "cpu" if world == 1 else f"cpu-{world}p"
         kinds[name] = {

@@ -445,7 +445,7 @@ def predict(cfg: ExperimentConfig, world_size: int, kind: GpuKind) -> Prediction
     layer_params = (P_T - (2 * args.vocab_size * args.dim) / T) / L
     shards = layout.fsdp_shard_size or data
     replicas = data // shards if t.strategy == "fsdp" else 1
-    dp_layer = dp_once = dp_after = 0.0  # per micro-batch and layer; per step during the last backward; after it
+    dp_layer = dp_once = dp_after = dp_root = 0.0  # per micro-batch and layer; the root's, not hidden; per step
     local_params = P_T
     if t.strategy == "fsdp" and shards > 1:
         nodes = _nodes(shards, T, per)
@@ -453,6 +453,9 @@ def predict(cfg: ExperimentConfig, world_size: int, kind: GpuKind) -> Prediction
         dp_layer = gathers * collective_seconds(
             kind, "all_gather", layer_params * p, shards, nodes
         ) + collective_seconds(kind, "reduce_scatter", layer_params * 4, shards, nodes)
+        root = 2 * args.vocab_size * args.dim / T  # embedding and output: gathered once (the root is not resharded)
+        dp_root = collective_seconds(kind, "all_gather", root * p, shards, nodes)
+        dp_root += collective_seconds(kind, "reduce_scatter", root * 4, shards, nodes)
         if replicas > 1:
             dp_layer += collective_seconds(
                 kind, "all_reduce", layer_params * 4 / shards, replicas, _nodes(replicas, T * shards, per)
@@ -478,13 +481,13 @@ def predict(cfg: ExperimentConfig, world_size: int, kind: GpuKind) -> Prediction
     once_hidden = min(dp_once, kind.overlap * 2 / 3 * micro)
     hidden = m * (L * dp_hidden_layer + tp_hidden) + once_hidden
     comm_exposed = (
-        m * (tp_total - tp_hidden + L * (dp_layer - dp_hidden_layer) + first_layer)
+        m * (tp_total - tp_hidden + L * (dp_layer - dp_hidden_layer) + first_layer + dp_root)
         + dp_after
         + dp_once
         - once_hidden
         + kind.comm_compute_share * hidden
     )
-    comm_total = m * (tp_total + L * dp_layer) + dp_once + dp_after
+    comm_total = m * (tp_total + L * dp_layer + dp_root) + dp_once + dp_after
     optimizer = local_params * ADAMW_BYTES_PER_PARAM / kind.memory_bandwidth
     overhead = kind.step_overhead_s
     if t.strategy == "fsdp" and shards > 1 or t.strategy == "deepspeed" and t.zero_stage == 3 and data > 1:

@@ -179,3 +179,41 @@ def test_the_trainer_logs_the_prediction_and_the_summary_compares(tiny_data, tmp
     summary = train(tiny_config(tiny_data, tmp_path / "run2", "train.steps=2"))
     assert "no layout-planner kind for cpu" in capsys.readouterr().out
     assert "predicted_tokens_per_sec_per_gpu" not in summary
+
+
+def test_calibration_writes_a_kind_the_planner_and_the_trainer_use(tmp_path, monkeypatch, capsys):
+    from pretrain import calibrate
+
+    # one process, small shapes, short timings: what the command does, in seconds (the bench runs it whole)
+    monkeypatch.setattr(calibrate, "GEMM_SHAPES", [(64, 64, 64), (256, 256, 256), (512, 256, 128)])
+    monkeypatch.setattr(calibrate, "MEMORY_SHAPES", [(64, 64, 256), (256, 64, 256)])
+    monkeypatch.setattr(calibrate, "COLD_BYTES", 2**20)
+    monkeypatch.setattr(calibrate, "TIMING_SECONDS", 0.02)
+    out = tmp_path / "kinds.yaml"
+    said = calibrate.calibrate(out, threads=1, processes=(1,))
+    assert f"wrote {out}" in said
+    cpu = load_kinds(str(out))["cpu"]
+    assert cpu.dtype_bytes == 4 and cpu.overlap == 0.0
+    for rate in (cpu.matmul_flops, cpu.memory_bandwidth, cpu.attention_flops):
+        assert 1e8 < rate < 1e14  # a CPU's: between 0.1 G and 100 T per second
+    assert 0 < cpu.op_overhead_s < 1e-3 and cpu.step_overhead_s >= 0
+    capsys.readouterr()
+    main(["layout", "configs/experiments/debug.yaml", "--gpus", "1", "--gpu", "cpu", "--kinds", str(out)])
+    assert "best: train.strategy=single" in capsys.readouterr().out
+
+
+def test_fit_line_and_cold_operands():
+    import torch
+
+    from pretrain.calibrate import cold, fit_line, rotate
+
+    slope, intercept = fit_line([1.0, 2.0, 4.0], [3.0, 5.0, 9.0])
+    assert slope == pytest.approx(2.0) and intercept == pytest.approx(1.0)
+    assert fit_line([1.0, 2.0], [1.0, 1.5])[1] >= 0
+    sets = cold(lambda: (torch.zeros(1024),))  # 4 KB each: 128 MB of them
+    assert len(sets) == 128 * 2**20 // 4096
+    seen = []
+    call = rotate(lambda t: seen.append(id(t)), sets[:3])
+    for _ in range(6):
+        call()
+    assert len(set(seen)) == 3
