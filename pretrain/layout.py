@@ -241,12 +241,15 @@ def _count_model(args: ModelArgs, seq: int, micro_batch: int, mode: Checkpointin
     from pretrain.model import Transformer
     from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
 
+    from pretrain import llama_backward
+
     dtype = torch.bfloat16 if dtype_bytes == 2 else torch.float32
     with torch.device("meta"):
         model = Transformer(args).to(dtype)
     apply_activation_checkpointing(model, mode)
     tokens = torch.zeros(micro_batch, seq, dtype=torch.long, device="meta")
-    with counting() as tally:
+    on_cpu = (lambda t: True) if dtype_bytes == 4 else llama_backward.on_cpu  # fp32: a CPU run's kernels
+    with counting() as tally, mock.patch.object(llama_backward, "on_cpu", on_cpu):
         model(tokens, tokens).backward()
     return tally.result()
 

@@ -57,9 +57,14 @@ def _rope_backward(dy: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     return apply_rope(dy, cos_sin * cos_sin.new_tensor([1.0, -1.0]))
 
 
+def on_cpu(t: torch.Tensor) -> bool:
+    """Whether attention takes the CPU kernels (the layout planner counts a CPU run on `meta` as one)."""
+    return t.device.type == "cpu"
+
+
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, tuple, tuple]:
     """Causal attention through SDPA's fused kernels; returns output, tensors and values for the backward."""
-    if q.device.type in ("cpu", "meta"):  # meta: the layout planner counting a CPU run
+    if on_cpu(q):
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
         return out, (lse,), ()
     if q.dtype not in (torch.float16, torch.bfloat16):
@@ -73,7 +78,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch
 def _attention_backward(dout, q, k, v, out, tensors: tuple, values: tuple):
     """dq, dk, dv of `_attention` from its saved output and logsumexp: the scores are not recomputed
     beyond what the fused backward kernel itself does tile by tile."""
-    if q.device.type in ("cpu", "meta"):
+    if on_cpu(q):
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, tensors[0], 0.0, True)
     lse, cum_q, cum_k, seed, offset = tensors
     max_q, max_k = values

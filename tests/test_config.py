@@ -22,6 +22,10 @@ def test_every_yaml_loads_and_validates(path: Path):
         from data_pipeline.raw.recipe import RecipeConfig, validate_recipe
 
         validate_recipe(load_structured(RecipeConfig, path))
+    elif path.name == "gpus.yaml":  # the layout planner's GPU kinds
+        from pretrain.layout import load_kinds
+
+        assert {"a100-80gb", "h100-80gb", "h200"} <= set(load_kinds())
     else:
         load_config(path)
 
