@@ -57,8 +57,8 @@ def main() -> None:
         "",
         f"commit {code_version()}; command: python {' '.join(sys.argv)}",
         "",
-        "| preset | tokens | published GPU-hours | predicted | ratio | ratio, overlap free | tokens/sec/GPU | MFU | days "
-        "| best layout |",
+        "| preset | tokens | published GPU-hours | predicted | ratio | ratio, overlap free | tokens/sec/GPU | MFU "
+        "| days | best layout |",
         "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",

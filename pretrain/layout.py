@@ -238,10 +238,9 @@ def _count_model(args: ModelArgs, seq: int, micro_batch: int, mode: Checkpointin
     """Run one forward + backward of `args` (on `meta`) and count what it runs."""
     import torch
 
+    from pretrain import llama_backward
     from pretrain.model import Transformer
     from pretrain.parallel.activation_checkpoint import apply_activation_checkpointing
-
-    from pretrain import llama_backward
 
     dtype = torch.bfloat16 if dtype_bytes == 2 else torch.float32
     with torch.device("meta"):
