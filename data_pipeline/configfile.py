@@ -33,7 +33,10 @@ def resolve_config_path(name: str | os.PathLike) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise ConfigError(f"config file not found: {name} (looked in . and {CONFIGS_DIR})")
+    raise ConfigError(
+        f"config file not found: {name} (looked in ., in {CONFIGS_DIR}, and for a bare name in its "
+        "experiments/ and model/)"
+    )
 
 
 def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:

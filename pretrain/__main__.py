@@ -82,6 +82,8 @@ def cmd_info(
         "params_per_tensor_parallel_rank": tensor_parallel_params(m, cfg.train.tensor_parallel),
     }
     best = None
+    if gpus is not None and gpus < 1:
+        raise ConfigError(f"--gpus {gpus}: at least 1")
     if gpus or gpu:
         from pretrain.layout import get_kind, kind_for_precision, plan_layouts
 
@@ -206,8 +208,8 @@ def cmd_layout(args: argparse.Namespace) -> int:
     kind = kind_for_precision(get_kind(args.gpu, args.kinds), cfg)
     if args.nodes_of:
         kind = replace(kind, gpus_per_node=args.nodes_of)
-    if args.gpus < 1:
-        raise ConfigError(f"--gpus {args.gpus}: at least 1")
+    if args.gpus < 1 or (args.nodes_of is not None and args.nodes_of < 1):
+        raise ConfigError(f"--gpus {args.gpus} --nodes-of {args.nodes_of}: each at least 1")
     predictions = plan_layouts(cfg, args.gpus, kind)
     if args.json:
         print(
@@ -304,11 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="an experiment YAML, e.g. configs/experiments/debug.yaml")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p = with_config("config", "print the resolved config: defaults, YAML and overrides merged (YAML)")
-    p.add_argument("config", help="a YAML or a model preset name such as llama1-7b")
+    p.add_argument("config", help="a YAML or a preset name such as llama1-7b (its experiment config)")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--json", action="store_true", help="print JSON instead of YAML")
     p = with_config("info", "parameters, FLOPs and token budget of a config")
-    p.add_argument("config", help="a YAML or a model preset name such as llama1-7b")
+    p.add_argument("config", help="a YAML or a preset name such as llama1-7b (its experiment config)")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--json", action="store_true")
     p.add_argument("--gpus", type=int, help="with --gpu: predicted days and GPU-hours on this many GPUs")
@@ -323,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", help="a YAML of more GPU kinds (configs/gpus.yaml's layout), e.g. a calibration")
     p.add_argument("--json", action="store_true", help='{"layouts": [...]}, best first')
     p.add_argument("--top", type=int, default=15, help="rows of the table (default 15)")
-    p.add_argument("--calibrate", action="store_true", help="measure this machine's CPU as the kind `cpu`")
+    p.add_argument("--calibrate", action="store_true", help="measure this CPU as kinds cpu, cpu-2p, cpu-4p")
     p.add_argument("--output", default="runs/kinds-cpu.yaml", help="with --calibrate: the YAML to write")
     p.add_argument("--threads", type=int, help="with --calibrate: intra-op threads (default: all usable CPUs)")
     p = with_config("plan", "tokens drawn and epochs per source for the training budget")

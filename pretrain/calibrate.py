@@ -9,7 +9,7 @@ time, so they share the cores as training ranks do:
 - a chain of tiny ops run forward and backward under autograd, counted as the cost model counts them
   (`pretrain.layout.counting`): op_overhead_s = seconds / kernels (dispatch, autograd bookkeeping);
 - causal attention forward + backward: attention_flops;
-- gloo all-gather and reduce-scatter from 4 KB to 8 MB: t = latency x (P - 1) + (P - 1) / P x bytes / bw.
+- gloo all-gather and reduce-scatter from 4 KB to 4 MB: t = latency x (P - 1) + (P - 1) / P x bytes / bw.
 
 The kinds are written as YAML (`cpu`, `cpu-2p`, `cpu-4p`) for `layout --kinds FILE --gpu cpu-2p`.
 """
@@ -270,7 +270,8 @@ def measure_overheads(result: dict, world: int) -> dict:
         out["step_overhead_s"] = max(0.0, measured - predict(cfg, 1, kind).step_time_s)
         return out
     measured, cfg = time_step(["train.strategy=fsdp"], world)
-    L, m = cfg.model.n_layers, 2
+    L = cfg.model.n_layers
+    m = cfg.train.global_batch_tokens // (cfg.train.micro_batch_size * cfg.data.seq_len * world)
     collectives = m * (L + 1) * 3
     out["fsdp_collective_overhead_s"] = max(0.0, (measured - predict(cfg, world, kind).step_time_s) / collectives)
     if world == 2:
@@ -278,7 +279,8 @@ def measure_overheads(result: dict, world: int) -> dict:
         counts = count_step(
             cfg.model, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.activation_checkpointing, 4
         )
-        kernels = m * 2 * (sum(n for _, n in counts.gemms) + counts.attention_kernels + counts.memory_ops)
+        m = cfg.train.global_batch_tokens // (cfg.train.micro_batch_size * cfg.data.seq_len)  # one data rank
+        kernels = m * (sum(n for _, n in counts.gemms) + counts.attention_kernels + counts.memory_ops)
         kind = replace(kind, **out)
         out["tp_op_overhead_s"] = max(0.0, (measured - predict(cfg, world, kind).step_time_s) / kernels)
     return out

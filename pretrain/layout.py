@@ -42,7 +42,9 @@ from pretrain.model import ModelArgs, count_params, flops_per_token, tensor_para
 
 KINDS_FILE = Path(__file__).resolve().parent.parent / "configs" / "gpus.yaml"
 
-# NCCL's latency model (src/graph/tuning.cc, Simple protocol): a base per ring collective, then per step.
+# NCCL's latency model (src/graph/tuning.cc of NCCL 2.7-2.8, Simple protocol: baseLat ring 8.4 us; hwLat ring
+# NVLink 5.7, network 6.6; tree NVLink 28, network 50 us). Later versions use other figures (ring NVLink
+# 3.4 us, network 9.6-14 us): a per-step latency of this order, not an exact one.
 RING_BASE_LATENCY_S = 8.4e-6
 NVLINK_STEP_LATENCY_S = 5.7e-6
 NET_STEP_LATENCY_S = 6.6e-6
@@ -87,8 +89,11 @@ def load_kinds(extra: Optional[str] = None) -> dict[str, GpuKind]:
     names = {f.name for f in fields(GpuKind)} - {"name"}
     for path in [KINDS_FILE] + ([Path(extra)] if extra else []):
         if not path.is_file():
-            raise ConfigError(f"--kinds {path}: no such file")
-        data = OmegaConf.to_container(OmegaConf.load(path))
+            raise ConfigError(f"{path}: no such file of GPU kinds")
+        try:
+            data = OmegaConf.to_container(OmegaConf.load(path))
+        except Exception as e:  # yaml's errors
+            raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of GPU kinds")
         for name, values in data.items():
@@ -101,6 +106,15 @@ def load_kinds(extra: Optional[str] = None) -> dict[str, GpuKind]:
             required = {f.name for f in fields(GpuKind) if f.default is MISSING}
             if required - set(merged):
                 raise ConfigError(f"{path}: {name}: missing key(s) {', '.join(sorted(required - set(merged)))}")
+            for key, value in merged.items():
+                if key != "name" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                    raise ConfigError(f"{path}: {name}.{key}: expected a number >= 0, got {value!r}")
+            for key in ("memory_gb", "peak_flops", "matmul_flops", "attention_flops", "memory_bandwidth",
+                        "gpus_per_node", "intra_node_bw", "inter_node_bw"):  # fmt: skip
+                if not merged[key] > 0:
+                    raise ConfigError(f"{path}: {name}.{key} must be > 0, got {merged[key]}")
+            if merged.get("dtype_bytes", 2) not in (2, 4):
+                raise ConfigError(f"{path}: {name}.dtype_bytes must be 2 (bf16) or 4 (fp32)")
             kinds[name] = GpuKind(**merged)
     return kinds
 
@@ -234,7 +248,9 @@ def attention_flops(batch: int, heads: int, seq: int, head_dim: int) -> float:
     return 4.0 * batch * heads * seq * seq * head_dim / 2
 
 
-def _count_model(args: ModelArgs, seq: int, micro_batch: int, mode: Checkpointing, dtype_bytes: int) -> Counts:
+def _count_model(
+    args: ModelArgs, seq: int, micro_batch: int, mode: Checkpointing, dtype_bytes: int, loss_chunk: int = 0
+) -> Counts:
     """Run one forward + backward of `args` (on `meta`) and count what it runs."""
     import torch
 
@@ -246,6 +262,7 @@ def _count_model(args: ModelArgs, seq: int, micro_batch: int, mode: Checkpointin
     with torch.device("meta"):
         model = Transformer(args).to(dtype)
     apply_activation_checkpointing(model, mode)
+    model.loss_chunk_tokens = loss_chunk  # chunked: the output projection runs again in the backward
     tokens = torch.zeros(micro_batch, seq, dtype=torch.long, device="meta")
     on_cpu = (lambda t: True) if dtype_bytes == 4 else llama_backward.on_cpu  # fp32: a CPU run's kernels
     with counting() as tally, mock.patch.object(llama_backward, "on_cpu", on_cpu):
@@ -253,17 +270,19 @@ def _count_model(args: ModelArgs, seq: int, micro_batch: int, mode: Checkpointin
     return tally.result()
 
 
-def count_step(args: ModelArgs, seq: int, micro_batch: int, mode: Checkpointing, dtype_bytes: int) -> Counts:
+def count_step(
+    args: ModelArgs, seq: int, micro_batch: int, mode: Checkpointing, dtype_bytes: int, loss_chunk: int = 0
+) -> Counts:
     """One micro-batch's forward + backward of the whole model: the counts of one and two layers, the
     second's difference (one block) times the remaining layers."""
-    return _count_step(tuple(sorted(asdict(args).items())), seq, micro_batch, mode, dtype_bytes)
+    return _count_step(tuple(sorted(asdict(args).items())), seq, micro_batch, mode, dtype_bytes, loss_chunk)
 
 
 @lru_cache(maxsize=256)
-def _count_step(key: tuple, seq: int, micro_batch: int, mode: Checkpointing, dtype_bytes: int) -> Counts:
+def _count_step(key: tuple, seq: int, micro_batch: int, mode: Checkpointing, dtype_bytes: int, chunk: int) -> Counts:
     args = ModelArgs(**dict(key))
-    one = _count_model(replace(args, n_layers=1), seq, micro_batch, mode, dtype_bytes)
-    two = _count_model(replace(args, n_layers=2), seq, micro_batch, mode, dtype_bytes)
+    one = _count_model(replace(args, n_layers=1), seq, micro_batch, mode, dtype_bytes, chunk)
+    two = _count_model(replace(args, n_layers=2), seq, micro_batch, mode, dtype_bytes, chunk)
     return (two - one).scaled(args.n_layers - 1, one)
 
 
@@ -323,10 +342,13 @@ class Layout:
         """The `train.*` overrides that select this layout."""
         out = [f"train.strategy={self.strategy}"]
         if self.strategy == "deepspeed":
-            out.append(f"train.zero_stage={self.zero_stage}")
-        if self.strategy == "fsdp":
-            out.append(f"train.fsdp_shard_size={self.fsdp_shard_size}")
-            out.append(f"train.tensor_parallel={self.tensor_parallel}")
+            out += [
+                f"train.zero_stage={self.zero_stage}",
+                "train.offload_optimizer=false",
+                "train.offload_params=false",
+            ]
+        out.append(f"train.fsdp_shard_size={self.fsdp_shard_size}")
+        out.append(f"train.tensor_parallel={self.tensor_parallel}")
         out.append(f"train.activation_checkpointing={self.activation_checkpointing}")
         out.append(f"train.micro_batch_size={self.micro_batch_size}")
         return out
@@ -340,6 +362,8 @@ class Layout:
             tensor_parallel=self.tensor_parallel,
             activation_checkpointing=Checkpointing(self.activation_checkpointing),
             micro_batch_size=self.micro_batch_size,
+            offload_optimizer=False,  # the planner leaves offload out (it times GPU memory, not PCIe)
+            offload_params=False,
         )
 
     @classmethod
@@ -418,8 +442,9 @@ def predict(cfg: ExperimentConfig, world_size: int, kind: GpuKind) -> Prediction
     mode = Checkpointing(layout.activation_checkpointing)
     p = kind.dtype_bytes
     L = args.n_layers
-    counts = count_step(args, seq, b, mode, p)
-    plain = count_step(args, seq, b, Checkpointing.none, p) if mode != Checkpointing.none else counts
+    chunk = t.loss_chunk_tokens
+    counts = count_step(args, seq, b, mode, p, chunk)
+    plain = count_step(args, seq, b, Checkpointing.none, p, chunk) if mode != Checkpointing.none else counts
     micro = compute_seconds(counts, kind, T)
     recompute = max(0.0, matmul_seconds(counts, kind, T) - matmul_seconds(plain, kind, T))
     per = kind.gpus_per_node
@@ -428,65 +453,81 @@ def predict(cfg: ExperimentConfig, world_size: int, kind: GpuKind) -> Prediction
     tp_hidden = tp_total = 0.0
     if T > 1:
         A = b * seq * args.dim * p
-        r = L if mode in (Checkpointing.selective, Checkpointing.full) else 0
-        if mode == Checkpointing.llama:
-            gathers, scatters, scatter_bytes = 6 * L + 2, 2 * L + 1, A * 4 / p
-        else:
-            gathers, scatters, scatter_bytes = 4 * L + 2 + 2 * r, 4 * L + 1 + r, A
         nodes = _nodes(T, 1, per)
         ag = collective_seconds(kind, "all_gather", A, T, nodes)
-        rs = collective_seconds(kind, "reduce_scatter", scatter_bytes, T, nodes)
-        ar = collective_seconds(kind, "all_reduce", 3 * b * seq * 4, T, nodes)
-        tp_total = gathers * ag + scatters * rs + ar
-        # the llama backward overlaps its 4 gathers and 2 reduce-scatters per block with weight-gradient GEMMs
-        tp_hidden = (4 * ag + 2 * rs) * L * kind.overlap if mode == Checkpointing.llama else 0.0
+        rs = collective_seconds(kind, "reduce_scatter", A, T, nodes)
+        norms = (2 * L + 1) * args.dim
+        if mode == Checkpointing.llama:
+            # per block: forward 2 gathers + 2 reduce-scatters; backward 4 gathers and 2 reduce-scatters in fp32,
+            # of which the 2 re-gathered normed inputs and the 2 reduce-scatters run behind weight-gradient GEMMs
+            rs32 = collective_seconds(kind, "reduce_scatter", A * 4 / p, T, nodes)
+            tp_total = (6 * L + 2) * ag + (2 * L + 1) * rs + 2 * L * rs32
+            norm_grads = L * 2 * collective_seconds(kind, "all_reduce", args.dim * 4, T, nodes)
+            weight_grads = matmul_seconds(counts, kind, T) / 3  # a third of the GEMM FLOPs: weight gradients
+            tp_hidden = min((2 * ag + 2 * rs32) * L, kind.overlap * weight_grads)
+        else:  # DTensor's plans; selective and full run the forward's collectives again (but w2's)
+            r = L if mode in (Checkpointing.selective, Checkpointing.full) else 0
+            tp_total = (4 * L + 2 + 2 * r) * ag + (4 * L + 1 + r) * rs
+            norm_grads = collective_seconds(kind, "all_reduce", norms * p, T, nodes)
+        # the final norm's output gradient, the norms' gradients, the vocabulary-parallel loss's 3 numbers a token
+        tp_total += collective_seconds(kind, "all_reduce", A + 3 * b * seq * 4, T, nodes) + norm_grads
 
     # data parallel: parameters and gradients
     P = count_params(args)[0]
     P_T = tensor_parallel_params(args, T)
-    layer_params = (P_T - (2 * args.vocab_size * args.dim) / T) / L
+    root = 2 * args.vocab_size * args.dim / T  # embedding and output
+    layer_params = (P_T - root) / L
     shards = layout.fsdp_shard_size or data
     replicas = data // shards if t.strategy == "fsdp" else 1
-    dp_layer = dp_once = dp_after = dp_root = 0.0  # per micro-batch and layer; the root's, not hidden; per step
+    # per micro-batch and layer (hidden behind that layer's compute); the root's and the first block's gather
+    # (nothing before them to hide behind); per step during the last backward; after it
+    dp_layer = dp_root = dp_once = dp_after = 0.0
     local_params = P_T
-    if t.strategy == "fsdp" and shards > 1:
+    if t.strategy == "fsdp":
         nodes = _nodes(shards, T, per)
-        gathers = 2 if t.reshard_after_forward else 1
-        dp_layer = gathers * collective_seconds(
-            kind, "all_gather", layer_params * p, shards, nodes
-        ) + collective_seconds(kind, "reduce_scatter", layer_params * 4, shards, nodes)
-        root = 2 * args.vocab_size * args.dim / T  # embedding and output: gathered once (the root is not resharded)
-        dp_root = collective_seconds(kind, "all_gather", root * p, shards, nodes)
-        dp_root += collective_seconds(kind, "reduce_scatter", root * 4, shards, nodes)
-        if replicas > 1:
-            dp_layer += collective_seconds(
-                kind, "all_reduce", layer_params * 4 / shards, replicas, _nodes(replicas, T * shards, per)
-            )
+        if shards > 1:
+            gathers = 2 if t.reshard_after_forward else 1
+            dp_layer = gathers * collective_seconds(kind, "all_gather", layer_params * p, shards, nodes)
+            dp_layer += collective_seconds(kind, "reduce_scatter", layer_params * 4, shards, nodes)
+            # the root is gathered once (FSDP2 does not reshard it after the forward)
+            dp_root = collective_seconds(kind, "all_gather", root * p, shards, nodes)
+            dp_root += collective_seconds(kind, "reduce_scatter", root * 4, shards, nodes)
+        if replicas > 1:  # HSDP: each shard's gradient all-reduced over the replicas
+            groups = _nodes(replicas, T * shards, per)
+            dp_layer += collective_seconds(kind, "all_reduce", layer_params * 4 / shards, replicas, groups)
+            dp_root += collective_seconds(kind, "all_reduce", root * 4 / shards, replicas, groups)
         local_params = P_T / shards
     elif t.strategy == "deepspeed" and data > 1:
+        # gradients travel in fp32 (deepspeed.py sets communication_data_type) under stages 1-3
+        grad_bytes = 4 if t.zero_stage >= 1 else p
         nodes = _nodes(data, 1, per)
-        if t.zero_stage == 3:
-            dp_layer = 2 * collective_seconds(kind, "all_gather", layer_params * 2, data, nodes)
-            dp_layer += collective_seconds(kind, "reduce_scatter", layer_params * 2, data, nodes)
-        else:  # gradients reduced once a step, during the last backward; updated parameters gathered after
-            op = "all_reduce" if t.zero_stage <= 1 else "reduce_scatter"
-            dp_once = collective_seconds(kind, op, P * 2, data, nodes)
-            if t.zero_stage >= 1:
-                dp_after = collective_seconds(kind, "all_gather", P * 2, data, nodes)
+        if t.zero_stage == 3:  # parameters gathered for forward and backward, gradients reduced, per micro-batch
+            dp_layer = 2 * collective_seconds(kind, "all_gather", layer_params * p, data, nodes)
+            dp_layer += collective_seconds(kind, "reduce_scatter", layer_params * grad_bytes, data, nodes)
+            dp_root = collective_seconds(kind, "all_gather", root * p, data, nodes)
+            dp_root += collective_seconds(kind, "reduce_scatter", root * grad_bytes, data, nodes)
+        elif t.zero_stage == 2:  # gradients reduce-scattered during every backward (bucketed)
+            dp_layer = collective_seconds(kind, "reduce_scatter", layer_params * grad_bytes, data, nodes)
+            dp_root = collective_seconds(kind, "reduce_scatter", root * grad_bytes, data, nodes)
+        else:  # gradients reduced once a step, during the last backward: to their owners (1), to all (0)
+            op = "reduce_scatter" if t.zero_stage == 1 else "all_reduce"
+            dp_once = collective_seconds(kind, op, P * grad_bytes, data, nodes)
+        if t.zero_stage in (1, 2):  # the updated parameters gathered after the step
+            dp_after = collective_seconds(kind, "all_gather", P * p, data, nodes)
         local_params = P / (1 if t.zero_stage == 0 else data)
     # Overlap: per micro-batch and layer, data-parallel traffic hides behind that layer's compute (FSDP and
-    # ZeRO-3 prefetch); ZeRO-0/1/2 reduce gradients during the last backward (2/3 of a micro-batch). Hidden
+    # ZeRO prefetch and bucketing); ZeRO-0/1 reduce during the last backward (2/3 of a micro-batch). Hidden
     # traffic is not free: while a collective runs its kernels hold `comm_compute_share` of the GPU.
     layer_compute = micro / L
     dp_hidden_layer = min(dp_layer, kind.overlap * layer_compute)
-    first_layer = dp_layer / 2 if dp_layer else 0.0  # the first block's gather waits for nothing to hide behind
+    first_layer = min(dp_layer / 2, dp_hidden_layer)  # the first block's gather: hidden behind nothing
     once_hidden = min(dp_once, kind.overlap * 2 / 3 * micro)
-    hidden = m * (L * dp_hidden_layer + tp_hidden) + once_hidden
+    hidden = m * (L * dp_hidden_layer - first_layer + tp_hidden) + once_hidden
     comm_exposed = (
         m * (tp_total - tp_hidden + L * (dp_layer - dp_hidden_layer) + first_layer + dp_root)
-        + dp_after
         + dp_once
         - once_hidden
+        + dp_after
         + kind.comm_compute_share * hidden
     )
     comm_total = m * (tp_total + L * dp_layer + dp_root) + dp_once + dp_after
@@ -539,7 +580,7 @@ def candidate_layouts(cfg: ExperimentConfig, world_size: int, kind: GpuKind) -> 
         if sequences % data:
             continue
         shard_sizes = {0}
-        if data > per // T and (per // T) > 1:
+        if data > per // T > 1 and data % (per // T) == 0:
             shard_sizes.add(per // T)  # HSDP: a copy per node
         for shard in sorted(shard_sizes):
             for mode in modes:
@@ -558,8 +599,18 @@ def _micro_batches(per_rank: int, largest: int = 64) -> list[int]:
 
 
 def plan_layouts(cfg: ExperimentConfig, world_size: int, kind: GpuKind) -> list[Prediction]:
-    """Predictions for every candidate layout: fitting ones first, fastest first."""
-    predictions = [predict(lay.apply(cfg), world_size, kind) for lay in candidate_layouts(cfg, world_size, kind)]
+    """Predictions for every candidate layout that the config's checks accept: fitting ones first, fastest
+    first."""
+    from pretrain.config import validate
+
+    predictions = []
+    for lay in candidate_layouts(cfg, world_size, kind):
+        changed = lay.apply(cfg)
+        try:
+            validate(changed)
+        except ConfigError:  # e.g. llama with document attention, compile under tensor parallelism
+            continue
+        predictions.append(predict(changed, world_size, kind))
     return sorted(predictions, key=lambda p: (not p.fits, p.step_time_s))
 
 
@@ -602,7 +653,8 @@ def format_table(cfg: ExperimentConfig, world_size: int, kind: GpuKind, predicti
 def run_kind(cfg: ExperimentConfig, device_name: str, processes_per_node: int) -> Optional[GpuKind]:
     """The kind a run's prediction uses: `metrics.gpu_kind`, else the device's (`NVIDIA A100-SXM4-80GB` ->
     a100-80gb; a CPU -> `cpu` for one process, `cpu-2p` for two on the node, ... when `metrics.gpu_kinds`
-    holds a calibration); None when there is none."""
+    holds a calibration); None when there is none: an H100 PCIe or NVL, a GH200, or fp32 on a GPU (the kinds'
+    rates are bf16 tensor-core rates). On a GPU the node has the launcher's processes."""
     kinds = load_kinds(cfg.metrics.gpu_kinds)
     if cfg.metrics.gpu_kind:
         if cfg.metrics.gpu_kind not in kinds:
@@ -611,10 +663,13 @@ def run_kind(cfg: ExperimentConfig, device_name: str, processes_per_node: int) -
     name, found = device_name.upper(), None
     if name == "CPU":
         found = kinds.get("cpu" if processes_per_node == 1 else f"cpu-{processes_per_node}p")
-    elif "H200" in name:
+        return kind_for_precision(found, cfg) if found else None
+    if cfg.train.precision == Precision.fp32 or any(word in name for word in ("PCIE", "NVL", "GH200")):
+        return None
+    if "H200" in name:
         found = kinds.get("h200")
-    elif "H100" in name and "PCIE" not in name:
+    elif "H100" in name:
         found = kinds.get("h100-80gb")
     elif "A100" in name:
         found = kinds.get("a100-80gb" if "80G" in name else "a100-40gb")
-    return kind_for_precision(found, cfg) if found else None
+    return replace(found, gpus_per_node=max(processes_per_node, 1)) if found else None

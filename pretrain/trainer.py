@@ -496,20 +496,25 @@ class PredictedStep:
 
 
 def predicted_step(cfg: ExperimentConfig, strategy: Strategy) -> Optional[PredictedStep]:
-    """The prediction for this run, or None when its device is no known kind (a note says how to get one)."""
+    """The prediction for this run, or None when its device is no known kind (a note says how to get one).
+    A prediction is never a reason to stop training: whatever goes wrong in it is one line, and no prediction."""
     from pretrain.layout import predict, run_kind
     from pretrain.runtime import processes_on_node
 
     device = strategy.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    kind = run_kind(cfg, name, processes_on_node())
-    if kind is None:
-        print(
-            f"no layout-planner kind for {name}: no predicted throughput (set metrics.gpu_kinds to the YAML of "
-            "`python -m pretrain layout --calibrate`, or metrics.gpu_kind)"
-        )
+    try:
+        kind = run_kind(cfg, name, processes_on_node())
+        if kind is None:
+            print(
+                f"no layout-planner kind for {name} ({cfg.train.precision.value}): no predicted throughput (set "
+                "metrics.gpu_kinds to the YAML of `python -m pretrain layout --calibrate`, or metrics.gpu_kind)"
+            )
+            return None
+        return PredictedStep(predict(cfg, strategy.world_size, kind), kind.name)
+    except Exception as e:  # noqa: BLE001 - the planner must never stop a run
+        print(f"layout planner: no predicted throughput ({type(e).__name__}: {e})")
         return None
-    return PredictedStep(predict(cfg, strategy.world_size, kind), kind.name)
 
 
 def startup_banner(

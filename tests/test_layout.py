@@ -14,6 +14,7 @@ from pretrain.config import Checkpointing, ConfigError, load_config
 from pretrain.layout import (
     Layout,
     collective_seconds,
+    compute_seconds,
     count_step,
     get_kind,
     load_kinds,
@@ -88,16 +89,59 @@ def test_a_layout_that_does_not_fit_is_never_listed_as_fitting(capsys):
 def test_more_gpus_at_a_fixed_batch_never_beat_compute_bound():
     kind = get_kind("h100-80gb")
     cfg = load_config("configs/experiments/llama1-7b.yaml")
+    # compute-bound: one GPU's best rate with nothing but its own compute, at any micro-batch and mode
+    bound = max(
+        b * cfg.data.seq_len / compute_seconds(count_step(cfg.model, cfg.data.seq_len, b, mode, 2), kind)
+        for b in (1, 2, 4, 8)
+        for mode in Checkpointing
+    )
     previous = None
     for gpus in (64, 128, 256, 512, 1024, 2048):
-        predictions = [p for p in plan_layouts(cfg, gpus, kind) if p.fits]
-        for p in predictions:  # no layout is faster than its own compute alone
-            bound = cfg.train.global_batch_tokens / gpus / (p.compute_s + p.recompute_s)
-            assert p.tokens_per_sec_per_gpu <= bound * (1 + 1e-9)
-        best = predictions[0].tokens_per_sec_per_gpu
-        if previous is not None:
+        best = next(p for p in plan_layouts(cfg, gpus, kind) if p.fits).tokens_per_sec_per_gpu
+        assert best <= bound
+        if previous is not None:  # a smaller share of the same batch per GPU: never faster
             assert best <= previous * (1 + 1e-9), gpus
         previous = best
+    assert previous < 0.9 * bound  # at 2048 GPUs communication shows
+
+
+def test_deepspeed_and_fsdp_traffic_as_they_send_it():
+    kind = get_kind("a100-80gb")
+    cfg = load_config("configs/experiments/llama1-13b.yaml")
+
+    def comm(*overrides):
+        return predict(load_config("configs/experiments/llama1-13b.yaml", list(overrides)), 64, kind).comm_total_s
+
+    # ZeRO-2 reduce-scatters every micro-batch's gradients, ZeRO-1 once a step: more traffic with 2+ micro-batches
+    zero = [comm("train.strategy=deepspeed", f"train.zero_stage={s}") for s in (1, 2, 3)]
+    assert zero[0] < zero[1] < zero[2]
+    # HSDP with shards of 1 (pure replication) still all-reduces every gradient
+    assert comm("train.strategy=fsdp", "train.fsdp_shard_size=1") > 0
+    # with nothing hidden (overlap 0), the exposed communication is at most what is sent
+    blocking = replace(kind, overlap=0.0, comm_compute_share=0.0)
+    for overrides in (["train.strategy=fsdp"], ["train.strategy=fsdp", "train.tensor_parallel=4"]):
+        p = predict(load_config("configs/experiments/llama1-13b.yaml", overrides), 64, blocking)
+        assert p.comm_exposed_s == pytest.approx(p.comm_total_s)
+    assert cfg.train.strategy == "single"  # the experiment itself: the planner picks its placement
+
+
+def test_pasting_the_best_overrides_selects_that_layout_even_over_other_settings():
+    kind = get_kind("a100-80gb")
+    for preset in ("llama1-7b", "llama1-65b"):
+        base = ["train.strategy=fsdp", "train.tensor_parallel=2", "train.fsdp_shard_size=4"]
+        cfg = load_config(f"configs/experiments/{preset}.yaml", base)
+        for p in plan_layouts(cfg, 256, kind)[:40]:
+            again = load_config(f"configs/experiments/{preset}.yaml", [*base, *p.layout.overrides()])
+            assert Layout.of(again) == p.layout
+
+
+def test_layouts_the_config_checks_refuse_are_not_offered():
+    kind = get_kind("a100-80gb")
+    cfg = load_config("configs/experiments/llama1-7b.yaml", ["data.document_attention=true"])
+    modes = {p.layout.activation_checkpointing for p in plan_layouts(cfg, 64, kind)}
+    assert "llama" not in modes and "none" in modes
+    # HSDP shard sizes that do not divide the data-parallel ranks are not offered (12 GPUs: no shards of 8)
+    assert all(p.layout.fsdp_shard_size in (0, 4) for p in plan_layouts(cfg, 12, kind))
 
 
 def test_counted_flops_are_the_model_formula():
@@ -179,6 +223,12 @@ def test_the_trainer_logs_the_prediction_and_the_summary_compares(tiny_data, tmp
     summary = train(tiny_config(tiny_data, tmp_path / "run2", "train.steps=2"))
     assert "no layout-planner kind for cpu" in capsys.readouterr().out
     assert "predicted_tokens_per_sec_per_gpu" not in summary
+    # a broken kinds file or kind name costs the prediction, never the run
+    kinds.write_text("cpu:\n" + "".join(f"  {k}: {[1, 2] if k == 'memory_gb' else v}\n" for k, v in fields.items()))
+    summary = train(tiny_config(tiny_data, tmp_path / "run3", "train.steps=2", f"metrics.gpu_kinds={kinds}"))
+    said = capsys.readouterr().out
+    assert "layout planner: no predicted throughput (ConfigError" in said and "cpu.memory_gb" in said
+    assert summary["step"] == 2 and "predicted_tokens_per_sec_per_gpu" not in summary
 
 
 def test_calibration_writes_a_kind_the_planner_and_the_trainer_use(tmp_path, monkeypatch, capsys):
