@@ -11,8 +11,11 @@ of every stage of the dedup passes as the input grows at a fixed number of hash 
    the corpus has itself) of the same shape. Step 1 is given (its outputs and markers written here),
    then each stage runs alone, as a Slurm array task would (`--stage S --machine 0/1 workers=1`), and
    its process's peak RSS and wall time are taken; `dedup_buckets` stays 16.
+3. Buckets: 100 parts of the corpus's first 50 documents at `dedup_buckets` 16 and 4096 (the LLaMA-1
+   config's), stage by stage interleaved: CPU seconds per input file, and the files and bytes the dedup
+   passes leave under `work/`.
 
-    python bench/recipe_scale.py [--sizes 1 4 16] [--out bench/results/DATE-recipe-scale.md]
+    python bench/recipe_scale.py [--sizes 1 4 16] [--workers-size 4] [--buckets-parts 100] [--out FILE]
 """
 
 from __future__ import annotations
@@ -106,10 +109,14 @@ def copy_of(doc: dict, copy: int) -> dict:
     return {"id": f"{doc['id']}-copy{copy}", "text": "\n".join(lines), "meta": {"source": "commoncrawl"}}
 
 
-def prepare(work: Path, parts: int, passes: tuple[str, ...] = ("line", "exact", "near")) -> Path:
-    """Step 1's outputs and markers for `parts` copies of the corpus, for a source with the dedup `passes`;
-    returns the recipe config's path."""
+def prepare(
+    work: Path, parts: int, passes: tuple[str, ...] = ("line", "exact", "near"), buckets: int = 16, docs: int = 0
+) -> Path:
+    """Step 1's outputs and markers for `parts` copies of the corpus (its first `docs` documents when not 0),
+    for a source with the dedup `passes` in `buckets` buckets; returns the recipe config's path."""
+    limit = docs or None
     docs = [json.loads(line) for path in sorted(CORPUS.glob("*.jsonl")) for line in path.open(encoding="utf-8")]
+    docs = docs[:limit]
     docs = [{"id": d["id"], "text": d["text"], "meta": {"source": "commoncrawl"}} for d in docs]
     inputs = work / "inputs"
     inputs.mkdir(parents=True)
@@ -133,11 +140,11 @@ def prepare(work: Path, parts: int, passes: tuple[str, ...] = ("line", "exact", 
                 tally.read(doc["text"])
                 f.write(json.dumps(tally.keep(doc), ensure_ascii=False) + "\n")
         tally.input_bytes = tally.bytes_in
-        marker = {**_fingerprint(source, str(entry)), "tally": tally.to_dict()}
+        marker = {**_fingerprint(source, str(entry), Tally()), "tally": tally.to_dict()}
         (files / f"{part_name(str(entry))}.done.json").write_text(json.dumps(marker))
     from omegaconf import OmegaConf
 
-    cfg = RecipeConfig(output=str(work / "out"), sources=[source], dedup_buckets=16, keep_work=True)
+    cfg = RecipeConfig(output=str(work / "out"), sources=[source], dedup_buckets=buckets, keep_work=True)
     config = work / "recipe.yaml"
     config.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     return config
@@ -175,10 +182,35 @@ def memory_rows(work: Path, sizes: list[int]) -> list[str]:
     return rows
 
 
+def buckets_rows(work: Path, parts: int, docs: int) -> list[str]:
+    """The dedup chain's CPU per input file and the files it leaves, at 16 and 4096 buckets (interleaved
+    stage by stage), on `parts` parts of `docs` documents each."""
+    rows = [
+        "| dedup_buckets | CPU s per input file (every stage after step 1) | files under work/ | bytes under work/ |",
+        "|---:|---:|---:|---:|",
+    ]
+    configs = {b: prepare(work / f"buckets-{b}", parts, buckets=b, docs=docs) for b in (16, 4096)}
+    cpu = {b: 0.0 for b in configs}
+    for stage in STAGES[1:]:
+        for b, config in configs.items():
+            cpu[b] += timed(["recipe", str(config), "--stage", stage], work)[0]
+    outputs = {}
+    for b, config in configs.items():
+        folder = config.parent / "out" / "cc"
+        found = [p for p in (folder / "work").rglob("*") if p.is_file()]
+        size = sum(p.stat().st_size for p in found)
+        rows.append(f"| {b} | {cpu[b] / parts:.3f} | {len(found):,} | {size / 1e6:.1f} MB |")
+        outputs[b] = [p.read_bytes() for p in sorted(folder.glob("cc-*.jsonl.gz"))]
+    same = "the same bytes" if outputs[16] == outputs[4096] else "DIFFERENT bytes"
+    rows += ["", f"- {parts} parts of {docs} documents, line + exact + near passes; the output shards: {same}"]
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1, 4, 16])
     parser.add_argument("--workers-size", type=int, default=4, help="0: skip the workers table")
+    parser.add_argument("--buckets-parts", type=int, default=100, help="0: skip the 16 vs 4096 buckets table")
     parser.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results" / f"{datetime.date.today()}-recipe-scale.md"
     )
@@ -190,8 +222,12 @@ def main() -> None:
         if args.workers_size:
             lines += ["", f"## The dedup chain on the {args.workers_size}x input by worker processes", ""]
             lines += workers_rows(work, args.workers_size)
-        lines += ["", "## Each stage alone (one process, as one Slurm array task), dedup_buckets=16", ""]
-        lines += memory_rows(work, args.sizes)
+        if args.buckets_parts:
+            lines += ["", "## 16 vs 4096 buckets: CPU per input file and intermediate files", ""]
+            lines += buckets_rows(work, args.buckets_parts, docs=50)
+        if args.sizes:
+            lines += ["", "## Each stage alone (one process, as one Slurm array task), dedup_buckets=16", ""]
+            lines += memory_rows(work, args.sizes)
     publish(lines, args.out)
 
 

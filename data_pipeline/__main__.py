@@ -157,7 +157,14 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     """The recipe here or on Ray (the report printed), one stage's slice (`--stage`), or a Slurm chain."""
     from data_pipeline.raw import slurm
     from data_pipeline.raw.executors import SlurmSlice
-    from data_pipeline.raw.recipe import RecipeConfig, format_reports, validate_recipe
+    from data_pipeline.raw.recipe import (
+        RecipeConfig,
+        absolute_paths,
+        format_reports,
+        next_steps,
+        validate_recipe,
+        write_pipeline_config,
+    )
     from data_pipeline.raw.runner import run_recipe, run_stage
     from data_pipeline.raw.stages import STAGES
 
@@ -165,7 +172,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
         print("\n".join(STAGES))
         return 0
     overrides = args.overrides + (["strict=true"] if args.strict else [])
-    cfg = load_structured(RecipeConfig, args.config, overrides)
+    cfg = absolute_paths(load_structured(RecipeConfig, args.config, overrides))  # tasks may run elsewhere
     validate_recipe(cfg)
     if args.stage:
         executor = SlurmSlice(*args.machine, workers=cfg.workers)
@@ -173,12 +180,14 @@ def cmd_recipe(args: argparse.Namespace) -> int:
             run_stage(cfg, args.stage, executor)
         finally:
             executor.close()
-    elif cfg.executor == "slurm":
+        return 0
+    if cfg.executor == "slurm":
         jobs = slurm.submit(args.config, overrides, cfg.machines, len(cfg.sources))
         print(f"submitted {len(jobs)} stages as Slurm arrays, each after the one before: jobs {' '.join(jobs)}")
-        print(f"when job {jobs[-1]} has ended, the report is {Path(cfg.output) / 'report.md'}")
+        print(f"when job {jobs[-1]} has ended:")
     else:
         print(format_reports(run_recipe(cfg)), end="")
+    print(next_steps(cfg, write_pipeline_config(cfg)), end="")
     return 0
 
 

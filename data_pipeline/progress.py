@@ -6,7 +6,9 @@ On a terminal it is a tqdm bar; anywhere else (a Slurm or Ray log, a pipe) it is
     recipe commoncrawl: 120/4,000 files (3.0%), 1,234,567 docs, 12.3 GB, 41.2 MB/s, ETA 26:10:03
 
 The interval is `every` (default: the `LLAMA_PROGRESS_EVERY` environment variable, else 30 s).
-The time left is estimated from bytes when the total bytes are known, else from files.
+The time left is estimated from bytes when the total bytes are known, else from files. Documents and
+bytes appear once counted (a step that only counts tasks, e.g. a dedup bucket stage, shows no
+`0 docs, 0 B`), the rate in documents when there are no bytes; the last line is never repeated.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         self.files = self.docs = self.bytes = 0
         self.start = self.last = time.monotonic()
+        self.shown: Optional[tuple[int, int, int]] = None  # the counts of the last line printed
         self.bar = None
         if getattr(self.stream, "isatty", lambda: False)():
             from tqdm import tqdm
@@ -73,7 +76,11 @@ class Progress:
         now = time.monotonic()
         if now - self.last >= self.every:
             self.last = now
-            print(self.line(now), file=self.stream, flush=True)
+            self._print(now)
+
+    def _print(self, now: Optional[float] = None) -> None:
+        self.shown = (self.files, self.docs, self.bytes)
+        print(self.line(now), file=self.stream, flush=True)
 
     def line(self, now: Optional[float] = None) -> str:
         """The plain progress line."""
@@ -83,18 +90,24 @@ class Progress:
             files += f"/{self.total_files:,} {self.unit} ({100 * self.files / self.total_files:.1f}%)"
         else:
             files += f" {self.unit}"
-        parts = [files, f"{self.docs:,} docs", _size(self.bytes), f"{_size(self.bytes / elapsed)}/s"]
+        parts = [files]
+        if self.docs:
+            parts.append(f"{self.docs:,} docs")
+        if self.bytes or self.total_bytes:
+            parts += [_size(self.bytes), f"{_size(self.bytes / elapsed)}/s"]
+        elif self.docs:
+            parts.append(f"{self.docs / elapsed:,.0f} docs/s")
         done, total = (self.bytes, self.total_bytes) if self.total_bytes else (self.files, self.total_files)
         if total and done:
             parts.append(f"ETA {_duration(elapsed * max(total - done, 0) / done)}")
         return f"{self.desc}: {', '.join(parts)}"
 
     def close(self) -> None:
-        """The last line (or closes the bar)."""
+        """The last line, unless the last one printed already says it all (or closes the bar)."""
         if self.bar is not None:
             self.bar.close()
-        else:
-            print(self.line(), file=self.stream, flush=True)
+        elif self.shown != (self.files, self.docs, self.bytes):
+            self._print()
 
     def __enter__(self) -> "Progress":
         return self

@@ -19,7 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import secrets
 import threading
+import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -91,25 +94,56 @@ class Manifest:
         return manifest
 
 
+STALE_TMP_SECONDS = 3600  # a temporary file untouched this long is a dead writer's (a live one writes)
+_TEMPORARY = re.compile(r".+\.\d+\.[0-9a-f]{8}\.tmp")  # `atomic_open`'s `<name>.<pid>.<random>.tmp`
+
+
 @contextmanager
-def atomic_open(path: Path) -> Iterator[BinaryIO]:
-    """A file to write `path` through: `<path>.tmp`, fsynced and renamed to `path` (the folder fsynced
-    too) when the block ends, removed when it raises; so `path` is either absent or complete."""
-    tmp = path.with_name(path.name + ".tmp")
+def atomic_open(path: Path, durable: bool = True) -> Iterator[BinaryIO]:
+    """A file to write `path` through, renamed to `path` when the block ends, removed when it raises; so
+    `path` is either absent or complete.
+
+    The temporary file is `<name>.<pid>.<random>.tmp` beside `path`, one per writer: two live copies of
+    a task (a requeue while the first runs) each write their own and the last rename wins, both whole.
+    `durable` fsyncs the file before the rename and the folder after it; intermediate files whose task
+    marker (written durably) is the commit point skip both. A killed writer's temporary stays behind
+    until `remove_stale_temporaries` sweeps its folder.
+    """
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "wb") as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    if durable:
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def remove_stale_temporaries(folder: Path, older_than: float = STALE_TMP_SECONDS) -> int:
+    """Remove the temporaries of `atomic_open` in `folder` untouched for `older_than` seconds (killed
+    writers'; a live writer keeps writing to its own); returns how many. One listing of the folder: call
+    it once per run, not per file."""
+    cutoff, removed = time.time() - older_than, 0
+    if not folder.is_dir():
+        return 0
+    for entry in os.scandir(folder):
+        if _TEMPORARY.fullmatch(entry.name):
+            try:
+                if entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:  # renamed or removed by its writer meanwhile
+                pass
+    return removed
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -121,9 +155,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 class ShardWriter:
     """Writes one shard as its documents arrive, in memory bounded by one `write`, never by the shard.
 
-    Tokens stream to `<name>.bin.tmp` and offsets to `<name>.idx.tmp`, each hashed as written; leaving
-    the `with` block renames both (`.idx` first), and an error removes them. `info` is then its
-    manifest entry. The bytes are those of the whole shard written at once.
+    Tokens stream to a temporary `<name>.bin.<pid>.<random>.tmp` and offsets to its `.idx` twin
+    (`atomic_open`), each hashed as written; leaving the `with` block renames both (`.idx` first), and an
+    error removes them. `info` is then its manifest entry. The bytes are those of the whole shard written
+    at once.
     """
 
     def __init__(self, folder: Path, name: str, split: str, dtype: np.dtype, inputs: list[str]):

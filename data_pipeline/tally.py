@@ -32,6 +32,7 @@ class Tally:
     empty_files: list[str] = field(default_factory=list)  # inputs read to their end that held no document
     seconds: float = 0.0
     input_bytes: int = 0  # size on disk of the raw files read
+    retries: int = 0  # remote reads tried again after a transient error (HTTP 5xx or 429, a lost connection)
 
     examples_per_reason: ClassVar[int] = 3
 
@@ -63,7 +64,7 @@ class Tally:
 
     def merge(self, other: "Tally") -> "Tally":
         """Add `other`'s counts into this one (examples kept up to the limit); returns self."""
-        for name in ("docs_in", "docs_out", "bytes_in", "bytes_out", "seconds", "input_bytes"):
+        for name in ("docs_in", "docs_out", "bytes_in", "bytes_out", "seconds", "input_bytes", "retries"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for reason, n in other.dropped.items():
             self.dropped[reason] = self.dropped.get(reason, 0) + n

@@ -28,7 +28,14 @@ from typing import Any, Callable, ClassVar, Optional
 import numpy as np
 
 from data_pipeline.progress import Progress
-from data_pipeline.shards import Manifest, ShardInfo, ShardWriter, atomic_write_bytes, token_dtype
+from data_pipeline.shards import (
+    Manifest,
+    ShardInfo,
+    ShardWriter,
+    atomic_write_bytes,
+    remove_stale_temporaries,
+    token_dtype,
+)
 from data_pipeline.sources import DataError, Document, Input, input_bytes, read_documents
 from data_pipeline.tally import Tally
 from data_pipeline.tokenizer import Tokenizer
@@ -259,6 +266,7 @@ def tokenize_source(
     a dataset shard's size is not known before it is read, so its text bytes count once it is done.
     """
     output.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output)  # what writers killed in an earlier run left
     tokenizer = Tokenizer(settings.tokenizer_path)
     k, n_machines = machine
     todo = [

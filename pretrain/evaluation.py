@@ -62,6 +62,15 @@ def blend_weights(cfg: ExperimentConfig, sources: Sequence[str], sets: dict) -> 
     return {s: w / total for s, w in raw.items()}
 
 
+def check_held_out(sets: dict, rank: int = 0, world_size: int = 1) -> None:
+    """Check the sha256 of this rank's share of the held-out shards (shards r, r + W, ... of all sources),
+    as the training shards are checked (`loader.BatchLoader`); a mismatch is a `ShardError` naming the
+    file. Each shard is hashed once per process: later calls return at once."""
+    shards = [shard for samples in sets.values() for stream in samples.streams for shard in stream.shards]
+    for shard in shards[rank::world_size]:
+        shard.verify()
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -74,11 +83,13 @@ def evaluate(
 ) -> dict[str, float]:
     """Held-out loss and perplexity per source and blended: `val_loss/<source>`, `val_ppl/<source>`,
     `val_tokens/<source>` (tokens scored by all ranks), and `val_loss`, `val_ppl` (weighted by
-    `weights`, default equal). Every rank must call it at the same time."""
+    `weights`, default equal). Every rank must call it at the same time. The held-out shards' sha256 is
+    checked first (`check_held_out`), so a damaged shard is never scored."""
     was_training = model.training
-    model.eval()
     # by data-parallel rank: the ranks of a tensor-parallel group score the same rows
     world, rank, device = strategy.data_world_size, strategy.data_rank, strategy.device
+    check_held_out(sets, rank, world)
+    model.eval()
     record: dict[str, float] = {}
     losses = {}
     for source, samples in sets.items():

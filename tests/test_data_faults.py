@@ -1,6 +1,6 @@
 """Faults the data pipeline meets in production, each refused or counted by name: text no UTF-8 can hold,
-a byte-order mark, a lost manifest, flipped shard bytes, a killed tokenize job, a damaged or changed
-loader state."""
+a byte-order mark, a lost manifest, flipped shard bytes (training and held-out), two writers of one file,
+a killed tokenize job, a damaged or changed loader state."""
 
 import io
 import json
@@ -18,7 +18,15 @@ import torch
 
 from data_pipeline.__main__ import main
 from data_pipeline.loader import BatchLoader, PackedSamples, PrefetchLoader
-from data_pipeline.shards import Manifest, ShardError, ShardWriter, SourceShards
+from data_pipeline.shards import (
+    STALE_TMP_SECONDS,
+    Manifest,
+    ShardError,
+    ShardWriter,
+    SourceShards,
+    atomic_open,
+    remove_stale_temporaries,
+)
 from data_pipeline.sources import read_documents, read_jsonl
 from data_pipeline.tally import Tally
 from data_pipeline.tokenize import TokenizeSettings, TokenizeStats, tokenize_source
@@ -180,6 +188,62 @@ def test_training_on_flipped_shards_stops_naming_the_shard(tiny_data, tmp_path):
     expected = r"train-00000.bin: (token id 65535 at token offset \d+|sha256 differs)"  # whichever comes first
     with pytest.raises(ShardError, match=expected):
         train(tiny_config(tiny_data, tmp_path / "run", f"data.root={root}", "train.steps=2"))
+
+
+def test_flipped_bytes_in_a_held_out_shard_stop_the_evaluation_naming_the_shard(tiny_data, tmp_path):
+    from conftest import tiny_config
+    from pretrain.trainer import train
+
+    root = copy_tokens(tiny_data, tmp_path)
+    bin_path = root / tiny_data["sources"][0] / "val-00000.bin"
+    data = bin_path.read_bytes()
+    set_token(bin_path, 10, 3 if data[20:22] != b"\x03\x00" else 4)  # still a valid id: only a checksum sees it
+    with pytest.raises(ShardError, match=rf"{bin_path}: sha256 differs"):
+        train(tiny_config(tiny_data, tmp_path / "run", f"data.root={root}", "train.steps=2", "train.eval_every=1"))
+
+
+# --- two writers of one file -------------------------------------------------------------------------
+
+
+def test_two_live_writers_of_one_file_both_finish_and_leave_one_whole_copy(tmp_path):
+    """Two copies of a task (a requeue while the first still runs) write the same path at once: each
+    through its own temporary file, so both renames succeed and the file is one writer's bytes, whole."""
+    import threading
+
+    target = tmp_path / "part.bin"
+    inside = threading.Barrier(2)
+    errors: list[BaseException] = []
+    payloads, chunk = {0: bytes(range(256)) * 4096, 1: bytes(reversed(range(256))) * 4096}, 1 << 14
+
+    def write(k: int) -> None:
+        try:
+            with atomic_open(target, durable=k == 0) as f:
+                inside.wait(timeout=10)  # both temporaries open before either is renamed
+                for i in range(0, len(payloads[k]), chunk):
+                    f.write(payloads[k][i : i + chunk])
+                inside.wait(timeout=10)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert target.read_bytes() in payloads.values()
+    assert [p.name for p in tmp_path.iterdir()] == ["part.bin"]  # no temporary left
+
+
+def test_a_killed_writers_temporary_is_swept_once_stale(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"done")
+    dead, live = tmp_path / "a.bin.4242.0badcafe.tmp", tmp_path / "a.bin.4343.12345678.tmp"
+    for path in (dead, live):
+        path.write_bytes(b"half")
+    os.utime(dead, (time.time() - 2 * STALE_TMP_SECONDS,) * 2)
+    (tmp_path / "notes.tmp").write_bytes(b"not ours")
+    assert remove_stale_temporaries(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", live.name, "notes.tmp"]
 
 
 # --- a killed tokenize job ---------------------------------------------------------------------------

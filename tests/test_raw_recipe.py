@@ -224,3 +224,199 @@ def test_recipe_command_prints_the_report_and_names_config_mistakes(tmp_path):
         [sys.executable, "-m", "data_pipeline", "recipe", str(config)], capture_output=True, text=True, cwd=root
     )
     assert result.returncode == 2 and "error: sources[se].options: unknown ['min_answer']" in result.stderr
+
+
+# --- paths, packages, next steps, progress: what the driver says and ships ---------------------------
+
+
+def se_config(path: Path, output: str, inputs: str, extra: str = "") -> Path:
+    """A recipe YAML of one StackExchange source."""
+    path.write_text(f"output: {output}\nsources:\n  - {{name: se, kind: stackexchange, inputs: [{inputs}]{extra}}}\n")
+    return path
+
+
+class Recorder:
+    """An executor that runs nothing and keeps the tasks it was given."""
+
+    name = "record"
+
+    def __init__(self) -> None:
+        self.tasks: list[tuple] = []
+
+    def run(self, stage, fn, tasks, total_bytes=0) -> list:
+        self.tasks += tasks
+        return [None] * len(tasks)
+
+
+def test_relative_output_inputs_and_path_options_reach_the_tasks_absolute(tmp_path, monkeypatch):
+    """A Ray worker or a Slurm array task runs in another directory: the driver resolves every local path
+    against its own before the tasks leave it."""
+    from data_pipeline.raw.recipe import absolute_paths
+    from data_pipeline.raw.runner import run_stage
+    from pretrain.config import load_structured
+
+    (tmp_path / "raw" / "cstheory.meta").mkdir(parents=True)
+    (tmp_path / "raw" / "cstheory.meta" / "Posts.xml").write_bytes(POSTS.read_bytes())
+    config = se_config(tmp_path / "recipe.yaml", "clean", "raw/*/Posts.xml", ", options: {tmp_dir: scratch}")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_structured(RecipeConfig, config)
+    executor = Recorder()
+    run_stage(cfg, "files", executor)
+    ((shipped, name, entry),) = executor.tasks
+    assert shipped.output == str(tmp_path / "clean") and entry == str(tmp_path / "raw" / "cstheory.meta" / "Posts.xml")
+    assert shipped.sources[0].options["tmp_dir"] == str(tmp_path / "scratch")
+    assert cfg.output == "clean"  # the caller's config is left as it was
+    url = RawSourceConfig(name="u", kind="stackexchange", inputs=["s3://bucket/Posts.xml", "file://raw/a.xml"])
+    resolved = absolute_paths(RecipeConfig(sources=[url]), base="/data")
+    assert resolved.sources[0].inputs == ["s3://bucket/Posts.xml", "/data/raw/a.xml"]
+
+
+def test_ray_workers_elsewhere_write_a_relative_output_where_the_driver_runs(tmp_path, monkeypatch):
+    """A 2-node Ray cluster started from another directory (its workers run there): the recipe with a
+    relative `output:`, run from a third, writes there, the bytes of a local run."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    from data_pipeline.__main__ import main
+
+    for folder in ("cluster", "driver", "local"):
+        (tmp_path / folder).mkdir()
+    config = se_config(tmp_path / "recipe.yaml", "clean", str(POSTS), ", shard_docs: 40")
+    monkeypatch.chdir(tmp_path / "local")
+    assert main(["recipe", str(config)]) == 0
+    monkeypatch.chdir(tmp_path / "cluster")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        monkeypatch.chdir(tmp_path / "driver")
+        assert main(["recipe", str(config), "executor=ray", f"ray_address={cluster.address}"]) == 0
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert not (tmp_path / "cluster" / "clean").exists()
+    local, driver = tmp_path / "local" / "clean" / "se", tmp_path / "driver" / "clean" / "se"
+    assert sorted(p.name for p in driver.glob("se-*.jsonl.gz")) == [f"se-0000{k}.jsonl.gz" for k in range(3)]
+    assert {p.name: p.read_bytes() for p in driver.glob("se-*")} == {p.name: p.read_bytes() for p in local.glob("se-*")}
+
+
+@pytest.mark.parametrize(
+    "url, package",
+    [("s3://bucket/crawl/warc.paths.gz", "s3fs"), ("gs://bucket/Posts.xml", "gcsfs"), ("az://box/Posts.xml", "adlfs")],
+)
+def test_a_missing_fsspec_package_is_one_line_naming_the_url_and_the_install(tmp_path, capsys, url, package):
+    import importlib.util
+
+    from data_pipeline.__main__ import main
+    from data_pipeline.raw.recipe import process_file
+    from pretrain.config import ConfigError
+
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    protocol = url.split("://")[0]
+    line = f"{url}: reading {protocol}:// URLs needs the package '{package}': pip install {package}"
+    assert main(["recipe", str(se_config(tmp_path / "recipe.yaml", str(tmp_path / "out"), url))]) == 2
+    assert capsys.readouterr().err == f"error: {line}\n"
+    source = RawSourceConfig(name="se", kind="stackexchange", inputs=[url])
+    with pytest.raises(ConfigError, match=f"^{line}$"):  # in a task too (a URL listed by a local listing)
+        process_file(source, url, tmp_path, strict=False)
+
+
+def test_the_recipe_ends_naming_its_output_and_the_command_that_tokenizes_it(tmp_path, tiny_data, capsys, monkeypatch):
+    from data_pipeline.__main__ import main
+    from data_pipeline.shards import Manifest
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["recipe", str(se_config(tmp_path / "recipe.yaml", "clean", str(POSTS)))]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    pipeline = tmp_path / "clean" / "pipeline.yaml"
+    assert lines[-2] == (
+        f"cleaned documents: {tmp_path / 'clean'}/<source>/<source>-NNNNN.jsonl.gz "
+        f"(report: {tmp_path / 'clean' / 'report.md'})"
+    )
+    assert lines[-1] == f"tokenize them: python -m data_pipeline prepare {pipeline}"
+    # the command as printed (the tiny tokenizer instead of training one on 91 questions) tokenizes every document
+    command = lines[-1].removeprefix("tokenize them: python -m data_pipeline ").split()
+    assert main([*command, f"tokenizer.path={tiny_data['tokenizer']}"]) == 0
+    shards = Manifest.load(tmp_path / "clean-tokens" / "se").shards
+    assert sum(s.documents for s in shards) == QUESTIONS
+
+
+def test_progress_prints_its_last_line_once():
+    import io
+
+    from data_pipeline.progress import Progress
+
+    stream = io.StringIO()
+    with Progress("step", total_files=3, every=0, stream=stream) as progress:
+        for _ in range(3):
+            progress.update(files=1, docs=2, nbytes=10)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3 and lines[-1].startswith("step: 3/3 files (100.0%), 6 docs, 30 B, ")
+    stream = io.StringIO()
+    with Progress("step", total_files=3, every=3600, stream=stream) as progress:
+        progress.update(files=3)
+    assert stream.getvalue().splitlines() == ["step: 3/3 files (100.0%), ETA 0:00:00"]
+
+
+def test_stages_without_byte_counts_show_their_documents_or_only_their_tasks(monkeypatch, capsys):
+    """A dedup stage counts documents (scan, apply) or nothing (bucket), never bytes: no `0 docs, 0 B`."""
+    from data_pipeline.raw.executors import LocalExecutor
+
+    monkeypatch.setenv("LLAMA_PROGRESS_EVERY", "0")
+    executor = LocalExecutor(1)
+    executor.run("exact-scan", lambda n: {"docs": n}, [(5,), (7,)])
+    executor.run("exact-bucket", lambda b: {"docs": 0}, [(0,), (1,)])
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(", ")[:2] for line in lines] == [
+        ["recipe exact-scan: 1/2 tasks (50.0%)", "5 docs"],
+        ["recipe exact-scan: 2/2 tasks (100.0%)", "12 docs"],
+        ["recipe exact-bucket: 1/2 tasks (50.0%)", "ETA 0:00:00"],
+        ["recipe exact-bucket: 2/2 tasks (100.0%)", "ETA 0:00:00"],
+    ]
+    assert lines[1].split(", ")[2].endswith(" docs/s") and not any(" B" in line for line in lines)
+
+
+def test_remote_inputs_are_tried_again_after_a_server_error_and_a_missing_one_is_reported(tmp_path, monkeypatch):
+    """A local HTTP server stands in for data.commoncrawl.org: a listed input answering 503 three times is
+    read on a later try (the tries counted in the report); one answering 404 is reported with its status,
+    the rest processed, unless strict."""
+    import functools
+    import http.server
+    import threading
+
+    from data_pipeline.raw import recipe as recipe_module
+
+    monkeypatch.setattr(recipe_module, "BACKOFF_S", 0.01)
+    site = tmp_path / "site" / "flaky" / "cstheory.meta"
+    site.mkdir(parents=True)
+    (site / "Posts.xml").write_bytes(POSTS.read_bytes())
+    failures = {"left": 3}
+
+    class Flaky(http.server.SimpleHTTPRequestHandler):
+        def send_head(self):
+            if self.path.startswith("/flaky/") and failures["left"] > 0:
+                failures["left"] -= 1
+                self.send_error(503)
+                return None
+            return super().send_head()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Flaky, directory=tmp_path / "site"))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        listing = tmp_path / "posts.paths.gz"  # as Common Crawl's warc.paths.gz: paths under a prefix
+        listing.write_bytes(gzip.compress(b"flaky/cstheory.meta/Posts.xml\ngone/cstheory.meta/Posts.xml\n"))
+        missing = f"{base}/gone/cstheory.meta/Posts.xml"
+        source = RawSourceConfig(name="se", kind="stackexchange", inputs=[str(listing)], paths_prefix=base)
+        report = run_recipe(recipe(tmp_path, source))["se"]
+        assert failures["left"] == 0 and report["retries"] >= 1
+        assert report["inputs"] == 2 and report["docs_out"] == QUESTIONS  # the flaky one, read whole
+        assert report["failed_files"] == [{"file": missing, "error": f"{missing}: unreadable, HTTP 404 (not found)"}]
+        assert "remote reads tried again after a transient error" in (tmp_path / "clean" / "report.md").read_text()
+        with pytest.raises(DataError, match=f"{missing}: unreadable, HTTP 404"):
+            run_recipe(recipe(tmp_path / "strict", source, strict=True))
+    finally:
+        server.shutdown()

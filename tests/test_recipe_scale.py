@@ -107,20 +107,22 @@ def test_near_dedup_keeps_what_the_greedy_in_order_rule_keeps(tmp_path):
     docs.append({"id": "a2", "text": window(0) + " more"})
     expected = [d["id"] for d in near_dedup(iter(docs), Tally(), threshold=0.9)]
     assert expected == ["a", "c"]
-    hasher = bk.MinHasher(threshold=0.9)
     for buckets in (1, 5):
-        ids: list[str] = []
-        sigs, sizes, records = bk.near_scan(iter(docs), 0, hasher, ids)
-        folder = tmp_path / str(buckets)
-        folder.mkdir()
-        bk.save_array(folder / "00000000.sig.npy", sigs)
-        bk.save_array(folder / "00000000.size.npy", sizes)
-        pairs = [
-            bk.near_bucket(chunk, bk.Signatures(folder), 0.9)
-            for chunk in bk.split_by_bucket(records, records["h"], buckets)
-        ]
-        dropped = bk.near_greedy(np.concatenate(pairs))
+        dropped = near_pass(tmp_path / str(buckets), [docs], buckets)
         assert [docs[p]["id"] for p in dropped["pos"].tolist()] == ["b", "a2"]
+
+
+def near_pass(folder: Path, parts: list[list[dict]], buckets: int, threshold: float = 0.9, **bucket_args):
+    """The near pass's scan, bucket and greedy steps over `parts` through their files: the dropped pairs."""
+    hasher = bk.MinHasher(threshold=threshold)
+    for n, part in enumerate(parts):
+        with bk.ScanWriter(folder, n, bk.BAND_RECORD, "h", buckets, ids=True, signatures=True) as out:
+            for scanned in bk.near_scan(iter(part), n, hasher):
+                out.add(*scanned)
+    reader = bk.ScanReader(folder, len(parts), bk.BAND_RECORD, buckets)
+    signatures = bk.Signatures(folder, hasher.num_perm)
+    pairs = [bk.near_bucket(reader.bucket(b), signatures, threshold, **bucket_args) for b in range(buckets)]
+    return bk.near_greedy(np.concatenate(pairs))
 
 
 FAKE_SBATCH = r'''#!PYTHON
@@ -212,7 +214,7 @@ def test_slurm_arrays_give_the_local_bytes_and_resume_after_a_killed_task(local_
     assert first.returncode == 0, first.stderr[-3000:]
     assert flag.is_file() and "submitted 16 stages" in first.stdout
     assert not (tmp_path / "out" / "report.md").exists()  # the chain stopped at the killed stage
-    assert list((tmp_path / "out").rglob("*.jsonl.gz.tmp"))  # the killed task's output, never renamed
+    assert list((tmp_path / "out").rglob("*.jsonl.gz.*.tmp"))  # the killed task's output, never renamed
     finished = markers(tmp_path / "out")
     assert any(k.startswith("stackexchange/work/exact/out/") for k in finished)  # part of the stage was done
     second = subprocess.run([*command, "keep_work=true"], env=env, capture_output=True, text=True, cwd=ROOT)
@@ -285,7 +287,7 @@ def documents_of(output: Path, source: RawSourceConfig) -> list[dict]:
 
 
 @pytest.mark.parametrize("group_docs", [0, 2])
-def test_line_dedup_in_buckets_removes_what_ccnet_line_dedup_removes(group_docs):
+def test_line_dedup_in_buckets_removes_what_ccnet_line_dedup_removes(group_docs, tmp_path):
     """Pages sharing lines (real StackExchange answers, each page some of them, in another order): the
     scan/bucket/apply line pass, over 2 parts and 1 or 3 buckets, leaves what `finalize` leaves: the
     first occurrence of a line in input order (within a group of `group_docs` pages) stays."""
@@ -310,12 +312,13 @@ def test_line_dedup_in_buckets_removes_what_ccnet_line_dedup_removes(group_docs)
     assert len(expected) < len(docs) or group_docs  # and pages dropped, without groups
     parts = [docs[:5], docs[5:]]
     for buckets in (1, 3):
-        records = [bk.line_scan(iter(p), n, 5 * n, group_docs) for n, p in enumerate(parts)]
-        losers = [
-            bk.line_bucket(np.concatenate([split[b] for split in splits]))
-            for b in range(buckets)
-            for splits in [[bk.split_by_bucket(r, r["h"], buckets) for r in records]]
-        ]
+        folder = tmp_path / str(buckets)
+        for n, part in enumerate(parts):
+            with bk.ScanWriter(folder, n, bk.LINE_RECORD, "h", buckets, chunk=7) as out:  # runs of 7 records
+                for records in bk.line_scan(iter(part), n, 5 * n, group_docs):
+                    out.add(records)
+        reader = bk.ScanReader(folder, len(parts), bk.LINE_RECORD, buckets)
+        losers = [bk.line_bucket(reader.bucket(b)) for b in range(buckets)]
         tally, kept = Tally(), []
         for n, part in enumerate(parts):
             lo, hi = bk.part_range(n)
@@ -356,3 +359,160 @@ def test_a_missing_optional_package_is_one_line_naming_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "fasttext", None)  # as if the 'raw' extra were not installed
     with pytest.raises(ConfigError, match=r"kind=commoncrawl needs the package 'fasttext': pip install -e '.\[raw\]'"):
         load_module("commoncrawl")
+
+
+def page_copies(n: int, seed: int = 0) -> list[dict]:
+    """`n` near copies of one page of real text (400 words of StackExchange posts), 2 words replaced in each."""
+    import random
+    import xml.etree.ElementTree as ET
+
+    from data_pipeline.raw.stackexchange import html_to_text
+
+    words = " ".join(html_to_text(row.get("Body")) for row in ET.parse(POSTS).getroot()).split()
+    page, rng = words[5000:5400], random.Random(seed)
+    copies = []
+    for c in range(n):
+        copy = list(page)
+        for _ in range(2):
+            copy[rng.randrange(len(copy))] = rng.choice(page) + "x"
+        copies.append({"id": f"copy-{c}", "text": " ".join(copy)})
+    return copies
+
+
+def test_near_dedup_verifies_a_bounded_number_of_pairs_per_document_whatever_the_cluster_size(tmp_path, monkeypatch):
+    """A page's N near copies among other documents: the bucket tasks verify O(N) pairs (at most one per
+    copy and band from N = 250 to 1,000; comparing every pair sharing a band grows 4x per copy), and the
+    documents kept are those datasketch's in-memory LSH keeps (`near_dedup`)."""
+    import xml.etree.ElementTree as ET
+
+    from data_pipeline.raw.stackexchange import html_to_text
+
+    others = [
+        {"id": f"post-{n}", "text": html_to_text(row.get("Body"))}
+        for n, row in enumerate(ET.parse(POSTS).getroot())
+        if len(html_to_text(row.get("Body")).split()) > 40
+    ][:150]
+    verified = []
+    real = bk.containment
+
+    def counting(jaccard, size_a, size_b):
+        verified[-1] += np.size(jaccard)
+        return real(jaccard, size_a, size_b)
+
+    monkeypatch.setattr(bk, "containment", counting)
+    per_copy = {}
+    for n in (250, 1000):
+        docs = [d for pair in zip(others, page_copies(n)[: len(others)]) for d in pair] + page_copies(n)[len(others) :]
+        verified.append(0)
+        dropped = near_pass(tmp_path / str(n), [docs[: len(docs) // 2], docs[len(docs) // 2 :]], buckets=3)
+        per_copy[n] = verified[-1] / n
+        gone = {
+            docs[p]["id"] if p < 1 << 32 else docs[len(docs) // 2 + (p & 0xFFFFFFFF)]["id"]
+            for p in dropped["pos"].tolist()
+        }
+        kept = [d["id"] for d in docs if d["id"] not in gone]
+        assert kept == [d["id"] for d in near_dedup(iter(docs), Tally(), threshold=0.9)], n
+        assert sum(k.startswith("copy-") for k in kept) == 1
+    assert per_copy[1000] < 1.25 * per_copy[250], per_copy
+    assert per_copy[1000] <= bk.MinHasher(0.9).bands  # one verification per band: only the page is a representative
+
+
+def given_step1(work: Path, parts: list[list[dict]], buckets: int) -> RecipeConfig:
+    """A CommonCrawl-kind source with line, exact and near dedup whose step 1 is given: each part's
+    documents and marker written here, as `files` leaves them (its tasks then find them done)."""
+    from data_pipeline.raw.recipe import _fingerprint
+
+    inputs, files = work / "inputs", work / "out" / "web" / "files"
+    inputs.mkdir(parents=True)
+    files.mkdir(parents=True)
+    source = RawSourceConfig(name="web", kind="commoncrawl", inputs=[str(inputs / "*.jsonl")], near_dedup=0.9)
+    source.options = {"min_chars": 10, "line_dedup_group_docs": 4}  # line dedup within each part
+    for n, docs in enumerate(parts):
+        entry = inputs / f"part-{n:05d}.jsonl"
+        entry.write_text("")
+        tally = Tally()
+        with gzip.open(files / f"{part_name(str(entry))}.jsonl.gz", "wt", encoding="utf-8") as f:
+            for doc in docs:
+                tally.read(doc["text"])
+                f.write(json.dumps(tally.keep({**doc, "meta": {"source": "commoncrawl"}})) + "\n")
+        marker = {**_fingerprint(source, str(entry), Tally()), "tally": tally.to_dict()}
+        (files / f"{part_name(str(entry))}.done.json").write_text(json.dumps(marker))
+    return RecipeConfig(output=str(work / "out"), sources=[source], dedup_buckets=buckets, keep_work=True)
+
+
+def test_4096_buckets_over_100_parts_leave_a_few_files_per_part_and_pass(tmp_path):
+    """dedup_buckets=4096 (the LLaMA-1 config's) on 100 parts: the work folder holds a few files per part
+    and pass (writing one per part and bucket would be 1.2 million), and the output is the bytes of 16
+    buckets."""
+    copies = page_copies(100)
+    lines = [f"line {n} of a page that another page of its part repeats, long enough to count" for n in range(30)]
+    parts = [
+        [
+            copies[n],  # near copies: one kept
+            {"id": f"same-{n}", "text": "one text that every part holds, the exact duplicate of them all"},
+            {"id": f"page-{n}", "text": "\n".join(lines[n % 10 : n % 10 + 12] + [f"page {n} alone"])},
+            {"id": f"other-{n}", "text": "\n".join(lines[n % 10 + 5 : n % 10 + 17] + [f"page {n} too"])},
+        ]
+        for n in range(100)
+    ]
+    outputs = {}
+    for buckets in (4096, 16):
+        run_recipe(given_step1(tmp_path / str(buckets), parts, buckets))
+        kept = {d["id"]: set(d["text"].split("\n")) for d in documents(tmp_path / str(buckets) / "out" / "web")}
+        assert [k for k in kept if k.startswith(("copy-", "same-"))] == ["copy-0", "same-0"]  # near, exact
+        both = [n for n in range(100) if f"page-{n}" in kept and f"other-{n}" in kept]  # near dedup drops some
+        assert both and all(not kept[f"page-{n}"] & kept[f"other-{n}"] for n in both)  # lines repeated: removed
+        work = tmp_path / str(buckets) / "out" / "web" / "work"
+        if buckets == 4096:
+            files = [p for p in work.rglob("*") if p.is_file()]
+            assert len(files) <= 10 * 100 * 3, len(files)
+        outputs[buckets] = shards(tmp_path / str(buckets) / "out")
+    assert outputs[4096] == outputs[16]
+
+
+def test_two_live_copies_of_every_task_both_finish_with_the_local_bytes(local_run, tmp_path, monkeypatch):
+    """Every task run twice at once (a requeue while the first copy is alive, a double submission): each
+    step-2 copy passes its marker check before either writes, both finish, and the output is the bytes
+    of one run."""
+    import threading
+
+    from data_pipeline.raw import stages
+
+    cfg, _, reference = local_run
+    real_once = stages.once
+    local = threading.local()
+
+    def once(marker, key, work):
+        def together():
+            local.barrier.wait(timeout=60)  # both copies are past the marker check
+            return work()
+
+        return real_once(marker, key, together)
+
+    monkeypatch.setattr(stages, "once", once)
+
+    def copy(barrier, fn, task, out):
+        local.barrier = barrier
+        try:
+            out.append(fn(*task))
+        except BaseException as e:  # noqa: BLE001 - asserted below
+            out.append(e)
+
+    class Twice:
+        def run(self, stage, fn, tasks, total_bytes=0):
+            results = []
+            for task in tasks:
+                barrier, out = threading.Barrier(2), []
+                threads = [threading.Thread(target=copy, args=(barrier, fn, task, out)) for _ in range(2)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                assert len(out) == 2 and not [e for e in out if isinstance(e, BaseException)], (stage, out)
+                results.append(out[0])
+            return results
+
+    twice = sample_config(tmp_path, tmp_path / "twice", "dedup_buckets=16")
+    run_recipe(twice, executor=Twice())
+    assert shards(tmp_path / "twice") == reference
+    assert not list((tmp_path / "twice").rglob("*.tmp"))

@@ -1,13 +1,15 @@
 """Tokenization at scale: per-file shards, resume after a kill, machines and workers splitting a source."""
 
 import json
+import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 import data_pipeline.tokenize as tok_mod
-from data_pipeline.shards import Manifest
+from data_pipeline.shards import STALE_TMP_SECONDS, Manifest
 from data_pipeline.sources import DataError
 from data_pipeline.tokenize import TokenizeSettings, tokenize_source
 
@@ -49,7 +51,9 @@ def test_killed_run_resumes_to_byte_identical_shards(tiny_data, four_files, tmp_
 
     def dies_on_third_file(index, path, output, s):
         if index == 2:
-            (output / "train-00002.bin.tmp").write_bytes(b"half a shard")  # killed mid-write
+            half = output / "train-00002.bin.4242.0badcafe.tmp"  # killed mid-write, long ago
+            half.write_bytes(b"half a shard")
+            os.utime(half, (time.time() - 2 * STALE_TMP_SECONDS,) * 2)
             raise KeyboardInterrupt
         return real(index, path, output, s)
 
@@ -64,7 +68,7 @@ def test_killed_run_resumes_to_byte_identical_shards(tiny_data, four_files, tmp_
     monkeypatch.setattr(tok_mod, "tokenize_file", lambda *a: calls.append(a[0]) or real(*a))
     tokenize_source(four_files, tmp_path / "broken", settings(tiny_data))
     assert calls == [2, 3]  # finished files are skipped
-    assert folder_bytes(tmp_path / "broken") == folder_bytes(tmp_path / "whole")
+    assert folder_bytes(tmp_path / "broken") == folder_bytes(tmp_path / "whole")  # the stale temporary removed
 
 
 def test_two_machines_and_two_workers_give_the_shards_of_one(tiny_data, four_files, tmp_path):
@@ -97,7 +101,8 @@ def test_documents_stream_to_the_shard_before_the_file_ends(tiny_data, four_file
     def watched(path, *args):
         for n, doc in enumerate(real(path, *args)):
             if n == 20:  # after 20 documents, batches of 2 are already on disk, not held in memory
-                seen.append((tmp_path / "small" / "train-00000.bin.tmp").stat().st_size)
+                (partial,) = (tmp_path / "small").glob("train-00000.bin.*.tmp")
+                seen.append(partial.stat().st_size)
             yield doc
 
     monkeypatch.setattr(tok_mod, "read_documents", watched)

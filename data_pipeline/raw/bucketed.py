@@ -5,10 +5,15 @@ kept: the first occurrence in input order wins. Here the same decisions are reac
 tasks that run anywhere, in any number, and leave the same result for any number of buckets B:
 
 1. scan (one task per part, i.e. per input file's documents): each document's keys, with its position
-   (part index << 32 | document index in the part), go to the file of bucket `key % B`;
-2. bucket (one task per bucket): the records of one bucket from every part, sorted; within a key the
-   first position wins and the others are written down as losers (with the winner), sorted by position;
-3. apply (one task per part): each part reads its own range of every bucket's losers and writes its
+   (part index << 32 | document index in the part), streamed to one file per part: runs of at most
+   `CHUNK_RECORDS` records, each sorted by bucket (`key % B`), and an index of where each bucket's
+   records start in each run (`ScanWriter`); so a scan's memory is one run, whatever the part's size,
+   and a pass leaves O(parts) files, not O(parts x B);
+2. bucket (one task per group of buckets, `bucket_tasks`: at most one per part): for each of its buckets
+   in turn, that bucket's records from every part's file (`ScanReader`), sorted; within a key the first
+   position wins and the others are written down as losers (with the winner), sorted by position, in
+   one file per task;
+3. apply (one task per part): each part reads its own range of every bucket task's losers and writes its
    documents without them, counting drops in a `Tally` with examples naming the document kept.
 
 Three passes use this:
@@ -18,10 +23,17 @@ Three passes use this:
 - `exact`: the first 16 bytes of `dedup.content_key` (SHA-256 of the whitespace-normalised text).
 - `near`: MinHash LSH. The scan writes each document's signature (`num_perm` uint32, as datasketch's
   MinHash with the same seed and permutations) and shingle count beside the part, and one record per
-  LSH band (the band's hash); a bucket task verifies every pair sharing a band with the containment
-  estimate of `dedup.near_dedup` and writes the pairs that pass (later, earlier); one task per source
-  then walks those pairs in input order and drops a document when it overlaps one that is kept, which
-  is `near_dedup`'s greedy rule; its memory is the number of such pairs, not the corpus.
+  LSH band (the band's hash). A bucket task goes through the documents of each band in input order and
+  verifies each against the band's representatives only (its first documents that overlap no earlier
+  representative, at most `REPRESENTATIVES`) with the containment estimate of `dedup.near_dedup`,
+  writing a pair (later, representative) for each that passes: at most `REPRESENTATIVES` verifications
+  and pairs per document and band, so a cluster of N near copies costs O(N), not O(N^2). One task per
+  source then walks the pairs in input order and drops a document when it overlaps one that is kept,
+  which is `near_dedup`'s greedy rule. What differs from comparing with every kept document: a document
+  kept although it overlaps an earlier representative (that representative was dropped) is not a
+  representative itself, so a later document that overlaps only it is kept; and a band with more than
+  `REPRESENTATIVES` documents that overlap none of the ones before them verifies its later documents
+  against the first ones only. Both need chains of partial overlaps; copies of one page never do.
 """
 
 from __future__ import annotations
@@ -29,9 +41,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-from contextlib import contextmanager
+import os
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -41,6 +54,9 @@ from data_pipeline.raw.filters import normalize_line, too_short
 from data_pipeline.shards import atomic_open
 
 PART_SHIFT = 32  # a position is part << 32 | document index within the part
+CHUNK_RECORDS = 1 << 18  # a scan task sorts and writes its records in runs of this many (its memory bound)
+REPRESENTATIVES = 32  # documents of one band that later ones are verified against (near: see `near_bucket`)
+SIGNATURE_BLOCK = 4096  # signatures read at once by a near bucket task
 
 LINE_RECORD = np.dtype([("g", "<u8"), ("h", "<u8"), ("pos", "<u8"), ("line", "<u4")])
 LINE_LOSER = np.dtype([("pos", "<u8"), ("line", "<u4")])
@@ -70,12 +86,13 @@ OUTPUT_LEVEL = 6  # gzip level of the output shards (gzip's own default)
 
 
 @contextmanager
-def jsonl_gz(path: Path, level: int = WORK_LEVEL) -> Iterator[Callable[[dict], None]]:
+def jsonl_gz(path: Path, level: int = WORK_LEVEL, durable: bool = True) -> Iterator[Callable[[dict], None]]:
     """A function writing documents to the JSONL.gz file `path`, put in place whole when the block ends
-    (`shards.atomic_open`), with no time or name in the gzip header, so equal documents give equal bytes
-    on every run and machine."""
+    (`shards.atomic_open`; `durable=False` for files between stages, whose task marker is the commit
+    point), with no time or name in the gzip header, so equal documents give equal bytes on every run
+    and machine."""
     with (
-        atomic_open(path) as raw,
+        atomic_open(path, durable=durable) as raw,
         gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=level) as gz,
     ):
         yield lambda doc: gz.write((json.dumps(doc, ensure_ascii=False) + "\n").encode("utf-8"))
@@ -86,46 +103,166 @@ def empty_gzip(fileobj: BinaryIO) -> None:
     gzip.GzipFile(filename="", mode="wb", fileobj=fileobj, mtime=0, compresslevel=OUTPUT_LEVEL).close()
 
 
-def save_array(path: Path, array: np.ndarray) -> None:
-    """`np.save` to `path`, put in place whole."""
-    with atomic_open(path) as f:
-        np.save(f, array, allow_pickle=False)
+def bucket_tasks(buckets: int, parts: int) -> int:
+    """How many tasks the bucket stage of a pass has: one per bucket, but no more than parts (each task
+    then does its buckets one after the other, so its memory is still one bucket's)."""
+    return max(1, min(buckets, parts))
 
 
-def split_by_bucket(records: np.ndarray, key: np.ndarray, buckets: int) -> list[np.ndarray]:
-    """The records of each bucket (`key % buckets`), in their order."""
-    which = key % np.uint64(buckets)
-    return [records[which == b] for b in range(buckets)]
+def buckets_of(task: int, tasks: int, buckets: int) -> range:
+    """The buckets bucket task `task` of `tasks` reduces (contiguous, all of them over all tasks)."""
+    return range(task * buckets // tasks, (task + 1) * buckets // tasks)
 
 
-def write_buckets(folder: Path, part: int, records: np.ndarray, key: np.ndarray, buckets: int) -> None:
-    """A part's records as one file per bucket: `folder/b<k>/<part>.npy`."""
-    for b, chunk in enumerate(split_by_bucket(records, key, buckets)):
-        (folder / f"b{b:05d}").mkdir(parents=True, exist_ok=True)
-        save_array(folder / f"b{b:05d}" / f"{part:08d}.npy", chunk)
+class ScanWriter:
+    """What a scan task writes for one part, streamed: `<part>.rec`, the records in runs of at most
+    `chunk` sorted by bucket, then the index (runs x B+1 int64 record offsets: bucket b of run r is
+    `[idx[r, b], idx[r, b+1])`) and its shape (two int64); and when asked the document ids (`<part>.ids.gz`)
+    and the near pass's signatures and shingle counts (`<part>.sig`, `<part>.size`: raw uint32 / uint64)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        part: int,
+        dtype: np.dtype,
+        key: str,
+        buckets: int,
+        ids: bool = False,
+        signatures: bool = False,
+        chunk: int = CHUNK_RECORDS,
+    ) -> None:
+        self.folder, self.part, self.dtype, self.key, self.buckets, self.chunk = (
+            folder,
+            part,
+            dtype,
+            key,
+            buckets,
+            chunk,
+        )
+        self.pending: list[np.ndarray] = []
+        self.pending_rows = self.written = self.docs = 0
+        self.index: list[np.ndarray] = []
+        self.stack = ExitStack()
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = folder / f"{part:08d}"
+        self.records = self.stack.enter_context(atomic_open(stem.with_suffix(".rec"), durable=False))
+        self.ids = self.sig = self.size = None
+        if ids:
+            raw = self.stack.enter_context(atomic_open(stem.with_suffix(".ids.gz"), durable=False))
+            self.ids = self.stack.enter_context(
+                gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=1)
+            )
+        if signatures:
+            self.sig = self.stack.enter_context(atomic_open(stem.with_suffix(".sig"), durable=False))
+            self.size = self.stack.enter_context(atomic_open(stem.with_suffix(".size"), durable=False))
+
+    def __enter__(self) -> "ScanWriter":
+        return self
+
+    def add(
+        self, records: np.ndarray, doc_id: Optional[str] = None, sig: Optional[np.ndarray] = None, size: int = 0
+    ) -> None:
+        """One document's records (and its id, signature and shingle count where this writer keeps them)."""
+        self.docs += 1
+        if len(records):
+            self.pending.append(records)
+            self.pending_rows += len(records)
+            if self.pending_rows >= self.chunk:
+                self._flush()
+        if self.ids is not None:
+            self.ids.write((json.dumps(doc_id) + "\n").encode("utf-8"))
+        if self.sig is not None:
+            self.sig.write(np.ascontiguousarray(sig, "<u4").tobytes())
+            self.size.write(np.array([size], "<u8").tobytes())
+
+    def _flush(self) -> None:
+        run = np.concatenate(self.pending) if self.pending else np.zeros(0, self.dtype)
+        self.pending, self.pending_rows = [], 0
+        which = run[self.key] % np.uint64(self.buckets)
+        order = np.argsort(which, kind="stable")  # input order kept within a bucket
+        counts = np.bincount(which[order].astype(np.int64), minlength=self.buckets)
+        self.index.append(self.written + np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+        self.records.write(run[order].tobytes())
+        self.written += len(run)
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is None and (self.pending or not self.index):
+            self._flush()
+        if kind is None:
+            index = np.stack(self.index).astype("<i8")
+            self.records.write(index.tobytes() + np.array(index.shape, "<i8").tobytes())
+        self.stack.__exit__(kind, error, trace)
 
 
-def read_bucket(folder: Path, bucket: int, parts: int, dtype: np.dtype) -> np.ndarray:
-    """Every part's records of one bucket, in part order."""
-    chunks = [np.load(folder / f"b{bucket:05d}" / f"{p:08d}.npy") for p in range(parts)]
-    return np.concatenate(chunks) if chunks else np.zeros(0, dtype)
+def _map(path: Path, dtype: np.dtype, count: Optional[int] = None) -> np.ndarray:
+    """The first `count` records (all when None) of a raw file, memory-mapped (none: an empty array)."""
+    if count == 0 or path.stat().st_size == 0:
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=None if count is None else (count,))
 
 
-def losers_in(files: list[Path], part: int) -> np.ndarray:
-    """The losers of one part from each bucket's sorted loser file (only that range is read)."""
-    lo, hi = part_range(part)
-    found = []
-    for path in files:
-        losers = np.load(path, mmap_mode="r")
-        start, end = np.searchsorted(losers["pos"], [lo, hi])
-        found.append(np.array(losers[start:end]))
-    return np.sort(np.concatenate(found), order=list(found[0].dtype.names)) if found else np.zeros(0)
+def read_index(path: Path) -> np.ndarray:
+    """The bucket index at the end of a scan file (`ScanWriter`)."""
+    with open(path, "rb") as f:
+        f.seek(-16, os.SEEK_END)
+        runs, width = np.frombuffer(f.read(16), "<i8").tolist()
+        f.seek(-16 - 8 * runs * width, os.SEEK_END)
+        return np.frombuffer(f.read(8 * runs * width), "<i8").reshape(runs, width)
 
 
-def write_ids(path: Path, docs_ids: list[str]) -> None:
-    """The part's document ids in order (to name the document kept in a drop's example)."""
-    with atomic_open(path) as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=1) as f:
-        f.write("".join(json.dumps(i) + "\n" for i in docs_ids).encode("utf-8"))
+class ScanReader:
+    """One bucket's records from every part's scan file at a time, in part order (`ScanWriter`'s files)."""
+
+    def __init__(self, folder: Path, parts: int, dtype: np.dtype, buckets: int) -> None:
+        self.folder, self.dtype = folder, dtype
+        index = []
+        for p in range(parts):
+            runs = read_index(folder / f"{p:08d}.rec")
+            if runs.shape[1] != buckets + 1:
+                raise ValueError(f"{folder / f'{p:08d}.rec'}: {runs.shape[1] - 1} buckets, expected {buckets}")
+            index.append(runs)
+        self.index = np.concatenate(index)  # every run of every part, in order
+        self.part = np.repeat(np.arange(parts), [len(runs) for runs in index])
+        self.count = [int(runs[-1, -1]) for runs in index]
+        self.maps: dict[int, np.ndarray] = {}
+
+    def bucket(self, bucket: int) -> np.ndarray:
+        starts, ends = self.index[:, bucket], self.index[:, bucket + 1]
+        chunks = []
+        for run in np.flatnonzero(ends > starts).tolist():
+            p = int(self.part[run])
+            if p not in self.maps:
+                if len(self.maps) >= 4096:  # a bounded number of memory maps (each costs no file descriptor)
+                    self.maps.clear()
+                self.maps[p] = _map(self.folder / f"{p:08d}.rec", self.dtype, self.count[p])
+            chunks.append(np.array(self.maps[p][starts[run] : ends[run]]))
+        return np.concatenate(chunks) if chunks else np.zeros(0, self.dtype)
+
+
+def save_losers(path: Path, losers: np.ndarray, parts: int) -> None:
+    """Losers (any record with a `pos`), sorted, after a header of each part's first record (parts + 1
+    int64), so a part's range is two small reads (`losers_of`)."""
+    losers = np.sort(losers, order=list(losers.dtype.names))
+    starts = np.searchsorted(losers["pos"], [part_range(p)[0] for p in range(parts + 1)]).astype("<i8")
+    with atomic_open(path, durable=False) as f:
+        f.write(starts.tobytes())
+        f.write(losers.tobytes())
+
+
+def losers_of(path: Path, dtype: np.dtype, parts: int, part: Optional[int] = None) -> np.ndarray:
+    """The losers of one part (None: all) from a file of `save_losers`."""
+    with open(path, "rb") as f:
+        first, last = (0, parts) if part is None else (part, part + 1)
+        f.seek(8 * first)
+        start, end = np.frombuffer(f.read(8 * (last - first + 1)), "<i8")[[0, -1]].tolist()
+        f.seek(8 * (parts + 1) + start * dtype.itemsize)
+        return np.frombuffer(f.read((end - start) * dtype.itemsize), dtype).copy()
+
+
+def losers_in(files: list[Path], dtype: np.dtype, parts: int, part: int) -> np.ndarray:
+    """The losers of one part from each bucket task's loser file, sorted."""
+    found = [losers_of(path, dtype, parts, part) for path in files]
+    return np.sort(np.concatenate(found), order=list(dtype.names)) if found else np.zeros(0, dtype)
 
 
 class IdLookup:
@@ -137,6 +274,8 @@ class IdLookup:
     def __call__(self, pos: int) -> str:
         part, index = pos >> PART_SHIFT, pos & ((1 << PART_SHIFT) - 1)
         if part not in self.cache:
+            if len(self.cache) >= 64:  # a bounded number of parts' ids held
+                self.cache.clear()
             with gzip.open(self.folder / f"{part:08d}.ids.gz", "rt", encoding="utf-8") as f:
                 self.cache[part] = [json.loads(line) for line in f]
         return self.cache[part][index]
@@ -145,19 +284,19 @@ class IdLookup:
 # line: CCNet's line dedup
 
 
-def line_scan(docs: Iterator[dict], part: int, first_doc: int, group_docs: int) -> np.ndarray:
-    """A record for every line that normalises to something: (group, hash, position, line number).
-    `first_doc` is the part's first document's number in the source (for `group_docs`)."""
-    rows = []
+def line_scan(docs: Iterator[dict], part: int, first_doc: int, group_docs: int) -> Iterator[np.ndarray]:
+    """Per document, a record for every line that normalises to something: (group, hash, position, line
+    number). `first_doc` is the part's first document's number in the source (for `group_docs`)."""
     for i, doc in enumerate(docs):
         group = (first_doc + i) // group_docs if group_docs else 0
         pos = position(part, i)
+        rows = []
         for n, line in enumerate(doc["text"].split("\n")):
             normal = normalize_line(line)
             if normal:
                 h = int.from_bytes(hashlib.sha1(normal.encode("utf-8")).digest()[:8], "big")
                 rows.append((group, h, pos, n))
-    return np.array(rows, dtype=LINE_RECORD)
+        yield np.array(rows, dtype=LINE_RECORD)
 
 
 def line_bucket(records: np.ndarray) -> np.ndarray:
@@ -190,14 +329,13 @@ def line_apply(docs: Iterator[dict], part: int, losers: np.ndarray, min_chars: i
 # exact: content hash
 
 
-def exact_scan(docs: Iterator[dict], part: int, ids: list[str]) -> np.ndarray:
-    """A record per document: (the first 16 bytes of its content key, its position); ids appended to `ids`."""
-    rows = []
+def exact_scan(docs: Iterator[dict], part: int) -> Iterator[tuple[np.ndarray, str]]:
+    """Per document, (its record: the first 16 bytes of its content key and its position, its id)."""
     for i, doc in enumerate(docs):
         key = content_key(doc["text"])
-        rows.append((int.from_bytes(key[:8], "big"), int.from_bytes(key[8:16], "big"), position(part, i)))
-        ids.append(doc["id"])
-    return np.array(rows, dtype=EXACT_RECORD)
+        record = np.zeros(1, EXACT_RECORD)
+        record[0] = (int.from_bytes(key[:8], "big"), int.from_bytes(key[8:16], "big"), position(part, i))
+        yield record, doc["id"]
 
 
 def exact_bucket(records: np.ndarray) -> np.ndarray:
@@ -229,72 +367,87 @@ def drop_pairs(
 # near: MinHash LSH with containment
 
 
-def band_keys(hasher: MinHasher, signatures: np.ndarray) -> np.ndarray:
-    """(documents, bands) 64-bit keys: a hash of the band's number and its rows of the signature."""
-    keys = np.zeros((len(signatures), hasher.bands), np.uint64)
-    for d, sig in enumerate(signatures):
-        for b in range(hasher.bands):
-            band = sig[b * hasher.rows : (b + 1) * hasher.rows].tobytes()
-            digest = hashlib.blake2b(band, digest_size=8, salt=b.to_bytes(16, "little")).digest()
-            keys[d, b] = int.from_bytes(digest, "little")
+def band_keys(hasher: MinHasher, signature: np.ndarray) -> np.ndarray:
+    """The 64-bit key of each LSH band of one signature: a hash of the band's number and its rows."""
+    keys = np.zeros(hasher.bands, np.uint64)
+    for b in range(hasher.bands):
+        band = signature[b * hasher.rows : (b + 1) * hasher.rows].tobytes()
+        digest = hashlib.blake2b(band, digest_size=8, salt=b.to_bytes(16, "little")).digest()
+        keys[b] = int.from_bytes(digest, "little")
     return keys
 
 
-def near_scan(docs: Iterator[dict], part: int, hasher: MinHasher, ids: list[str]) -> tuple[np.ndarray, ...]:
-    """(signatures, shingle counts, band records) of the part's documents; ids appended to `ids`."""
-    sigs, sizes = [], []
-    for doc in docs:
+def near_scan(docs: Iterator[dict], part: int, hasher: MinHasher) -> Iterator[tuple[np.ndarray, str, np.ndarray, int]]:
+    """Per document, (its band records, its id, its signature, its number of distinct shingles)."""
+    for i, doc in enumerate(docs):
         sketch, size = hasher.sketch(doc["text"])
-        sigs.append(sketch.hashvalues.astype(np.uint32))  # datasketch keeps them below 2**32
-        sizes.append(size)
-        ids.append(doc["id"])
-    signatures = np.array(sigs, np.uint32).reshape(len(sigs), hasher.num_perm)
-    keys = band_keys(hasher, signatures)
-    records = np.zeros(keys.size, BAND_RECORD)
-    records["h"] = keys.reshape(-1)
-    records["pos"] = np.repeat([position(part, i) for i in range(len(sigs))], hasher.bands).astype(np.uint64)
-    return signatures, np.array(sizes, np.uint64), records
+        signature = sketch.hashvalues.astype(np.uint32)  # datasketch keeps them below 2**32
+        records = np.zeros(hasher.bands, BAND_RECORD)
+        records["h"], records["pos"] = band_keys(hasher, signature), position(part, i)
+        yield records, doc["id"], signature, size
 
 
 class Signatures:
-    """Random access to the scan's signature and size files (memory-mapped, opened once per part)."""
+    """Random access to the scan's signature and shingle count files (memory-mapped, a bounded number
+    open at once)."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.open = folder, {}
+    def __init__(self, folder: Path, num_perm: int) -> None:
+        self.folder, self.num_perm, self.open = folder, num_perm, {}
 
     def get(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        sigs, sizes = [], []
-        for pos in positions.tolist():
+        sigs, sizes = np.zeros((len(positions), self.num_perm), np.uint32), np.zeros(len(positions), np.float64)
+        for n, pos in enumerate(positions.tolist()):
             part, index = pos >> PART_SHIFT, pos & ((1 << PART_SHIFT) - 1)
             if part not in self.open:
-                if len(self.open) >= 256:  # a bounded number of open memory maps
+                if len(self.open) >= 256:
                     self.open.clear()
-                self.open[part] = (
-                    np.load(self.folder / f"{part:08d}.sig.npy", mmap_mode="r"),
-                    np.load(self.folder / f"{part:08d}.size.npy", mmap_mode="r"),
-                )
-            sigs.append(self.open[part][0][index])
-            sizes.append(self.open[part][1][index])
-        return np.array(sigs), np.array(sizes, np.float64)
+                stem = self.folder / f"{part:08d}"
+                sig = _map(stem.with_suffix(".sig"), np.dtype("<u4")).reshape(-1, self.num_perm)
+                self.open[part] = (sig, _map(stem.with_suffix(".size"), np.dtype("<u8")))
+            sigs[n], sizes[n] = self.open[part][0][index], self.open[part][1][index]
+        return sigs, sizes
 
 
-def near_bucket(records: np.ndarray, signatures: Signatures, threshold: float) -> np.ndarray:
-    """(later, earlier) for every pair of documents that share a band and overlap by `threshold` or more
-    (containment estimated from the MinHash Jaccard J and the shingle counts, as `dedup.near_dedup`)."""
+def near_bucket(
+    records: np.ndarray, signatures: Signatures, threshold: float, representatives: int = REPRESENTATIVES
+) -> np.ndarray:
+    """(later, representative) pairs, sorted: within each band (records sharing a key), in input order,
+    each document verified against the band's representatives so far (containment estimated from the
+    MinHash Jaccard J and the shingle counts, as `dedup.near_dedup`); one that overlaps none becomes a
+    representative while there are fewer than `representatives`. Time and memory are linear in the
+    bucket's records whatever the size of a band."""
     records = records[np.lexsort((records["pos"], records["h"]))]
     starts = np.flatnonzero(np.r_[True, records["h"][1:] != records["h"][:-1]])
     ends = np.r_[starts[1:], len(records)]
-    pairs = []
+    found: list[np.ndarray] = []
+    perm = signatures.num_perm
     for start, end in zip(starts.tolist(), ends.tolist()):
         if end - start < 2:
             continue
         members = np.unique(records["pos"][start:end])
-        sigs, sizes = signatures.get(members)
-        for j in range(1, len(members)):
-            jaccard = np.count_nonzero(sigs[:j] == sigs[j], axis=1).astype(np.float64) / np.float64(sigs.shape[1])
-            for i in np.flatnonzero(containment(jaccard, sizes[:j], sizes[j]) >= threshold).tolist():
-                pairs.append((members[j], members[i]))
-    return np.unique(np.array(pairs, PAIR)) if pairs else np.zeros(0, PAIR)
+        rep_sigs = np.zeros((representatives, perm), np.uint32)
+        rep_sizes, rep_pos = np.zeros(representatives, np.float64), np.zeros(representatives, np.uint64)
+        reps = 0
+        for block in range(0, len(members), SIGNATURE_BLOCK):
+            chunk = members[block : block + SIGNATURE_BLOCK]
+            sigs, sizes = signatures.get(chunk)
+            later, earlier = [], []
+            for k in range(len(chunk)):
+                if reps:
+                    jaccard = np.count_nonzero(rep_sigs[:reps] == sigs[k], axis=1) / np.float64(perm)
+                    hits = np.flatnonzero(containment(jaccard, rep_sizes[:reps], sizes[k]) >= threshold)
+                    if len(hits):
+                        later += [k] * len(hits)
+                        earlier += hits.tolist()
+                        continue
+                if reps < representatives:
+                    rep_sigs[reps], rep_sizes[reps], rep_pos[reps] = sigs[k], sizes[k], chunk[k]
+                    reps += 1
+            if later:
+                pairs = np.zeros(len(later), PAIR)
+                pairs["pos"], pairs["winner"] = chunk[later], rep_pos[earlier]
+                found.append(pairs)
+    return np.unique(np.concatenate(found)) if found else np.zeros(0, PAIR)
 
 
 def near_greedy(pairs: np.ndarray) -> np.ndarray:

@@ -85,7 +85,7 @@ class RayExecutor:
 
     The project must be importable on the cluster's nodes (installed there, or shipped with
     `runtime_env={"working_dir": ...}` by the user's own `ray.init`); inputs and the output folder must
-    be paths (or URLs) every node reaches.
+    be paths (or URLs) every node reaches (relative ones are made absolute by the driver first).
     """
 
     name = "ray"

@@ -21,24 +21,31 @@ Both steps are stages of independent tasks (`stages.py`) that an executor runs (
 URLs (s3://, https://, hf://) or Common Crawl `*.paths.gz` listings.
 
 A damaged input (truncated or corrupt gzip/bz2/XML/archive) is reported by name in the report and the
-rest is processed; with `strict` the run stops there. The outputs are JSONL documents in the data
-contract's layout (`{"id", "text", "meta": {"source", ...}}`), which `python -m data_pipeline prepare`
-tokenizes. Every document dropped is counted by reason, with its first three examples.
+rest is processed; with `strict` the run stops there. A remote read is tried again after a transient
+error (HTTP 5xx or 429, a lost connection; `TRIES` in all, counted in the report); a URL that stays
+unreadable (404, 403, ...) is reported with its HTTP status like a damaged input. Relative paths are
+made absolute by the driver (`absolute_paths`), wherever the tasks run. The outputs are JSONL documents
+in the data contract's layout (`{"id", "text", "meta": {"source", ...}}`), which
+`python -m data_pipeline prepare OUTPUT/pipeline.yaml` tokenizes (the command writes that config and
+names it last). Every document dropped is counted by reason, with its first three examples.
 """
 
 from __future__ import annotations
 
+import copy
 import glob
 import hashlib
 import importlib
 import json
+import os
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, TypeVar
 
 from omegaconf import MISSING
 
@@ -53,6 +60,10 @@ CC_DATA = "https://data.commoncrawl.org/"
 EXECUTORS = ("local", "ray", "slurm")
 KINDS = ("commoncrawl", "wikipedia", "gutenberg", "arxiv", "github", "stackexchange")
 FOLDER_INPUTS = ("github", "arxiv")  # kinds whose input may be a folder (a repository, a paper) read as one
+PATH_OPTIONS = ("bad_words_file", "quality_model", "tmp_dir")  # options of the kinds that name local files
+TRIES = 5  # a remote read failing with a transient error is tried this many times in all
+BACKOFF_S = 1.0  # seconds before the second try, doubled before each next one (1, 2, 4, 8)
+T = TypeVar("T")
 
 
 @dataclass
@@ -120,20 +131,66 @@ def is_url(entry: str) -> bool:
     return "://" in entry and not entry.startswith("file://")
 
 
+def _absolute(entry: str, base: str) -> str:
+    """A local path (or glob) made absolute against `base`; a URL as it is."""
+    if is_url(entry):
+        return entry
+    return os.path.abspath(os.path.join(base, os.path.expanduser(entry.removeprefix("file://"))))
+
+
+def absolute_paths(cfg: RecipeConfig, base: Optional[str] = None) -> RecipeConfig:
+    """A copy of `cfg` whose output, local inputs and path options are absolute, against `base` (default:
+    the directory this process runs in). The driver does this before any task is shipped: a Ray worker
+    or a Slurm array task runs elsewhere, where a relative path names another folder."""
+    base = base or os.getcwd()
+    cfg = copy.deepcopy(cfg)
+    cfg.output = _absolute(cfg.output, base)
+    for source in cfg.sources:
+        source.inputs = [_absolute(entry, base) for entry in source.inputs]
+        for key in PATH_OPTIONS:
+            if isinstance(source.options.get(key), str):
+                source.options[key] = _absolute(source.options[key], base)
+    return cfg
+
+
+def install_hint(url: str, error: ImportError) -> str:
+    """One line for fsspec's ImportError on `url`: the URL and the `pip install` its protocol needs."""
+    from fsspec.registry import known_implementations
+
+    protocol = url.split("://", 1)[0]
+    missing = getattr(error.__cause__, "name", None) or getattr(error, "name", None)
+    if not missing or missing == "fsspec":  # the protocol's own package, as fsspec's registry names it
+        missing = known_implementations.get(protocol, {}).get("class", protocol).split(".")[0]
+    package = missing.replace("_", "-")
+    return f"{url}: reading {protocol}:// URLs needs the package {package!r}: pip install {package}"
+
+
+def remote_fs(url: str) -> tuple[Any, str]:
+    """fsspec's filesystem of `url` and the path on it; a missing package is one line (`install_hint`)."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        raise ConfigError(install_hint(url, e)) from None
+
+
 def _listing(entry: str, prefix: str) -> list[str]:
     """The URLs of a Common Crawl `*.paths.gz` listing (local or remote), each line joined to `prefix`."""
     import fsspec
 
-    with fsspec.open(entry, "rt", compression="infer", encoding="utf-8") as f:
+    try:
+        opened = fsspec.open(entry, "rt", compression="infer", encoding="utf-8")
+    except ImportError as e:
+        raise ConfigError(install_hint(entry, e)) from None
+    with opened as f:
         lines = [line.strip() for line in f if line.strip()]
     prefix = prefix if prefix.endswith("/") else prefix + "/"
     return [line if "://" in line else prefix + line.lstrip("/") for line in lines]
 
 
 def _expand_url(source: RawSourceConfig, entry: str) -> list[str]:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(entry)
+    fs, path = remote_fs(entry)
     if glob.has_magic(path):
         matches = sorted(fs.glob(path))
     elif fs.isdir(path):
@@ -192,15 +249,19 @@ def validate_recipe(cfg: RecipeConfig) -> None:
             raise ConfigError(f"sources[{s.name}].dedup_buckets must be >= 1, got {s.dedup_buckets}")
 
 
-def _fingerprint(source: RawSourceConfig, entry: str) -> dict:
+def _settings(source: RawSourceConfig) -> str:
+    """A hash of what shapes an input's documents: the kind and its options."""
+    settings = json.dumps({"kind": source.kind, "options": dict(source.options)}, sort_keys=True, default=str)
+    return hashlib.sha256(settings.encode()).hexdigest()
+
+
+def _fingerprint(source: RawSourceConfig, entry: str, tally: Tally) -> dict:
     """What a finished input's marker must match to be reused: the input (a folder: every file in it,
     by name, size and mtime; a URL: its size and ETag or modification time) and the settings that shape
-    its documents (kind and options)."""
+    its documents (kind and options). A URL that cannot be read raises `CorruptInput` (`_remote_read`)."""
     if is_url(entry):
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(entry)
-        info = fs.info(path)
+        fs, path = remote_fs(entry)
+        info = _remote_read(entry, lambda: fs.info(path), tally)
         stamp = next(
             (info[k] for k in ("ETag", "etag", "LastModified", "last_modified", "mtime", "created") if info.get(k)), ""
         )
@@ -212,8 +273,70 @@ def _fingerprint(source: RawSourceConfig, entry: str) -> dict:
     else:
         stat = Path(entry).stat()
         content = f"{stat.st_size}:{stat.st_mtime}"
-    settings = json.dumps({"kind": source.kind, "options": dict(source.options)}, sort_keys=True, default=str)
-    return {"input": entry, "content": content, "settings": hashlib.sha256(settings.encode()).hexdigest()}
+    return {"input": entry, "content": content, "settings": _settings(source)}
+
+
+def _status(error: BaseException) -> Optional[int]:
+    """The HTTP status behind a remote read's error (fsspec wraps it: look down the chain), if any."""
+    seen: Optional[BaseException] = error
+    while seen is not None:
+        status = getattr(seen, "status", None)
+        if isinstance(status, int):
+            return status
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _transient(error: BaseException) -> bool:
+    """Whether a remote read may succeed when tried again: HTTP 5xx or 429, a reset or lost connection."""
+    status = _status(error)
+    if status is not None:
+        return status >= 500 or status == 429
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    aiohttp = sys.modules.get("aiohttp")  # fsspec's HTTP client, when an http(s) URL was opened
+    return aiohttp is not None and isinstance(error, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError))
+
+
+def with_retries(read: Callable[[], T], tally: Tally) -> T:
+    """`read()`, tried again after a transient error (`_transient`) up to `TRIES` times in all, waiting
+    `BACKOFF_S` doubled each time; each new try is counted in `tally.retries`."""
+    for attempt in range(TRIES):
+        try:
+            return read()
+        except Exception as e:
+            if attempt == TRIES - 1 or not _transient(e):
+                raise
+            tally.retries += 1
+            time.sleep(BACKOFF_S * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _remote_read(url: str, read: Callable[[], T], tally: Tally) -> T:
+    """`read()` of the remote input `url` with retries (`with_retries`); when it stays unreadable (missing,
+    forbidden, still failing), a `CorruptInput` naming the URL and the HTTP status (`remote_failure`)."""
+    try:
+        return with_retries(read, tally)
+    except Exception as e:
+        if _status(e) is None and not isinstance(e, (OSError, TimeoutError)) and not _transient(e):
+            raise  # not a failed read: a bug, shown whole
+        raise CorruptInput(remote_failure(url, e)) from None
+
+
+def remote_failure(url: str, error: BaseException) -> str:
+    """Why a remote input could not be read, in one line naming the URL and the HTTP status."""
+    status = _status(error)
+    if status is None and isinstance(error, FileNotFoundError) and url.startswith(("http://", "https://")):
+        status = 404  # fsspec's HTTP filesystem says 404 as FileNotFoundError(url)
+    if status is not None:
+        reason = {404: "not found", 403: "forbidden", 401: "unauthorized"}.get(status) or (
+            "server error" if status >= 500 else "refused"
+        )
+        why = f"HTTP {status} ({reason})"
+    else:
+        why = f"{type(error).__name__}: {error}" if str(error) != url else type(error).__name__
+    tried = f" after {TRIES} tries" if _transient(error) else ""
+    return f"{url}: unreadable, {why}{tried}"
 
 
 def part_name(path: str | Path) -> str:
@@ -221,40 +344,52 @@ def part_name(path: str | Path) -> str:
     return hashlib.sha256(str(path).encode()).hexdigest()[:20]
 
 
-def _local_copy(url: str, folder: Path) -> Path:
-    """A remote input copied to `folder/<its parent folder's name>/<its name>` (readers look at both)."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url)
+def _local_copy(url: str, folder: Path, tally: Tally) -> Path:
+    """A remote input copied to `folder/<its parent folder's name>/<its name>` (readers look at both),
+    through `_remote_read`."""
+    fs, path = remote_fs(url)
     parts = path.rstrip("/").split("/")
     local = folder / (parts[-2] if len(parts) > 1 else "input") / parts[-1]
     local.parent.mkdir(parents=True, exist_ok=True)
-    with fs.open(path, "rb") as src, open(local, "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
+
+    def copy() -> None:
+        with fs.open(path, "rb") as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+    _remote_read(url, copy, tally)
     return local
 
 
 def process_file(source: RawSourceConfig, entry: str, out_dir: Path, strict: bool) -> dict:
-    """Step 1 for one input (a local path or a URL): its cleaned documents and its marker; returns the marker."""
+    """Step 1 for one input (a local path or a URL): its cleaned documents and its marker; returns the marker.
+    A URL that cannot be read (missing, forbidden, or failing after `TRIES` tries) is reported like a
+    damaged file, with its HTTP status; `strict` stops there."""
     name = part_name(entry)
     marker, output = out_dir / f"{name}.done.json", out_dir / f"{name}.jsonl.gz"
-    fingerprint = _fingerprint(source, entry)
+    tally = Tally()
+    try:
+        fingerprint, unreadable = _fingerprint(source, entry, tally), None
+    except CorruptInput as e:  # a URL that cannot be read: its marker is reused while it stays so
+        fingerprint, unreadable = {"input": entry, "content": "unreadable", "settings": _settings(source)}, e
     if marker.is_file() and output.is_file():
         done = json.loads(marker.read_text())
         if {k: done.get(k) for k in fingerprint} == fingerprint:
             if strict and done["tally"]["failed_files"]:
                 raise DataError(f"{done['tally']['failed_files'][0]['error']} (strict: stopped)")
             return done
-    module, options, tally = load_module(source.kind), module_options(source), Tally()
+    module, options = load_module(source.kind), module_options(source)
     start = time.process_time()
     with ExitStack() as stack:
         path = Path(entry)
-        if is_url(entry):  # copied to local disk first: archives and XML readers seek
-            path = _local_copy(entry, Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="recipe-"))))
-        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-        tally.input_bytes = sum(p.stat().st_size for p in files)
         with jsonl_gz(output) as write:  # documents go to disk as they come; removed if this stops
             try:
+                if unreadable is not None:
+                    raise unreadable
+                if is_url(entry):  # copied to local disk first: archives and XML readers seek
+                    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="recipe-")))
+                    path = _local_copy(entry, folder, tally)
+                files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+                tally.input_bytes = sum(p.stat().st_size for p in files)
                 if tally.input_bytes == 0:
                     raise CorruptInput(f"{entry}: empty input (0 bytes)")
                 for doc in module.documents(path, options, tally):
@@ -292,6 +427,36 @@ def file_task(cfg: RecipeConfig, name: str, entry: str) -> dict:
     return {"docs": done["tally"]["docs_in"], "bytes": done["tally"]["input_bytes"]}
 
 
+def write_pipeline_config(cfg: RecipeConfig) -> Path:
+    """`OUTPUT/pipeline.yaml`: a pipeline config (as in configs/pipeline/) whose sources are the recipe's
+    output shards, so `python -m data_pipeline prepare OUTPUT/pipeline.yaml` trains a tokenizer on them
+    and tokenizes them (beside OUTPUT: `<OUTPUT>-tokenizer/`, `<OUTPUT>-tokens/`). Returns its path."""
+    from omegaconf import OmegaConf
+
+    output = Path(cfg.output)
+    pipeline = {
+        "sources": [{"name": s.name, "files": [str(output / s.name / f"{s.name}-*.jsonl.gz")]} for s in cfg.sources],
+        "tokenizer": {"path": str(output.parent / f"{output.name}-tokenizer" / "tokenizer.model")},
+        "tokenize": {"output": str(output.parent / f"{output.name}-tokens")},
+    }
+    header = (
+        "# Written by `python -m data_pipeline recipe`: its output as a pipeline config. Edit tokenizer.vocab_size\n"
+        "# (default LLaMA's 32000; a corpus of a few MB needs fewer, e.g. 4096) or the paths as you like.\n"
+    )
+    path = output / "pipeline.yaml"
+    output.mkdir(parents=True, exist_ok=True)  # under Slurm, before any task has run
+    atomic_write_bytes(path, (header + OmegaConf.to_yaml(OmegaConf.create(pipeline))).encode("utf-8"))
+    return path
+
+
+def next_steps(cfg: RecipeConfig, pipeline: Path) -> str:
+    """The recipe's last lines: where its documents are and the command that tokenizes them."""
+    return (
+        f"cleaned documents: {cfg.output}/<source>/<source>-NNNNN.jsonl.gz (report: {Path(cfg.output) / 'report.md'})\n"
+        f"tokenize them: python -m data_pipeline prepare {pipeline}\n"
+    )
+
+
 def format_reports(reports: dict[str, dict]) -> str:
     """The reports as a Markdown table and, per source, drops by reason with examples."""
     lines = [
@@ -309,6 +474,8 @@ def format_reports(reports: dict[str, dict]) -> str:
         lines += ["", f"## {name}", ""]
         for failed in r["failed_files"]:
             lines.append(f"- damaged input: {failed['error']}")
+        if r.get("retries"):
+            lines.append(f"- remote reads tried again after a transient error: {r['retries']:,}")
         for empty in r.get("empty_files", []):
             lines.append(f"- empty input (no documents in it): {empty}")
         for reason, n in sorted(r["dropped"].items(), key=lambda kv: -kv[1]):

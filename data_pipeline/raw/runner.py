@@ -11,8 +11,9 @@ from pathlib import Path
 
 from data_pipeline.configfile import ConfigError
 from data_pipeline.raw.executors import LocalExecutor, RayExecutor
-from data_pipeline.raw.recipe import RecipeConfig, is_url, validate_recipe
+from data_pipeline.raw.recipe import RecipeConfig, absolute_paths, is_url, validate_recipe
 from data_pipeline.raw.stages import STAGES, function, tasks
+from data_pipeline.shards import remove_stale_temporaries
 
 
 def make_executor(cfg: RecipeConfig):
@@ -23,9 +24,11 @@ def make_executor(cfg: RecipeConfig):
 
 
 def run_stage(cfg: RecipeConfig, stage: str, executor) -> list:
-    """Every task of one stage (see `stages.STAGES`) on `executor`."""
+    """Every task of one stage (see `stages.STAGES`) on `executor`; relative paths of `cfg` name folders
+    of this process's working directory (`recipe.absolute_paths`), wherever the tasks run."""
     if stage not in STAGES:
         raise ConfigError(f"stage {stage!r}: choose from {', '.join(STAGES)}")
+    cfg = absolute_paths(cfg)
     work = tasks(stage, cfg)
     total = (
         sum(Path(t[2]).stat().st_size for t in work if not is_url(t[2]) and Path(t[2]).is_file())
@@ -38,6 +41,10 @@ def run_stage(cfg: RecipeConfig, stage: str, executor) -> list:
 def run_recipe(cfg: RecipeConfig, executor=None) -> dict[str, dict]:
     """Run every stage of every source here or on Ray; write and return the reports (by source name)."""
     validate_recipe(cfg)
+    cfg = absolute_paths(cfg)
+    for source in cfg.sources:  # what writers killed in an earlier run left
+        remove_stale_temporaries(Path(cfg.output) / source.name)
+        remove_stale_temporaries(Path(cfg.output) / source.name / "files")
     mine = executor is None
     executor = executor or make_executor(cfg)
     try:

@@ -10,6 +10,7 @@ submit the chain again and every task finished before is skipped by its marker.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Sequence
@@ -30,14 +31,15 @@ def array_size(stage: str, machines: int, sources: int) -> int:
 def submit(
     config: str, overrides: Sequence[str], machines: int, sources: int, sbatch_args: Sequence[str] = ()
 ) -> list[str]:
-    """Submit every stage as an array depending on the one before; returns the job ids in stage order."""
+    """Submit every stage as an array depending on the one before; returns the job ids in stage order.
+    The array tasks run in this directory (`--chdir`), so relative paths of the config name the same files."""
     if not SCRIPT.is_file():
         raise ValueError(f"{SCRIPT} is missing: executor=slurm runs from a clone of the repository")
     jobs: list[str] = []
     for stage in STAGES:
         n = array_size(stage, machines, sources)
         command = ["sbatch", "--parsable", f"--array=0-{n - 1}", f"--job-name=recipe-{stage}"]
-        command += [f"--export=ALL,RECIPE_CONFIG={config},RECIPE_STAGE={stage}", *sbatch_args]
+        command += [f"--chdir={os.getcwd()}", f"--export=ALL,RECIPE_CONFIG={config},RECIPE_STAGE={stage}", *sbatch_args]
         if jobs:
             command.append(f"--dependency=afterok:{jobs[-1]}")
         try:

@@ -6,9 +6,9 @@ Stage after stage, each a list of tasks that may run in any order, anywhere, twi
 |---|---|---|
 | `files` | input file | `files/<part>.jsonl.gz` and its marker (step 1, `recipe.process_file`) |
 | `plan` | source | `work/plan.json`: the parts in input order, their document counts, the step-2 key |
-| `<pass>-scan` | part | `work/<pass>/scan/b<k>/<part>.npy`: the part's keys by bucket (and ids, signatures) |
-| `<pass>-bucket` | bucket | `work/<pass>/bucket/<k>.npy`: the losers of the bucket |
-| `near-greedy` | source | `work/near/dropped.npy`: the near duplicates, decided in input order |
+| `<pass>-scan` | part | `work/<pass>/scan/<part>.rec`: its keys by bucket, indexed (ids, signatures) |
+| `<pass>-bucket` | bucket group | `work/<pass>/bucket/<t>.bin`: the losers of its buckets (`bucket_tasks`) |
+| `near-greedy` | source | `work/near/dropped.bin`: the near duplicates, decided in input order |
 | `<pass>-apply` | part | `work/<pass>/out/<part>.jsonl.gz`: the part without its losers, and its drops |
 | `count` | source | `work/counts.json`: documents kept per part, so each part knows where its documents go |
 | `write` | part | `work/write/<shard>-<part>.gz`: the part's documents, cut at output shard boundaries |
@@ -17,15 +17,19 @@ Stage after stage, each a list of tasks that may run in any order, anywhere, twi
 
 The passes are `line` (CommonCrawl's `finalize`: CCNet line dedup), `exact` and `near`
 (`bucketed.py`), in that order, for the sources that have them. Every task's output is written under
-a temporary name and renamed, then a marker `<output>.done.json` holding the step-2 key is written
-last; a task whose marker holds the current key is done and is skipped, so a rerun after a kill or a
-requeue redoes only the tasks that had not finished. The key hashes the step-1 markers of the source's
-inputs and its dedup settings, so other inputs or settings redo step 2 (and only step 2). A source whose
-`report.json` holds the current key is finished: its stages have no tasks.
+a temporary name of its own and renamed (two live copies of a task write the same bytes; the last rename
+wins), then a marker `<output>.done.json` holding the step-2 key is written last and fsynced: it is the
+commit point, so the files between stages are not fsynced themselves, and a pass leaves a few files per
+part and per bucket task, never one per part and bucket. A task whose marker holds the current key is
+done and is skipped, so a rerun after a kill or a requeue redoes only the tasks that had not finished.
+The key hashes the step-1 markers of the source's inputs and its dedup settings, so other inputs or
+settings redo step 2 (and only step 2). A source whose `report.json` holds the current key is finished:
+its stages have no tasks.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -144,7 +148,7 @@ def tasks(stage: str, cfg: Any) -> list[tuple]:
         if step in ("scan", "apply") or stage == "write":
             out += [(cfg, s.name, p) for p in range(parts)]
         elif step == "bucket":
-            out += [(cfg, s.name, b) for b in range(s.buckets)]
+            out += [(cfg, s.name, t) for t in range(_bucket_tasks(s))]
         elif step == "greedy" or stage == "count":
             out.append((cfg, s.name, 0))
         elif stage == "concat":
@@ -206,11 +210,12 @@ def task_line_scan(cfg: Any, name: str, part: int) -> dict:
     folder, plan = _scan_folder(s, "line"), s.plan
 
     def work() -> dict:
-        first = sum(plan["docs"][:part])
         docs = bk.read_jsonl_gz(s.input_of("line", part))
-        records = bk.line_scan(docs, part, first, s.options.line_dedup_group_docs)
-        bk.write_buckets(folder, part, records, records["h"], s.buckets)
-        return {"docs": plan["docs"][part]}
+        first = sum(plan["docs"][:part])
+        with bk.ScanWriter(folder, part, bk.LINE_RECORD, "h", s.buckets) as out:
+            for records in bk.line_scan(docs, part, first, s.options.line_dedup_group_docs):
+                out.add(records)
+        return {"docs": out.docs}
 
     return once(folder / f"{part:08d}.done.json", plan["key"], work)
 
@@ -220,17 +225,21 @@ def task_exact_scan(cfg: Any, name: str, part: int) -> dict:
     folder = _scan_folder(s, "exact")
 
     def work() -> dict:
-        ids: list[str] = []
-        records = bk.exact_scan(bk.read_jsonl_gz(s.input_of("exact", part)), part, ids)
-        bk.write_buckets(folder, part, records, records["h1"], s.buckets)
-        bk.write_ids(folder / f"{part:08d}.ids.gz", ids)
-        return {"docs": len(ids)}
+        with bk.ScanWriter(folder, part, bk.EXACT_RECORD, "h1", s.buckets, ids=True) as out:
+            for record, doc_id in bk.exact_scan(bk.read_jsonl_gz(s.input_of("exact", part)), part):
+                out.add(record, doc_id)
+        return {"docs": out.docs}
 
     return once(folder / f"{part:08d}.done.json", s.plan["key"], work)
 
 
+@functools.lru_cache(maxsize=8)
+def _minhasher(threshold: float) -> bk.MinHasher:
+    return bk.MinHasher(threshold=threshold)  # datasketch's banding search costs ~25 ms: once per process
+
+
 def _hasher(s: Source) -> bk.MinHasher:
-    return bk.MinHasher(threshold=s.config.near_dedup)
+    return _minhasher(s.config.near_dedup)
 
 
 def task_near_scan(cfg: Any, name: str, part: int) -> dict:
@@ -238,14 +247,11 @@ def task_near_scan(cfg: Any, name: str, part: int) -> dict:
     folder = _scan_folder(s, "near")
 
     def work() -> dict:
-        ids: list[str] = []
-        signatures, sizes, records = bk.near_scan(bk.read_jsonl_gz(s.input_of("near", part)), part, _hasher(s), ids)
-        folder.mkdir(parents=True, exist_ok=True)
-        bk.save_array(folder / f"{part:08d}.sig.npy", signatures)
-        bk.save_array(folder / f"{part:08d}.size.npy", sizes)
-        bk.write_buckets(folder, part, records, records["h"], s.buckets)
-        bk.write_ids(folder / f"{part:08d}.ids.gz", ids)
-        return {"docs": len(ids)}
+        docs = bk.read_jsonl_gz(s.input_of("near", part))
+        with bk.ScanWriter(folder, part, bk.BAND_RECORD, "h", s.buckets, ids=True, signatures=True) as out:
+            for records, doc_id, signature, size in bk.near_scan(docs, part, _hasher(s)):
+                out.add(records, doc_id, signature, size)
+        return {"docs": out.docs}
 
     return once(folder / f"{part:08d}.done.json", s.plan["key"], work)
 
@@ -253,28 +259,41 @@ def task_near_scan(cfg: Any, name: str, part: int) -> dict:
 _RECORDS = {"line": bk.LINE_RECORD, "exact": bk.EXACT_RECORD, "near": bk.BAND_RECORD}
 
 
+def _bucket_tasks(s: Source) -> int:
+    return bk.bucket_tasks(s.buckets, len(s.plan["parts"]))
+
+
+def _bucket_files(s: Source, pass_name: str) -> list[Path]:
+    return [s.work / pass_name / "bucket" / f"{t:05d}.bin" for t in range(_bucket_tasks(s))]
+
+
 def _bucket_task(pass_name: str, reduce: Callable[[Source, np.ndarray], np.ndarray]) -> Callable:
-    def task(cfg: Any, name: str, bucket: int) -> dict:
+    def task(cfg: Any, name: str, index: int) -> dict:
         s = Source(cfg, name)
         out = s.work / pass_name / "bucket"
 
         def work() -> dict:
-            records = bk.read_bucket(_scan_folder(s, pass_name), bucket, len(s.plan["parts"]), _RECORDS[pass_name])
+            tasks = _bucket_tasks(s)
+            reader = bk.ScanReader(_scan_folder(s, pass_name), len(s.plan["parts"]), _RECORDS[pass_name], s.buckets)
+            found = [reduce(s, reader.bucket(b)) for b in bk.buckets_of(index, tasks, s.buckets)]
             out.mkdir(parents=True, exist_ok=True)
-            bk.save_array(out / f"{bucket:05d}.npy", reduce(s, records))
+            bk.save_losers(out / f"{index:05d}.bin", np.concatenate(found), len(s.plan["parts"]))
             return {"docs": 0}
 
-        return once(out / f"{bucket:05d}.done.json", s.plan["key"], work)
+        return once(out / f"{index:05d}.done.json", s.plan["key"], work)
 
     task.__name__ = task.__qualname__ = f"task_{pass_name}_bucket"
     return task
 
 
+def _near_reduce(s: Source, records: np.ndarray) -> np.ndarray:
+    hasher = _hasher(s)
+    return bk.near_bucket(records, bk.Signatures(_scan_folder(s, "near"), hasher.num_perm), s.config.near_dedup)
+
+
 task_line_bucket = _bucket_task("line", lambda s, records: bk.line_bucket(records))
 task_exact_bucket = _bucket_task("exact", lambda s, records: bk.exact_bucket(records))
-task_near_bucket = _bucket_task(
-    "near", lambda s, records: bk.near_bucket(records, bk.Signatures(_scan_folder(s, "near")), s.config.near_dedup)
-)
+task_near_bucket = _bucket_task("near", _near_reduce)
 
 
 def task_near_greedy(cfg: Any, name: str, index: int) -> dict:
@@ -283,8 +302,9 @@ def task_near_greedy(cfg: Any, name: str, index: int) -> dict:
     folder = s.work / "near"
 
     def work() -> dict:
-        pairs = [np.load(folder / "bucket" / f"{b:05d}.npy") for b in range(s.buckets)]
-        bk.save_array(folder / "dropped.npy", bk.near_greedy(np.concatenate(pairs)))
+        parts = len(s.plan["parts"])
+        pairs = [bk.losers_of(path, bk.PAIR, parts) for path in _bucket_files(s, "near")]
+        bk.save_losers(folder / "dropped.bin", bk.near_greedy(np.concatenate(pairs)), parts)
         return {"docs": 0}
 
     return once(folder / "dropped.done.json", s.plan["key"], work)
@@ -296,24 +316,22 @@ def _apply_task(pass_name: str) -> Callable:
         out = s.work / pass_name / "out"
 
         def work() -> dict:
-            tally = Tally()
+            tally, parts = Tally(), len(s.plan["parts"])
             docs = bk.read_jsonl_gz(s.input_of(pass_name, part))
             if pass_name == "line":
-                files = [s.work / "line" / "bucket" / f"{b:05d}.npy" for b in range(s.buckets)]
-                kept = bk.line_apply(docs, part, bk.losers_in(files, part), s.options.min_chars, tally)
+                losers = bk.losers_in(_bucket_files(s, "line"), bk.LINE_LOSER, parts, part)
+                kept = bk.line_apply(docs, part, losers, s.options.min_chars, tally)
             elif pass_name == "exact":
-                files = [s.work / "exact" / "bucket" / f"{b:05d}.npy" for b in range(s.buckets)]
+                losers = bk.losers_in(_bucket_files(s, "exact"), bk.PAIR, parts, part)
                 name_of = bk.IdLookup(_scan_folder(s, "exact"))
-                kept = bk.drop_pairs(
-                    docs, part, bk.losers_in(files, part), "exact_duplicate", "same as", name_of, tally
-                )
+                kept = bk.drop_pairs(docs, part, losers, "exact_duplicate", "same as", name_of, tally)
             else:
-                losers = bk.losers_in([s.work / "near" / "dropped.npy"], part)
+                losers = bk.losers_of(s.work / "near" / "dropped.bin", bk.PAIR, parts, part)
                 name_of = bk.IdLookup(_scan_folder(s, "near"))
                 kept = bk.drop_pairs(docs, part, losers, "near_duplicate", "~", name_of, tally)
             out.mkdir(parents=True, exist_ok=True)
             n = 0
-            with bk.jsonl_gz(out / f"{part:08d}.jsonl.gz") as write:
+            with bk.jsonl_gz(out / f"{part:08d}.jsonl.gz", durable=False) as write:
                 for doc in kept:
                     write(doc)
                     n += 1
@@ -365,7 +383,7 @@ def task_write(cfg: Any, name: str, part: int) -> dict:
         tally = Tally()
         docs = enumerate(bk.read_jsonl_gz(s.input_of(None, part)))
         for shard, group in itertools.groupby(docs, key=lambda item: (first + item[0]) // size):
-            with bk.jsonl_gz(out / f"{shard:05d}-{part:08d}.gz", bk.OUTPUT_LEVEL) as write:
+            with bk.jsonl_gz(out / f"{shard:05d}-{part:08d}.gz", bk.OUTPUT_LEVEL, durable=False) as write:
                 for _, doc in group:
                     write(tally.keep(doc))
         return {"tally": tally.to_dict(), "docs": tally.docs_out}
@@ -415,18 +433,29 @@ def source_report(s: Source) -> dict:
     }
 
 
+def _finish(s: Source) -> None:
+    """The source's report.json, and its shards of an earlier run with more documents removed."""
+    report = source_report(s)
+    shards = _counts(s)["shards"]
+    for old in s.folder.glob(f"{s.name}-*.jsonl.gz"):
+        number = old.name[len(s.name) + 1 : -len(".jsonl.gz")]
+        if not number.isdigit() or int(number) >= shards:
+            old.unlink(missing_ok=True)
+    write_json(s.folder / "report.json", report)
+
+
 def task_report(cfg: Any, name: str, index: int) -> dict:
     """Every source's report.json (a finished one is kept), OUTPUT/report.md; the work folders removed."""
     reports = {}
     for s in _sources(cfg):
-        if s.pending():
-            report = source_report(s)
-            shards = _counts(s)["shards"]
-            for old in s.folder.glob(f"{s.name}-*.jsonl.gz"):
-                number = old.name[len(s.name) + 1 : -len(".jsonl.gz")]
-                if not number.isdigit() or int(number) >= shards:  # from an earlier run with more documents
-                    old.unlink()
-            write_json(s.folder / "report.json", report)
+        plan = read_json(s.work / "plan.json")
+        if plan is not None and not plan["done"]:
+            try:
+                _finish(s)
+            except (OSError, AssertionError, TypeError):  # work/ vanishing as we read it: another live copy
+                finished = read_json(s.folder / "report.json")  # of this task finished first; its report stands
+                if finished is None or finished.get("step2") != plan["key"]:
+                    raise
         reports[s.name] = read_json(s.folder / "report.json")
         if not cfg.keep_work:
             shutil.rmtree(s.work, ignore_errors=True)
