@@ -140,6 +140,10 @@ def cmd_tokenize(cfg: PipelineConfig, force: bool = False, machine: tuple[int, i
             f"{tokens['val']:>12}{st.bytes_in / 1e6:>8.2f}{sum(st.dropped.values()):>9}{secs:>7.1f}"
         )
     print(f"\ntoken shards: {cfg.tokenize.output}")
+    print(
+        "train on them: python -m pretrain train configs/experiments/debug.yaml "
+        f"data.root={cfg.tokenize.output} data.tokenizer={cfg.tokenizer.path}"
+    )
 
 
 def parse_machine(text: str) -> tuple[int, int]:

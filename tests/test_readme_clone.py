@@ -79,6 +79,29 @@ def test_a_bare_clone_runs_the_readme_commands_in_order(tmp_path):
     run("python -m data_pipeline recipe configs/recipe/sample.yaml")
     assert (clone / "data" / "clean" / "sample" / "report.md").is_file()
 
+    # your own data: files on disk -> prepare -> a training run; raw dumps -> recipe -> prepare -> a run
+    walkthrough = README.split("### Your own data, from files on disk to a training run")[1]
+    files_block = walkthrough.split("```bash\n")[1].split("```")[0]
+    prepare = files_block.split("python -m data_pipeline prepare mydata/pipeline.yaml")[0]
+    out = run(prepare + "python -m data_pipeline prepare mydata/pipeline.yaml")
+    assert "train on them: python -m pretrain train configs/experiments/debug.yaml data.root=mydata/tokens" in out
+    short = "train.steps=3 train.eval_every=3 train.save_every=3"
+    out = run(
+        "python -m pretrain train configs/experiments/debug.yaml data.root=mydata/tokens "
+        "data.tokenizer=mydata/tokenizer.model 'data.weights={web: 0.7, books: 0.3}' train.run_dir=runs/mydata",
+        short,
+    )
+    assert "done: step 3" in out, out[-2000:]
+    out = run("python -m data_pipeline recipe configs/recipe/sample.yaml output=mydata/clean")
+    assert f"tokenize them: python -m data_pipeline prepare {clone / 'mydata' / 'clean' / 'pipeline.yaml'}" in out
+    run("python -m data_pipeline prepare mydata/clean/pipeline.yaml tokenizer.vocab_size=2048")
+    out = run(
+        "python -m pretrain train configs/experiments/debug.yaml data.root=mydata/clean-tokens "
+        "data.tokenizer=mydata/clean-tokenizer/tokenizer.model train.run_dir=runs/mydata-clean",
+        short,
+    )
+    assert "done: step 3" in out, out[-2000:]
+
     out = run("python -m pretrain evaluate", CHECKPOINT)
     assert re.search(r"blended\s+\d+\.\d+", out), out
     run(
