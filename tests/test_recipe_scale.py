@@ -516,3 +516,49 @@ def test_two_live_copies_of_every_task_both_finish_with_the_local_bytes(local_ru
     run_recipe(twice, executor=Twice())
     assert shards(tmp_path / "twice") == reference
     assert not list((tmp_path / "twice").rglob("*.tmp"))
+
+
+def test_byte_ranges_hold_every_line_once_wherever_they_cut(tmp_path):
+    from data_pipeline.raw.common import range_lines
+
+    data = b"".join(f'{{"n": {n}, "pad": "{"x" * (n % 7)}"}}\n'.encode() for n in range(200)) + b"no newline at the end"
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(data)
+    lines = data.splitlines(keepends=True)
+    starts = [0, *np.cumsum([len(line) for line in lines])[:-1].tolist()]
+    for cuts in (
+        [0, len(data)],
+        [0, 1, 2, 3, len(data)],
+        [0, *starts[5:9], len(data)],
+        [0, *range(0, len(data), 97)[1:], len(data)],
+    ):
+        got = []
+        with open(path, "rb") as f:
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                got += list(range_lines(f, a, b))
+        assert got == list(zip(starts, lines)), cuts
+
+
+def test_a_huge_jsonl_input_is_read_in_byte_ranges_with_the_documents_of_one_read(tmp_path):
+    """A GitHub JSONL input over `split_bytes` becomes parts of that many bytes (so no task reads it
+    whole); the source's documents are those of reading it in one piece."""
+    github_files = sorted((RAW / "github").rglob("*.py"))
+    rows = [
+        {
+            "content": p.read_text(),
+            "repo_name": p.relative_to(RAW / "github").parts[0],
+            "path": p.name,
+            "license": "mit",
+        }
+        for p in github_files
+    ]
+    path = tmp_path / "code.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    outputs, reports = {}, {}
+    for split in (0, 20_000):
+        source = RawSourceConfig(name="github", kind="github", inputs=[str(path)], split_bytes=split)
+        reports[split] = run_recipe(RecipeConfig(output=str(tmp_path / str(split)), sources=[source]))["github"]
+        outputs[split] = documents(tmp_path / str(split) / "github")
+    assert reports[0]["inputs"] == 1 and reports[20_000]["inputs"] == -(-path.stat().st_size // 20_000)
+    assert outputs[20_000] == outputs[0] and len(outputs[0]) >= 5
+    assert reports[20_000]["docs_in"] == reports[0]["docs_in"] == len(rows)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Optional, Sequence
 
-from data_pipeline.raw.common import CorruptInput, Tally, make_doc, stream_errors
+from data_pipeline.raw.common import CorruptInput, Tally, make_doc, range_lines, stream_errors
 from data_pipeline.sources import open_text
 
 SOURCE = "github"
@@ -278,12 +278,14 @@ def _tree_documents(root: Path, options: Options, tally: Tally) -> Iterator[dict
             yield doc
 
 
-def _jsonl_documents(path: Path, options: Options, tally: Tally) -> Iterator[dict]:
+def _jsonl_documents(path: Path, options: Options, tally: Tally, lines: Optional[tuple[int, int]]) -> Iterator[dict]:
+    """The rows of a JSONL file (`lines`: only those starting in that byte range, named by offset)."""
     stem = Path(re.sub(r"\.(gz|bz2|xz|zst)$", "", path.name)).stem
     try:
         with open_text(path) as f:
-            for line_no, raw in enumerate(f, start=1):
-                origin = f"{path}:{line_no}"
+            rows = enumerate(f, start=1) if lines is None else range_lines(f, *lines)
+            for number, raw in rows:
+                origin = f"{path}:{number}" if lines is None else f"{path}@{number}"
                 if not raw.strip():
                     continue
                 try:
@@ -296,7 +298,8 @@ def _jsonl_documents(path: Path, options: Options, tally: Tally) -> Iterator[dic
                     tally.drop("bad_record", origin, raw.decode("utf-8", "replace"))
                     continue
                 tally.read(text)
-                file_path = next((str(row[f]) for f in options.path_fields if row.get(f)), f"{stem}-{line_no}")
+                fallback = f"{stem}-{number}" if lines is None else f"{stem}-at-{number}"
+                file_path = next((str(row[f]) for f in options.path_fields if row.get(f)), fallback)
                 repo = next((str(row[f]) for f in options.repo_fields if row.get(f)), stem)
                 doc = _clean(text, file_path, repo, _license_of_row(row, options), origin, options, tally)
                 if doc:
@@ -305,10 +308,12 @@ def _jsonl_documents(path: Path, options: Options, tally: Tally) -> Iterator[dic
         raise CorruptInput(f"{path}: {type(e).__name__}: {e}") from None
 
 
-def documents(path: Path, options: Options, tally: Tally) -> Iterator[dict]:
-    """The kept source files of one input: a repository checkout (folder) or a JSONL of files."""
+def documents(path: Path, options: Options, tally: Tally, lines: Optional[tuple[int, int]] = None) -> Iterator[dict]:
+    """The kept source files of one input: a repository checkout (folder) or a JSONL of files (`lines`:
+    the rows starting in that byte range of it, a part of a huge file; rows without a path field are
+    then named by their byte offset, not their line number)."""
     path = Path(path)
     if path.is_dir():
         yield from _tree_documents(path, options, tally)
     else:
-        yield from _jsonl_documents(path, options, tally)
+        yield from _jsonl_documents(path, options, tally, lines)

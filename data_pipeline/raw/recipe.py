@@ -52,7 +52,7 @@ from omegaconf import MISSING
 from data_pipeline.config import check_source_names
 from data_pipeline.configfile import ConfigError
 from data_pipeline.raw.bucketed import jsonl_gz
-from data_pipeline.raw.common import CorruptInput, Tally
+from data_pipeline.raw.common import CorruptInput, Tally, byte_range, split_ranges
 from data_pipeline.shards import atomic_write_bytes
 from data_pipeline.sources import DataError
 
@@ -60,6 +60,7 @@ CC_DATA = "https://data.commoncrawl.org/"
 EXECUTORS = ("local", "ray", "slurm")
 KINDS = ("commoncrawl", "wikipedia", "gutenberg", "arxiv", "github", "stackexchange")
 FOLDER_INPUTS = ("github", "arxiv")  # kinds whose input may be a folder (a repository, a paper) read as one
+RANGE_KINDS = ("github",)  # kinds whose `documents` reads a byte range of an uncompressed JSONL file
 PATH_OPTIONS = ("bad_words_file", "quality_model", "tmp_dir")  # options of the kinds that name local files
 TRIES = 5  # a remote read failing with a transient error is tried this many times in all
 BACKOFF_S = 1.0  # seconds before the second try, doubled before each next one (1, 2, 4, 8)
@@ -79,6 +80,7 @@ class RawSourceConfig:
     shard_docs: int = 100_000  # documents per output file
     dedup_buckets: Optional[int] = None  # hash buckets of the dedup passes (None: the recipe's dedup_buckets)
     paths_prefix: str = CC_DATA  # what the lines of a `*.paths.gz` listing are relative to
+    split_bytes: int = 1 << 30  # an uncompressed JSONL input over this is read as parts of it (github); 0: never
 
 
 @dataclass
@@ -225,7 +227,7 @@ def expand_inputs(source: RawSourceConfig) -> list[str]:
             if match.is_dir() and source.kind not in FOLDER_INPUTS:
                 found += [str(p.resolve()) for p in sorted(match.rglob("*")) if p.is_file()]
             else:
-                found.append(str(match.resolve()))
+                found += split_ranges(match.resolve(), source.split_bytes if source.kind in RANGE_KINDS else 0)
     if not found:
         raise ConfigError(f"sources[{source.name}].inputs: no input files")
     return list(dict.fromkeys(found))  # a file matched twice is read once
@@ -243,6 +245,8 @@ def validate_recipe(cfg: RecipeConfig) -> None:
         module_options(s)
         if s.near_dedup is not None and not 0 < s.near_dedup <= 1:
             raise ConfigError(f"sources[{s.name}].near_dedup must be in (0, 1], got {s.near_dedup}")
+        if s.split_bytes < 0:
+            raise ConfigError(f"sources[{s.name}].split_bytes must be >= 0, got {s.split_bytes}")
         if s.shard_docs <= 0:
             raise ConfigError(f"sources[{s.name}].shard_docs must be positive, got {s.shard_docs}")
         if s.dedup_buckets is not None and s.dedup_buckets < 1:
@@ -271,8 +275,9 @@ def _fingerprint(source: RawSourceConfig, entry: str, tally: Tally) -> dict:
         listing = sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime) for p in path.rglob("*"))
         content = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     else:
-        stat = Path(entry).stat()
-        content = f"{stat.st_size}:{stat.st_mtime}"
+        file, lines = byte_range(entry)
+        stat = Path(file).stat()
+        content = f"{stat.st_size}:{stat.st_mtime}" + (f":{lines[0]}-{lines[1]}" if lines else "")
     return {"input": entry, "content": content, "settings": _settings(source)}
 
 
@@ -380,7 +385,8 @@ def process_file(source: RawSourceConfig, entry: str, out_dir: Path, strict: boo
     module, options = load_module(source.kind), module_options(source)
     start = time.process_time()
     with ExitStack() as stack:
-        path = Path(entry)
+        file, lines = byte_range(entry)  # a part of a huge input: its byte range
+        path = Path(file)
         with jsonl_gz(output) as write:  # documents go to disk as they come; removed if this stops
             try:
                 if unreadable is not None:
@@ -389,10 +395,13 @@ def process_file(source: RawSourceConfig, entry: str, out_dir: Path, strict: boo
                     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="recipe-")))
                     path = _local_copy(entry, folder, tally)
                 files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-                tally.input_bytes = sum(p.stat().st_size for p in files)
+                tally.input_bytes = lines[1] - lines[0] if lines else sum(p.stat().st_size for p in files)
                 if tally.input_bytes == 0:
                     raise CorruptInput(f"{entry}: empty input (0 bytes)")
-                for doc in module.documents(path, options, tally):
+                read = (
+                    module.documents(path, options, tally, lines) if lines else module.documents(path, options, tally)
+                )
+                for doc in read:
                     write(tally.keep(doc))
             except CorruptInput as e:
                 message = str(e).replace(str(path), entry)  # a URL's error names the URL, not the local copy

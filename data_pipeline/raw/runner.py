@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from data_pipeline.configfile import ConfigError
+from data_pipeline.raw.common import byte_range
 from data_pipeline.raw.executors import LocalExecutor, RayExecutor
 from data_pipeline.raw.recipe import RecipeConfig, absolute_paths, is_url, validate_recipe
 from data_pipeline.raw.stages import STAGES, function, tasks
@@ -23,6 +24,14 @@ def make_executor(cfg: RecipeConfig):
     return LocalExecutor(cfg.workers)
 
 
+def _input_bytes(entry: str) -> int:
+    """The bytes a `files` task reads: a local file's size or its byte range's (0 for URLs and folders)."""
+    file, lines = byte_range(entry)
+    if lines:
+        return lines[1] - lines[0]
+    return Path(file).stat().st_size if not is_url(file) and Path(file).is_file() else 0
+
+
 def run_stage(cfg: RecipeConfig, stage: str, executor) -> list:
     """Every task of one stage (see `stages.STAGES`) on `executor`; relative paths of `cfg` name folders
     of this process's working directory (`recipe.absolute_paths`), wherever the tasks run."""
@@ -30,11 +39,7 @@ def run_stage(cfg: RecipeConfig, stage: str, executor) -> list:
         raise ConfigError(f"stage {stage!r}: choose from {', '.join(STAGES)}")
     cfg = absolute_paths(cfg)
     work = tasks(stage, cfg)
-    total = (
-        sum(Path(t[2]).stat().st_size for t in work if not is_url(t[2]) and Path(t[2]).is_file())
-        if stage == "files"
-        else 0
-    )
+    total = sum(_input_bytes(t[2]) for t in work) if stage == "files" else 0
     return executor.run(stage, function(stage), work, total_bytes=total)
 
 
