@@ -114,3 +114,40 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class ReadProgress:
+    """Progress from inside one task that reads one input, perhaps for hours (a recipe's step 1 on a
+    whole-language Wikipedia dump): every `every` seconds (as `Progress`), one plain line of the
+    documents and bytes read so far and the rate, e.g.
+
+        recipe wikipedia: /data/enwiki-pages-articles.xml.bz2: 1,234,567 docs, 12.3 GB read, 41.2 MB/s, 0:05:00
+
+    to the task's own stderr (a Slurm array task's log, a Ray worker's forwarded output). `read` looks
+    at the clock once every `check` documents, so a document costs a counter; a task that ends before
+    the first interval prints nothing (its stage's progress line counts it)."""
+
+    def __init__(
+        self, desc: str, every: Optional[float] = None, stream: Optional[IO[str]] = None, check: int = 100
+    ) -> None:
+        self.desc, self.check = desc, max(1, check)
+        self.every = float(os.environ.get("LLAMA_PROGRESS_EVERY", 30)) if every is None else every
+        self.stream = stream
+        self.start = self.last = time.monotonic()
+        self.unseen = 0  # documents read since the clock was last looked at
+
+    def read(self, docs: int, nbytes: int) -> None:
+        """The documents and bytes read so far (totals); prints a line when the interval has passed."""
+        self.unseen += 1
+        if self.unseen < self.check:
+            return
+        self.unseen = 0
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            elapsed = max(now - self.start, 1e-9)
+            line = (
+                f"{self.desc}: {docs:,} docs, {_size(nbytes)} read, {_size(nbytes / elapsed)}/s, "
+                f"{docs / elapsed:,.0f} docs/s, {_duration(elapsed)}"
+            )
+            print(line, file=self.stream if self.stream is not None else sys.stderr, flush=True)

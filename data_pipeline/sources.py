@@ -6,6 +6,9 @@
 - plain text (`.txt`, e.g. books): one document per file, its name as id;
 - a Hugging Face dataset by name (`wikimedia/wikipedia`) or local folder, streamed: each of its shards
   (`n_shards`, one per data file) is a `DatasetShard`, an input read like one file.
+  Parquet and JSON data are read for their text and id columns only, so other columns may differ
+  between files; an error while reading (pyarrow's `Couldn't cast`, a damaged file) is one DataError
+  naming the file (and the dataset shard).
 
 A record that cannot be used is yielded with the reason (`bad_json`, `not_utf8`, `bad_unicode`: a text
 or id holding a lone surrogate such as JSON's `"\\ud800"`, which no UTF-8 can hold; `missing_text`,
@@ -23,7 +26,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator, Optional, Union
+from typing import IO, Any, Callable, Iterable, Iterator, Optional, Union
 
 
 class DataError(ValueError):
@@ -125,12 +128,70 @@ def keep_hub_on() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", hub_offline)  # `datasets` reads this one first
 
 
+def _one_line(error: BaseException) -> str:
+    """An error of a reader (pyarrow's `Couldn't cast ...` spans lines) as one short line, class named;
+    `datasets`' DatasetGenerationError by its cause."""
+    if type(error).__name__ == "DatasetGenerationError" and error.__cause__ is not None:
+        error = error.__cause__
+    text = " ".join(str(error).split())
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _read_rows(
+    open_rows: Callable[[], Iterable[dict]], where: str, origin: str, text_field: str, id_field: str
+) -> Iterator[Document]:
+    """The rows `open_rows()` streams, as Documents (`origin:row N`); any error while opening or reading
+    them (pyarrow's ArrowInvalid or `Couldn't cast`, a DatasetGenerationError) is one DataError naming
+    `where` (the file, or the dataset shard) and the cause."""
+    try:
+        rows = iter(open_rows())
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{where}: cannot read: {_one_line(e)}") from None
+    n = 0
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise DataError(f"{where}: cannot read at row {n + 1}: {_one_line(e)}") from None
+        n += 1
+        yield _from_record(row, f"{origin}:row {n}", text_field, id_field)
+
+
+def _only_used_columns(builder: Optional[str], features: Any, text_field: str, id_field: str) -> dict:
+    """`load_dataset` arguments that read only the text and id columns, so that other columns (a `meta`
+    that is a struct in one file and a string in another) cannot fail a read: Parquet loads only them
+    (`columns=`); JSON, which has no such option, reads the others as JSON values (`Json()`), whatever
+    their type in each file. Nothing for other builders, or when the columns are not known."""
+    if not features:
+        return {}
+    used = [c for c in dict.fromkeys((text_field, id_field)) if c in features]
+    if not used or len(used) == len(features):
+        return {}
+    if builder == "parquet":
+        return {"columns": used}
+    if builder == "json":
+        from datasets import Features, Json
+
+        return {"features": Features({c: f if c in used else Json() for c, f in features.items()})}
+    return {}
+
+
 def read_parquet(path: Path, text_field: str = "text", id_field: str = "id") -> Iterator[Document]:
-    """Every row of a Parquet file, streamed through Hugging Face `datasets` (offline, no cache)."""
+    """Every row of a Parquet file, streamed through Hugging Face `datasets` (offline, no cache), only
+    its text and id columns read; an unreadable file is a DataError naming it."""
     datasets = _import_datasets(f"{path}: reading Parquet", offline=True)
-    rows = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
-    for n, row in enumerate(rows, start=1):
-        yield _from_record(row, f"{path}:row {n}", text_field, id_field)
+
+    def open_rows() -> Any:
+        rows = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
+        only = _only_used_columns("parquet", rows.features, text_field, id_field)
+        return datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True, **only)
+
+    return _read_rows(open_rows, str(path), str(path), text_field, id_field)
 
 
 def read_text_file(path: Path) -> Iterator[Document]:
@@ -182,13 +243,37 @@ def dataset_shards(dataset: str, config: Optional[str] = None, split: str = "tra
     return [DatasetShard(dataset, config, split, i, n_shards) for i in range(n_shards)]
 
 
+@functools.lru_cache(maxsize=16)
+def _dataset_for_reading(dataset: str, config: Optional[str], split: str, text_field: str, id_field: str) -> Any:
+    """The streaming dataset, loaded to read only its text and id columns (`_only_used_columns`)."""
+    rows = _streaming_dataset(dataset, config, split)
+    only = _only_used_columns(rows.info.builder_name, rows.features, text_field, id_field)
+    if not only:
+        return rows
+    datasets = _import_datasets(f"dataset {dataset}", offline=Path(dataset).exists())
+    try:
+        return datasets.load_dataset(dataset, config, split=split, streaming=True, **only)
+    except Exception as e:
+        raise DataError(f"dataset {dataset} ({config or 'default'}, {split}): cannot load: {_one_line(e)}") from None
+
+
+def _shard_file(rows: Any) -> Optional[str]:
+    """The data file a streamed shard reads, where `datasets` says it (a shard is one file), else None."""
+    kwargs = getattr(getattr(rows, "_ex_iterable", None), "kwargs", None) or {}
+    files = kwargs.get("original_files") or kwargs.get("files")
+    return str(files[0]) if isinstance(files, list) and len(files) == 1 else None
+
+
 def read_dataset_shard(shard: DatasetShard, text_field: str = "text", id_field: str = "id") -> Iterator[Document]:
-    """Every row of one dataset shard, streamed, in the dataset's order."""
-    rows = _streaming_dataset(shard.dataset, shard.config, shard.split)
+    """Every row of one dataset shard, streamed, in the dataset's order, only its text and id columns
+    read; an error while reading is a DataError naming the shard and its file."""
+    rows = _dataset_for_reading(shard.dataset, shard.config, shard.split, text_field, id_field)
     if rows.n_shards != shard.n_shards:
         raise DataError(f"{shard}: the dataset now has {rows.n_shards} shards; its shards changed since listed")
-    for n, row in enumerate(rows.shard(shard.n_shards, shard.index), start=1):
-        yield _from_record(row, f"{shard}:row {n}", text_field, id_field)
+    rows = rows.shard(shard.n_shards, shard.index)
+    file = _shard_file(rows)
+    where = f"{shard} file {file}" if file else str(shard)
+    yield from _read_rows(lambda: rows, where, str(shard), text_field, id_field)
 
 
 def input_bytes(path: Input) -> Optional[int]:

@@ -173,3 +173,49 @@ def test_a_hub_source_keeps_the_hub_on_unless_the_environment_turns_it_off(monke
         keep_hub_on()
         _import_datasets("a local input read afterwards", offline=True)
         assert os.environ["HF_HUB_OFFLINE"] == os.environ["HF_DATASETS_OFFLINE"] == expected
+
+
+def mixed_meta_folder(folder: Path, fmt: str) -> Path:
+    """A dataset folder of two data files whose `meta` column is a struct in one and a string in the other."""
+    rows = [
+        [
+            {"id": "a1", "text": "alpha one", "meta": {"url": "https://a.example", "n": 1}},
+            {"id": "a2", "text": "alpha two", "meta": {"url": "u", "n": 2}},
+        ],
+        [{"id": "b1", "text": "beta one", "meta": "a plain string"}],
+    ]
+    (folder / "data").mkdir(parents=True)
+    for k, part in enumerate(rows):
+        path = folder / "data" / f"train-{k:05d}-of-00002.{fmt}"
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(part), path)
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in part))
+    return folder
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_a_dataset_whose_other_columns_differ_between_files_is_read(tmp_path, fmt):
+    folder = mixed_meta_folder(tmp_path / "mixed", fmt)
+    docs = [d for shard in dataset_shards(str(folder)) for d in read_documents(shard)]
+    assert [(d.id, d.text) for d in docs] == [("a1", "alpha one"), ("a2", "alpha two"), ("b1", "beta one")]
+    if fmt == "parquet":  # one file alone, only its text and id columns read
+        (doc,) = read_documents(folder / "data" / "train-00001-of-00002.parquet")
+        assert (doc.id, doc.text) == ("b1", "beta one")
+
+
+def test_an_unreadable_data_file_is_one_line_naming_it(tmp_path):
+    folder = mixed_meta_folder(tmp_path / "broken", "parquet")
+    broken = folder / "data" / "train-00001-of-00002.parquet"
+    broken.write_bytes(b"PAR1 not really parquet")
+    shards = dataset_shards(str(folder))
+    assert [d.id for d in read_documents(shards[0])] == ["a1", "a2"]
+    with pytest.raises(DataError, match=rf"shard 1/2\) file {broken}: cannot read( at row 1)?: ArrowInvalid: ") as e:
+        list(read_documents(shards[1]))
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match=rf"^{broken}: cannot read( at row 1)?: ArrowInvalid: ") as e:
+        list(read_documents(broken))
+    assert "\n" not in str(e.value)

@@ -1,12 +1,15 @@
 """The raw-source recipe runner and the StackExchange reader, on a real dump excerpt bundled in tests/data."""
 
+import contextlib
 import gzip
 import json
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
+from data_pipeline.configfile import ConfigError
 from data_pipeline.raw.common import CorruptInput, Tally
 from data_pipeline.raw.recipe import RawSourceConfig, RecipeConfig
 from data_pipeline.raw.runner import run_recipe
@@ -358,6 +361,28 @@ def test_progress_prints_its_last_line_once():
     assert stream.getvalue().splitlines() == ["step: 3/3 files (100.0%), ETA 0:00:00"]
 
 
+def test_a_long_read_prints_its_progress_from_inside_the_task(tmp_path, monkeypatch, capfd):
+    """Step 1 on one input (hours for a whole Wikipedia dump) prints, from the task itself, a line of the
+    documents and bytes read so far every LLAMA_PROGRESS_EVERY seconds; nothing when it ends sooner."""
+    from data_pipeline.raw import recipe as recipe_module
+
+    monkeypatch.setattr(recipe_module, "PROGRESS_CHECK_DOCS", 10)  # the clock looked at every 10 documents
+    monkeypatch.setenv("LLAMA_PROGRESS_EVERY", "0")
+    source = RawSourceConfig(name="se", kind="stackexchange", inputs=[str(POSTS)])
+    for name in ("often", "never"):
+        (tmp_path / name).mkdir()
+    done = recipe_module.process_file(source, str(POSTS), tmp_path / "often", strict=False)
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == done["tally"]["docs_in"] // 10 > 2
+    for n, line in enumerate(lines, start=1):
+        assert re.fullmatch(
+            rf"recipe se: {re.escape(str(POSTS))}: {10 * n:,} docs, [\d.]+ k?B read, .*/s, .* docs/s, 0:00:\d\d", line
+        )
+    monkeypatch.setenv("LLAMA_PROGRESS_EVERY", "3600")
+    recipe_module.process_file(source, str(POSTS), tmp_path / "never", strict=False)
+    assert capfd.readouterr().err == ""
+
+
 def test_stages_without_byte_counts_show_their_documents_or_only_their_tasks(monkeypatch, capsys):
     """A dedup stage counts documents (scan, apply) or nothing (bucket), never bytes: no `0 docs, 0 B`."""
     from data_pipeline.raw.executors import LocalExecutor
@@ -420,3 +445,67 @@ def test_remote_inputs_are_tried_again_after_a_server_error_and_a_missing_one_is
             run_recipe(recipe(tmp_path / "strict", source, strict=True))
     finally:
         server.shutdown()
+
+
+@contextlib.contextmanager
+def flaky_site(root: Path, failures: dict[str, int]):
+    """A local HTTP server of the files under `root` standing in for data.commoncrawl.org: a request for a
+    path starting with a key of `failures` answers 503 that many times (a negative count: always),
+    a path under `/gone/` 404. Yields its base URL."""
+    import functools
+    import http.server
+    import threading
+
+    class Flaky(http.server.SimpleHTTPRequestHandler):
+        def send_head(self):
+            for prefix, left in failures.items():
+                if self.path.startswith(prefix) and left != 0:
+                    failures[prefix] = left - 1
+                    self.send_error(503)
+                    return None
+            return super().send_head()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Flaky, directory=root))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def test_remote_listings_and_urls_are_expanded_with_retries_and_an_unreadable_one_is_one_line(tmp_path, monkeypatch):
+    """A remote `*.paths.gz` listing and a URL named in `inputs:` answering 503 a few times are read on a
+    later try, in the driver, as step 1's reads are; a listing that stays unreadable (404, or 503 after
+    every try) is one ConfigError line naming the URL and the HTTP status."""
+    from data_pipeline.raw import recipe as recipe_module
+    from data_pipeline.raw.recipe import TRIES, expand_inputs
+
+    monkeypatch.setattr(recipe_module, "BACKOFF_S", 0.01)
+    site = tmp_path / "site"
+    (site / "crawl").mkdir(parents=True)
+    (site / "crawl" / "posts.paths.gz").write_bytes(gzip.compress(b"a/Posts.xml\nb/Posts.xml\n"))
+    (site / "down").mkdir()
+    (site / "down" / "posts.paths.gz").write_bytes(gzip.compress(b"a/Posts.xml\n"))
+    (site / "se" / "cstheory.meta").mkdir(parents=True)
+    (site / "se" / "cstheory.meta" / "Posts.xml").write_bytes(POSTS.read_bytes())
+    failures = {"/crawl/": 2, "/se/": 2, "/down/": -1}
+    with flaky_site(site, failures) as base:
+
+        def source(*inputs: str) -> RawSourceConfig:
+            return RawSourceConfig(name="se", kind="stackexchange", inputs=list(inputs), paths_prefix=base)
+
+        posts = f"{base}/se/cstheory.meta/Posts.xml"
+        expanded = expand_inputs(source(f"{base}/crawl/posts.paths.gz", posts))
+        assert expanded == [f"{base}/a/Posts.xml", f"{base}/b/Posts.xml", posts]
+        assert failures["/crawl/"] == failures["/se/"] == 0  # both were refused, then read
+        gone = f"{base}/gone/posts.paths.gz"
+        with pytest.raises(ConfigError, match=rf"^sources\[se\].inputs: {gone}: unreadable, HTTP 404 \(not found\)$"):
+            expand_inputs(source(gone))
+        down = f"{base}/down/posts.paths.gz"
+        message = rf"^sources\[se\].inputs: {down}: unreadable, HTTP 503 \(server error\) after {TRIES} tries$"
+        with pytest.raises(ConfigError, match=message):
+            expand_inputs(source(down))
+        assert failures["/down/"] <= -1 - TRIES  # tried TRIES times (each try a HEAD and a GET)

@@ -23,7 +23,9 @@ URLs (s3://, https://, hf://) or Common Crawl `*.paths.gz` listings.
 A damaged input (truncated or corrupt gzip/bz2/XML/archive) is reported by name in the report and the
 rest is processed; with `strict` the run stops there. A remote read is tried again after a transient
 error (HTTP 5xx or 429, a lost connection; `TRIES` in all, counted in the report); a URL that stays
-unreadable (404, 403, ...) is reported with its HTTP status like a damaged input. Relative paths are
+unreadable (404, 403, ...) is reported with its HTTP status like a damaged input (a listing or URL the
+driver expands: the same tries, then one ConfigError line). Step 1 prints, from inside its task, the
+documents and bytes read so far every `LLAMA_PROGRESS_EVERY` seconds. Relative paths are
 made absolute by the driver (`absolute_paths`), wherever the tasks run. The outputs are JSONL documents
 in the data contract's layout (`{"id", "text", "meta": {"source", ...}}`), which
 `python -m data_pipeline prepare OUTPUT/pipeline.yaml` tokenizes (the command writes that config and
@@ -51,6 +53,7 @@ from omegaconf import MISSING
 
 from data_pipeline.config import check_source_names
 from data_pipeline.configfile import ConfigError
+from data_pipeline.progress import ReadProgress
 from data_pipeline.raw.bucketed import jsonl_gz
 from data_pipeline.raw.common import CorruptInput, Tally, byte_range, split_ranges
 from data_pipeline.shards import atomic_write_bytes
@@ -64,6 +67,7 @@ RANGE_KINDS = ("github",)  # kinds whose `documents` reads a byte range of an un
 PATH_OPTIONS = ("bad_words_file", "quality_model", "tmp_dir")  # options of the kinds that name local files
 TRIES = 5  # a remote read failing with a transient error is tried this many times in all
 BACKOFF_S = 1.0  # seconds before the second try, doubled before each next one (1, 2, 4, 8)
+PROGRESS_CHECK_DOCS = 100  # step 1 looks at the clock once per this many documents read (`ReadProgress`)
 T = TypeVar("T")
 
 
@@ -177,32 +181,60 @@ def remote_fs(url: str) -> tuple[Any, str]:
         raise ConfigError(install_hint(url, e)) from None
 
 
-def _listing(entry: str, prefix: str) -> list[str]:
-    """The URLs of a Common Crawl `*.paths.gz` listing (local or remote), each line joined to `prefix`."""
+def _driver_read(source: RawSourceConfig, url: str, read: Callable[[], T]) -> T:
+    """`read()` of `url` while the driver expands the inputs (a listing, a URL's matches), tried again
+    after a transient error as step 1's reads are (`_remote_read`); one that stays unreadable is one
+    ConfigError line naming the URL and the HTTP status."""
+    try:
+        return _remote_read(url, read, Tally())
+    except CorruptInput as e:
+        raise ConfigError(f"sources[{source.name}].inputs: {e}") from None
+
+
+def _listing(source: RawSourceConfig, entry: str) -> list[str]:
+    """The URLs of a Common Crawl `*.paths.gz` listing (local or remote, read with retries), each line
+    joined to the source's `paths_prefix`."""
     import fsspec
 
     try:
         opened = fsspec.open(entry, "rt", compression="infer", encoding="utf-8")
     except ImportError as e:
         raise ConfigError(install_hint(entry, e)) from None
-    with opened as f:
-        lines = [line.strip() for line in f if line.strip()]
+
+    def read() -> list[str]:
+        with opened as f:
+            return [line.strip() for line in f if line.strip()]
+
+    lines = _driver_read(source, entry, read)
+    prefix = source.paths_prefix
     prefix = prefix if prefix.endswith("/") else prefix + "/"
     return [line if "://" in line else prefix + line.lstrip("/") for line in lines]
 
 
 def _expand_url(source: RawSourceConfig, entry: str) -> list[str]:
+    """The files a URL input names (a glob's matches, a folder's files, or itself), each request tried
+    again after a transient error (`_driver_read`)."""
     fs, path = remote_fs(entry)
+
+    def exists() -> bool:  # fsspec's `exists` says False for any error, a transient one included
+        try:
+            fs.info(path)
+        except FileNotFoundError as e:
+            if _status(e) is not None:  # fsspec's HTTP `info` says a 503 as FileNotFoundError from it
+                raise
+            return False
+        return True
+
     if glob.has_magic(path):
-        matches = sorted(fs.glob(path))
-    elif fs.isdir(path):
+        matches = sorted(_driver_read(source, entry, lambda: fs.glob(path)))
+    elif _driver_read(source, entry, lambda: fs.isdir(path)):
         if source.kind in FOLDER_INPUTS:
             raise ConfigError(
                 f"sources[{source.name}].inputs: {entry}: a folder input of kind {source.kind} must be local"
             )
-        matches = sorted(fs.find(path))
+        matches = sorted(_driver_read(source, entry, lambda: fs.find(path)))
     else:
-        matches = [path] if fs.exists(path) else []
+        matches = [path] if _driver_read(source, entry, exists) else []
     if not matches:
         raise ConfigError(f"sources[{source.name}].inputs: {entry} matches nothing")
     return [fs.unstrip_protocol(m) for m in matches]
@@ -215,7 +247,7 @@ def expand_inputs(source: RawSourceConfig) -> list[str]:
     for entry in source.inputs:
         entry = entry.removeprefix("file://")
         if entry.endswith(".paths.gz") or entry.endswith(".paths"):
-            found += _listing(entry, source.paths_prefix)
+            found += _listing(source, entry)
             continue
         if is_url(entry):
             found += _expand_url(source, entry)
@@ -365,13 +397,26 @@ def _local_copy(url: str, folder: Path, tally: Tally) -> Path:
     return local
 
 
+class _ReadTally(Tally):
+    """Step 1's Tally: it also shows the progress of the read (`ReadProgress`) as the kind's reader
+    counts each document it reads (`Tally.read`), from inside the task."""
+
+    progress: Optional[ReadProgress] = None
+
+    def read(self, text: str) -> None:
+        super().read(text)
+        if self.progress is not None:
+            self.progress.read(self.docs_in, self.bytes_in)
+
+
 def process_file(source: RawSourceConfig, entry: str, out_dir: Path, strict: bool) -> dict:
     """Step 1 for one input (a local path or a URL): its cleaned documents and its marker; returns the marker.
     A URL that cannot be read (missing, forbidden, or failing after `TRIES` tries) is reported like a
-    damaged file, with its HTTP status; `strict` stops there."""
+    damaged file, with its HTTP status; `strict` stops there. Every `LLAMA_PROGRESS_EVERY` seconds of
+    reading it prints a line of the documents and bytes read so far (`ReadProgress`)."""
     name = part_name(entry)
     marker, output = out_dir / f"{name}.done.json", out_dir / f"{name}.jsonl.gz"
-    tally = Tally()
+    tally = _ReadTally()
     try:
         fingerprint, unreadable = _fingerprint(source, entry, tally), None
     except CorruptInput as e:  # a URL that cannot be read: its marker is reused while it stays so
@@ -398,6 +443,7 @@ def process_file(source: RawSourceConfig, entry: str, out_dir: Path, strict: boo
                 tally.input_bytes = lines[1] - lines[0] if lines else sum(p.stat().st_size for p in files)
                 if tally.input_bytes == 0:
                     raise CorruptInput(f"{entry}: empty input (0 bytes)")
+                tally.progress = ReadProgress(f"recipe {source.name}: {entry}", check=PROGRESS_CHECK_DOCS)
                 read = (
                     module.documents(path, options, tally, lines) if lines else module.documents(path, options, tally)
                 )
