@@ -57,7 +57,8 @@ def _watch_file_operations(checkpoints: Path, kill: tuple[str, int] | None, reco
             state["on"] = False
 
     def label(path) -> str:
-        name = str(path).replace(f"{checkpoints}/", "")
+        name = re.sub(r"\.\d+\.[0-9a-f]{8}\.tmp", ".tmp", str(path))  # atomic_open's per-writer temporaries
+        name = name.replace(f"{checkpoints}/", "")
         for real, tag in state["labels"].items():
             name = name.replace(real, tag)
         if not os.path.isabs(path) and state["removing"]:  # a name relative to the folder rmtree is removing
