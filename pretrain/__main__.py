@@ -262,11 +262,16 @@ def cmd_generate(checkpoint: Path, tokenizer: Path | None, prompts: list[str], o
     import sentencepiece as spm
     import torch
 
+    from pretrain.adapters import VirtualTokenEmbedding
     from pretrain.generate import continuation_text, find_tokenizer, load_for_inference, sample, whitespace_note
 
     device = torch.device(opts.device if opts.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     sp = spm.SentencePieceProcessor(model_file=str(find_tokenizer(checkpoint, tokenizer)))
     model = load_for_inference(checkpoint, device)
+    if isinstance(model.tok_embeddings, VirtualTokenEmbedding):
+        raise ConfigError(
+            f"{checkpoint} is prompt-tuned: generate does not prepend its virtual tokens yet (evaluate and lm-eval do)"
+        )
     if sp.get_piece_size() > model.args.vocab_size:
         raise ConfigError(
             f"the tokenizer has {sp.get_piece_size()} pieces, the model {model.args.vocab_size}: not its tokenizer"
@@ -344,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("output", type=Path, help="the folder to write")
     p.add_argument("--tokenizer", type=Path, help="our SentencePiece model, to ship as the tokenizer")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16")
+    p.add_argument("--merge", action="store_true", help="a LoRA run: its adapter folded into the weights")
+    p = sub.add_parser("export-peft", help="the adapter of a peft.method run -> a Hugging Face PEFT adapter folder")
+    p.add_argument("checkpoint", type=Path, help="a checkpoint folder of a run with peft.method=lora|prompt_tuning")
+    p.add_argument("output", type=Path, help="the folder to write (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--base", help="recorded as base_model_name_or_path, e.g. the export-hf folder of the checkpoint")
     p = sub.add_parser("import", help="a Hugging Face LLaMA folder or Meta's consolidated.*.pth -> our weights")
     p.add_argument(
         "source", type=Path, help="a folder with config.json + safetensors, or params.json + consolidated.*.pth"
@@ -405,9 +415,17 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             cmd_train(args.config, args.overrides)
         elif args.command == "export-hf":
+            from pretrain.consolidate import checkpoint_config
             from pretrain.export import export_hf
 
-            print(export_hf(args.checkpoint, args.output, args.tokenizer, args.dtype))
+            print(export_hf(args.checkpoint, args.output, args.tokenizer, args.dtype, merge=args.merge))
+            method = checkpoint_config(args.checkpoint).get("peft", {}).get("method", "none")
+            if method != "none" and not args.merge:
+                print(f"note: the base weights only; its {method} adapter: export-peft (LoRA: or export-hf --merge)")
+        elif args.command == "export-peft":
+            from pretrain.adapters import export_peft
+
+            print(export_peft(args.checkpoint, args.output, args.base))
         elif args.command == "import":
             from pretrain.convert import import_weights
 

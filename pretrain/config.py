@@ -147,6 +147,25 @@ class LmEvalConfig:
     batch_size: int = 8
 
 
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # the linear layers of a block, by Meta's names
+PEFT_METHODS = ("none", "lora", "prompt_tuning")
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient adaptation applied from outside the model (`pretrain.adapters`): the base frozen,
+    only the adapter trained. Hugging Face PEFT's numerics and adapter format are the reference."""
+
+    method: str = "none"  # none | lora | prompt_tuning
+    rank: int = 8  # lora: rank r of each update B @ A
+    alpha: float = 16.0  # lora: the update is scaled by alpha / rank
+    dropout: float = 0.0  # lora: dropout on the input of A while training
+    targets: List[str] = field(default_factory=lambda: ["wq", "wv"])  # lora: any of wq wk wv wo w1 w2 w3
+    virtual_tokens: int = 20  # prompt_tuning: trainable embeddings in front of every sequence
+    init_text: Optional[str] = None  # prompt_tuning: start from the embeddings of this text's tokens; None: random
+    init_from: Optional[str] = None  # a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)
+
+
 @dataclass
 class ExperimentConfig:
     """One training run: model + data + optimizer + loop + logging."""
@@ -160,6 +179,7 @@ class ExperimentConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     spike: SpikeConfig = field(default_factory=SpikeConfig)
     lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -284,6 +304,7 @@ def validate(cfg: ExperimentConfig) -> None:
     if t.deepspeed_json is not None and not Path(t.deepspeed_json).is_file():
         raise ConfigError(f"train.deepspeed_json: {t.deepspeed_json} not found")
     check_tensor_parallel(cfg)
+    check_peft(cfg)
     if t.fsdp_shard_size < 0:
         raise ConfigError(f"train.fsdp_shard_size must be >= 0, got {t.fsdp_shard_size}")
     if t.on_nan not in ("stop", "skip", "rollback"):
@@ -316,6 +337,48 @@ def validate(cfg: ExperimentConfig) -> None:
                 f"train.resume_changes: {entry} cannot change in a run; start a new run from its weights "
                 "(train.init_from=<checkpoint>, another train.run_dir)"
             )
+
+
+def check_peft(cfg: ExperimentConfig) -> None:
+    """The `peft` section against itself and against what this slice of adaptation supports."""
+    p, t = cfg.peft, cfg.train
+    if p.method not in PEFT_METHODS:
+        raise ConfigError(f"peft.method='{p.method}' must be one of {', '.join(PEFT_METHODS)}")
+    if p.method == "none":
+        if p.init_from is not None:
+            raise ConfigError("peft.init_from is set but peft.method=none; set peft.method=lora or prompt_tuning")
+        return
+    if p.method == "lora":
+        if p.init_text is not None:
+            raise ConfigError("peft.init_text starts prompt tuning's virtual tokens; peft.method=lora has none")
+        if p.rank < 1:
+            raise ConfigError(f"peft.rank must be positive, got {p.rank}")
+        if not p.alpha > 0:
+            raise ConfigError(f"peft.alpha must be positive, got {p.alpha}")
+        if not 0.0 <= p.dropout < 1.0:
+            raise ConfigError(f"peft.dropout must be in [0, 1), got {p.dropout}")
+        unknown = [name for name in p.targets if name not in LORA_TARGETS]
+        if unknown or not p.targets or len(set(p.targets)) != len(p.targets):
+            raise ConfigError(
+                f"peft.targets={list(p.targets)}: give each of {', '.join(LORA_TARGETS)} at most once, at least one"
+            )
+        if t.activation_checkpointing == Checkpointing.llama:
+            raise ConfigError(
+                "peft.method=lora is not supported with train.activation_checkpointing=llama yet (its hand-written "
+                "backward reads the base weights only); use selective or full"
+            )
+    else:
+        if p.virtual_tokens < 1:
+            raise ConfigError(f"peft.virtual_tokens must be positive, got {p.virtual_tokens}")
+        if cfg.data.seq_len + p.virtual_tokens > cfg.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len={cfg.data.seq_len} + peft.virtual_tokens={p.virtual_tokens} exceeds "
+                f"model.max_seq_len={cfg.model.max_seq_len}; shorten one of them"
+            )
+        if cfg.data.document_attention:
+            raise ConfigError("peft.method=prompt_tuning is not supported with data.document_attention yet")
+    if t.strategy != "single":
+        raise ConfigError(f"peft.method={p.method} runs under train.strategy=single only so far, got {t.strategy}")
 
 
 def tensor_parallel_shapes(cfg: ExperimentConfig) -> dict[str, int]:
@@ -363,7 +426,12 @@ def check_tensor_parallel(cfg: ExperimentConfig) -> None:
 
 
 # What a resumed run cannot change: the model, and what the data position of its checkpoint means.
-FIXED_ON_RESUME = ("model", "data.seq_len", "data.seed", "data.sources", "data.weights", "train.global_batch_tokens")
+# The adapter's shape and scaling are part of the model.
+FIXED_ON_RESUME = (
+    "model",
+    *(f"peft.{key}" for key in ("method", "rank", "alpha", "targets", "virtual_tokens")),
+    *("data.seq_len", "data.seed", "data.sources", "data.weights", "train.global_batch_tokens"),
+)
 # What it may change freely: names, logging and saving, and where and how the same steps are computed.
 FREE_ON_RESUME = (
     "name",
@@ -373,6 +441,8 @@ FREE_ON_RESUME = (
     "lm_eval",
     "data.root",
     "data.tokenizer",
+    "peft.init_text",  # how a new adapter starts; a resumed one comes from its checkpoint
+    "peft.init_from",
     *(
         f"train.{key}"
         for key in (

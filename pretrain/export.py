@@ -134,16 +134,22 @@ def export_hf(
     tokenizer: str | os.PathLike | None = None,
     dtype: str = "bf16",
     shard_gb: float = 5.0,
+    merge: bool = False,
 ) -> Path:
-    """Write checkpoint folder `checkpoint` as a Hugging Face folder `output`; return `output`."""
+    """Write checkpoint folder `checkpoint` as a Hugging Face folder `output`; return `output`. The base weights
+    of a run with an adapter (`peft.method`), or with `merge` its LoRA folded into them."""
     from safetensors.torch import save_file
 
     checkpoint, output = Path(checkpoint), Path(output)
-    args = ModelArgs(**checkpoint_config(checkpoint)["model"])
-    state = {
-        k: v.to(DTYPES[dtype]).contiguous()
-        for k, v in to_hf_state_dict(consolidated_state_dict(checkpoint), args).items()
-    }
+    saved = checkpoint_config(checkpoint)
+    args = ModelArgs(**saved["model"])
+    weights = consolidated_state_dict(checkpoint)
+    if merge:
+        from pretrain.adapters import merge_lora
+        from pretrain.config import PeftConfig
+
+        weights = merge_lora(weights, PeftConfig(**saved.get("peft", {})))
+    state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in to_hf_state_dict(weights, args).items()}
     tmp = output.with_name(output.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -92,11 +92,17 @@ def whitespace_note(text: str) -> Optional[str]:
 
 
 def load_for_inference(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> Transformer:
-    """The fp32 model of a checkpoint folder of any strategy (or an `import` folder), in eval mode."""
+    """The fp32 model of a checkpoint folder of any strategy (or an `import` folder), in eval mode; the
+    adapter of a `peft.method` run applied, with its trained weights."""
     from pretrain.consolidate import WeightReader, checkpoint_config
 
-    args = ModelArgs(**checkpoint_config(checkpoint)["model"])
-    return build_model(args, device, values=WeightReader(checkpoint)).eval()
+    config, reader = checkpoint_config(checkpoint), WeightReader(checkpoint)
+    model = build_model(ModelArgs(**config["model"]), device, values=reader)
+    if config.get("peft", {}).get("method", "none") != "none":
+        from pretrain.adapters import load_checkpoint_adapter
+
+        load_checkpoint_adapter(model, config["peft"], reader)
+    return model.eval()
 
 
 def find_tokenizer(checkpoint: Path, given: Optional[Path]) -> Path:

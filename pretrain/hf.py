@@ -138,6 +138,21 @@ def _convert(state: dict[str, torch.Tensor], args: ModelArgs, to_hf: bool) -> di
     return out
 
 
+def hf_module_name(ours: str) -> str:
+    """A block's module by Hugging Face's name: `layers.3.attention.wq` -> `model.layers.3.self_attn.q_proj`."""
+    _, layer, rest = ours.split(".", 2)
+    return f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
+
+
+def output_rows_to_hf(ours: str, w: torch.Tensor, args: ModelArgs, to_hf: bool = True) -> torch.Tensor:
+    """A matrix whose rows are the outputs of module `ours` (its weight, a LoRA B) in the other model's
+    rotary layout: the rows of wq and wk permuted, any other module's as they are (`to_hf=False`: back)."""
+    heads = {"attention.wq": args.n_heads, "attention.wk": args.kv_heads}.get(ours.split(".", 2)[2])
+    if heads is None:
+        return w
+    return (_to_halves if to_hf else _to_pairs)(w, heads)
+
+
 def to_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """Our state dict -> `LlamaForCausalLM`'s."""
     return _convert(state, args, to_hf=True)

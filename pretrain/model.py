@@ -332,7 +332,9 @@ def _chunk_loss(output: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> to
 
 
 def chunked_cross_entropy(output: nn.Module, h: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Mean cross-entropy of `output(h)` (fp32) against `targets`, `chunk` tokens at a time.
+    """Mean cross-entropy of `output(h)` (fp32) against `targets`, `chunk` tokens at a time; targets of -100
+    (cross_entropy's ignore_index: positions with nothing to predict, e.g. virtual tokens) are left out of
+    the sum and of the count, as F.cross_entropy does.
 
     Each chunk's logits are made, reduced to a loss and dropped; in the backward pass they are made
     again one chunk at a time (activation checkpointing), so the full-vocabulary fp32 logits of the
@@ -345,7 +347,7 @@ def chunked_cross_entropy(output: nn.Module, h: torch.Tensor, targets: torch.Ten
     total = torch.zeros((), device=h.device)
     for h_part, targets_part in zip(h.split(chunk), targets.split(chunk)):  # split: no full-size zero grads
         total = total + checkpoint(_chunk_loss, output, h_part, targets_part, use_reentrant=False)
-    return total / len(targets)
+    return total / (targets != -100).sum()
 
 
 def param_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:

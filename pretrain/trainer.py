@@ -171,8 +171,9 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
     if "scheduler" in saved and saved["step"] >= t.steps:  # a finished run launched again: say so, touch nothing
         return finished_summary(cfg, strategy, saved["step"], resume_from)
     torch.manual_seed(t.seed)
-    # a resumed run takes its weights from its checkpoint: `init_from` only starts a new one
-    model, optimizer = strategy.setup(cfg if resume_from is None else replace(cfg, train=replace(t, init_from=None)))
+    # a resumed run takes its weights from its checkpoint: `init_from` (and `peft.init_from`) only start a new one
+    fresh = replace(cfg, train=replace(t, init_from=None), peft=replace(cfg.peft, init_from=None))
+    model, optimizer = strategy.setup(cfg if resume_from is None else fresh)
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
     monitor = SpikeMonitor(cfg.spike, cfg.optim.warmup_steps)
     step, run_id = 0, uuid.uuid4().hex[:12]
@@ -526,6 +527,7 @@ def startup_banner(
     step: int,
 ) -> str:
     """What is about to run, in a few lines: model, budget, placement, data, run folder and start point."""
+    from pretrain.adapters import describe_adapter
     from pretrain.memory import strategy_name
     from pretrain.model import count_params
 
@@ -553,6 +555,7 @@ def startup_banner(
         f"{f' (rank 0: {strategy.device})' if strategy.device.index is not None else ''}, "
         f"precision {precision.value if precision is not None else 'n/a'}, activation checkpointing "
         f"{t.activation_checkpointing.value}; {threads}",
+        *([f"   adapter   {describe_adapter(cfg)}"] if cfg.peft.method != "none" else []),
         f"   data      {mix}; held out: {', '.join(val_sets) or 'none'}",
         f"   run       {t.run_dir} (checkpoints every {t.save_every or 'end'} steps, keep {t.keep_last})",
     ]

@@ -16,6 +16,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 
 from pretrain import optim
+from pretrain.adapters import adapt, all_param_shapes
 from pretrain.checkpoint_layout import DCP_DIR, dcp_without_process_group
 from pretrain.config import ConfigError, ExperimentConfig, Precision
 from pretrain.model import ModelArgs, Transformer, initial_value, param_shapes, rope_cos_sin
@@ -65,7 +66,8 @@ class Strategy:
         5. memory for this rank's part (`materialise`), then the initial values, one full parameter at
            a time, each rank keeping its part (`write_initial_value`): `train.init_from`'s weights or
            the seeded ones, the same whatever the strategy and the number of ranks;
-        6. the loss computed `train.loss_chunk_tokens` tokens at a time.
+        6. the loss computed `train.loss_chunk_tokens` tokens at a time;
+        7. the adapter of `peft.method` (`pretrain.adapters`), the base frozen (under `single` so far).
         """
         model = self.new_model(cfg.model)
         self.parallelize(model, cfg)
@@ -78,6 +80,8 @@ class Strategy:
             for name, param in model.named_parameters():
                 self.write_initial_value(param, values(name))
         model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
+        if cfg.peft.method != "none":
+            adapt(model, cfg)
         return model
 
     def new_model(self, args: ModelArgs) -> Transformer:
@@ -100,8 +104,9 @@ class Strategy:
         param.copy_(value)
 
     def build_optimizer(self, model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
-        """AdamW over the model's parameters, the fused kernel on a GPU."""
-        return optim.build_optimizer(model, cfg.optim, param_shapes(cfg.model), fused=self.device.type == "cuda")
+        """AdamW over the model's trainable parameters (the adapter's only with `peft.method`), the fused kernel
+        on a GPU."""
+        return optim.build_optimizer(model, cfg.optim, all_param_shapes(cfg), fused=self.device.type == "cuda")
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed-precision context for the forward pass (none by default)."""
