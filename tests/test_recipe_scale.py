@@ -562,3 +562,44 @@ def test_a_huge_jsonl_input_is_read_in_byte_ranges_with_the_documents_of_one_rea
     assert reports[0]["inputs"] == 1 and reports[20_000]["inputs"] == -(-path.stat().st_size // 20_000)
     assert outputs[20_000] == outputs[0] and len(outputs[0]) >= 5
     assert reports[20_000]["docs_in"] == reports[0]["docs_in"] == len(rows)
+
+
+def test_a_large_warc_gz_is_read_in_byte_ranges_at_record_boundaries_with_the_pages_of_one_read(tmp_path):
+    """A `.warc.gz` over `split_bytes` becomes parts; each reads the records whose gzip member starts in
+    its range (a cut inside a member moves to the next record), and the source's pages are those of
+    reading the file whole."""
+    from data_pipeline.raw.common import warc_member_start
+
+    big = tmp_path / "crawl.warc.gz"
+    big.write_bytes(b"".join((RAW / "warc" / name).read_bytes() for name in ("iana.warc.gz", "example.warc.gz") * 3))
+    with open(big, "rb") as f:
+        starts = sorted({warc_member_start(f, offset) for offset in range(0, big.stat().st_size, 997)})
+    assert len(starts) > 20  # one member per record: many places to cut
+    outputs, reports = {}, {}
+    for split in (0, 40_000):
+        source = RawSourceConfig(name="cc", kind="commoncrawl", inputs=[str(big)], split_bytes=split)
+        source.options = {"line_dedup": False}
+        cfg = RecipeConfig(output=str(tmp_path / str(split)), sources=[source])
+        reports[split] = run_recipe(cfg)["cc"]
+        outputs[split] = documents(tmp_path / str(split) / "cc")
+    assert reports[40_000]["inputs"] == -(-big.stat().st_size // 40_000) > 2 and reports[0]["inputs"] == 1
+    assert outputs[40_000] == outputs[0] and outputs[0]
+    assert reports[40_000]["docs_in"] == reports[0]["docs_in"]
+
+
+def test_a_gzip_header_inside_a_record_is_not_taken_for_a_record_start(tmp_path):
+    from data_pipeline.raw.common import warc_member_start
+
+    inner = gzip.compress(b"not a WARC record, a gzip file archived inside one")
+    first = gzip.compress(b"WARC/1.0\r\nWARC-Type: resource\r\n\r\n" + inner, compresslevel=0)  # stored: inner shows
+    second = gzip.compress(b"WARC/1.0\r\nWARC-Type: resource\r\n\r\nthe second record")
+    path = tmp_path / "two.warc.gz"
+    path.write_bytes(first + second)
+    assert first.find(b"\x1f\x8b\x08", 1) > 0  # the archived file's header is there to be mistaken
+    with open(path, "rb") as f:
+        assert [warc_member_start(f, at) for at in (0, 1, len(first), len(first) + 1)] == [
+            0,
+            len(first),
+            len(first),
+            len(first + second),
+        ]

@@ -10,6 +10,7 @@ archive member) raises `CorruptInput` naming the file; what was yielded before s
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional
@@ -57,12 +58,76 @@ def byte_range(entry: str) -> tuple[str, Optional[tuple[int, int]]]:
 
 
 def split_ranges(path: Path, split_bytes: int) -> list[str]:
-    """The entries of a local file: itself, or byte ranges of `split_bytes` when it is an uncompressed
-    line format (`SPLITTABLE`) larger than that (0: never split)."""
+    """The entries of a local file: itself, or byte ranges of `split_bytes` when it is of a format that
+    can be cut (`SPLITTABLE` lines; `.warc.gz`, at record boundaries) and larger than that (0: never)."""
     size = path.stat().st_size
-    if not split_bytes or size <= split_bytes or path.suffix not in SPLITTABLE:
+    cuttable = path.suffix in SPLITTABLE or path.name.endswith(".warc.gz")
+    if not split_bytes or size <= split_bytes or not cuttable:
         return [str(path)]
     return [with_range(str(path), a, min(a + split_bytes, size)) for a in range(0, size, split_bytes)]
+
+
+GZIP_MAGIC = b"\x1f\x8b\x08"
+
+
+def warc_member_start(f: BinaryIO, offset: int) -> int:
+    """The offset of the first gzip member at or after `offset` of an open `.warc.gz` that starts a WARC
+    record (the file's size when none does). Common Crawl's WARC files compress each record as a member
+    of its own; a candidate is taken only when it inflates to a record header, so the bytes 1f 8b 08
+    inside compressed data are passed over. Two ranges that meet at a byte agree on where it lands."""
+    import zlib
+
+    size = f.seek(0, 2)
+    block = 1 << 20
+    while offset < size:
+        f.seek(offset)
+        data = f.read(block + len(GZIP_MAGIC) - 1)
+        at = data.find(GZIP_MAGIC)
+        while at != -1:
+            f.seek(offset + at)
+            head = f.read(1 << 16)
+            try:
+                if zlib.decompressobj(31).decompress(head, 16).startswith(b"WARC/"):
+                    return offset + at
+            except zlib.error:
+                pass
+            at = data.find(GZIP_MAGIC, at + 1)
+        offset += block
+    return size
+
+
+class FileSlice(io.RawIOBase):
+    """Bytes [start, end) of an open binary file, read as a stream of their own."""
+
+    def __init__(self, f: BinaryIO, start: int, end: int) -> None:
+        self.f, self.position, self.end = f, start, end
+        f.seek(start)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self.end - self.position)
+        if n <= 0:
+            return 0
+        self.f.seek(self.position)
+        data = self.f.read(n)
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+def open_warc_range(path: Path, lines: tuple[int, int]) -> BinaryIO:
+    """The records of a `.warc.gz` that start in byte range `lines` (a member starting there), inflated."""
+    import gzip
+
+    f = open(path, "rb")
+    start, end = warc_member_start(f, lines[0]), warc_member_start(f, lines[1])
+    return gzip.GzipFile(fileobj=io.BufferedReader(FileSlice(f, start, end)), mode="rb")
 
 
 def range_lines(f: BinaryIO, start: int, end: int) -> Iterator[tuple[int, bytes]]:

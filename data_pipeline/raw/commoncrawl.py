@@ -41,7 +41,7 @@ from resiliparse.parse.html import HTMLTree
 from warcio.archiveiterator import ArchiveIterator
 from warcio.timeutils import timestamp_to_iso_date
 
-from data_pipeline.raw.common import CorruptInput, Tally, make_doc
+from data_pipeline.raw.common import CorruptInput, Tally, make_doc, open_warc_range
 from data_pipeline.raw.filters import BadWords, C4Rules, LineDeduplicator, c4_clean, too_short
 from data_pipeline.sources import open_text
 
@@ -84,17 +84,19 @@ class _Record:
     detail: str = ""  # e.g. the HTTP status or the content type
 
 
-def documents(path: Path, options: Options, tally: Tally) -> Iterator[dict]:
-    """The cleaned pages of one WARC or WET file, each counted in `tally` (read, and dropped with a reason)."""
+def documents(path: Path, options: Options, tally: Tally, lines: Optional[tuple[int, int]] = None) -> Iterator[dict]:
+    """The cleaned pages of one WARC or WET file, each counted in `tally` (read, and dropped with a reason);
+    `lines`: only the records whose gzip member starts in that byte range of a `.warc.gz` (a part of it)."""
     path = Path(path)
     check_options(options)
     rules = C4Rules(options.min_words_per_line, options.min_sentences, options.drop_curly_brace)
     bad_words = BadWords.from_file(options.bad_words_file) if options.bad_words_file else None
     quality = _quality_model(options.quality_model, options.quality_label) if options.quality_model else None
-    for record in _records(path):
+    label = path.name if lines is None else f"{path.name}@{lines[0]}"  # a part's records count from its start
+    for record in _records(path, lines):
         if not record.capture:
             continue
-        origin = f"{path.name}:record {record.number} {record.url}".rstrip()
+        origin = f"{label}:record {record.number} {record.url}".rstrip()
         if record.skip is not None:
             tally.read("")
             tally.drop(record.skip, f"{origin} ({record.detail})")
@@ -105,7 +107,7 @@ def documents(path: Path, options: Options, tally: Tally) -> Iterator[dict]:
         if reason is not None:
             tally.drop(reason, origin, text)
             continue
-        doc_id = record.record_id.strip("<>") or f"{path.name}:record {record.number}"
+        doc_id = record.record_id.strip("<>") or f"{label}:record {record.number}"
         yield make_doc(SOURCE, doc_id, text, url=record.url, date=record.date, **meta)
 
 
@@ -226,9 +228,10 @@ class _Guarded:
         self.stream.close()
 
 
-def _records(path: Path) -> Iterator[_Record]:
-    """Each WARC or ARC record of `path`, its page body read when it is a page; CorruptInput for a damaged file."""
-    stream = _Guarded(open_text(path))
+def _records(path: Path, lines: Optional[tuple[int, int]] = None) -> Iterator[_Record]:
+    """Each WARC or ARC record of `path` (of its byte range `lines`), its page body read when it is a page;
+    CorruptInput for a damaged file."""
+    stream = _Guarded(open_text(path) if lines is None else open_warc_range(path, lines))
     try:
         records = ArchiveIterator(stream)
         number = 0

@@ -63,7 +63,7 @@ CC_DATA = "https://data.commoncrawl.org/"
 EXECUTORS = ("local", "ray", "slurm")
 KINDS = ("commoncrawl", "wikipedia", "gutenberg", "arxiv", "github", "stackexchange")
 FOLDER_INPUTS = ("github", "arxiv")  # kinds whose input may be a folder (a repository, a paper) read as one
-RANGE_KINDS = ("github",)  # kinds whose `documents` reads a byte range of an uncompressed JSONL file
+RANGE_KINDS = ("github", "commoncrawl")  # kinds whose `documents` reads a byte range (JSONL lines, WARC records)
 PATH_OPTIONS = ("bad_words_file", "quality_model", "tmp_dir")  # options of the kinds that name local files
 TRIES = 5  # a remote read failing with a transient error is tried this many times in all
 BACKOFF_S = 1.0  # seconds before the second try, doubled before each next one (1, 2, 4, 8)
@@ -84,7 +84,7 @@ class RawSourceConfig:
     shard_docs: int = 100_000  # documents per output file
     dedup_buckets: Optional[int] = None  # hash buckets of the dedup passes (None: the recipe's dedup_buckets)
     paths_prefix: str = CC_DATA  # what the lines of a `*.paths.gz` listing are relative to
-    split_bytes: int = 1 << 30  # an uncompressed JSONL input over this is read as parts of it (github); 0: never
+    split_bytes: int = 1 << 30  # a JSONL or .warc.gz input over this is read as parts of it (github, cc); 0: never
 
 
 @dataclass
