@@ -102,6 +102,19 @@ def test_a_bare_clone_runs_the_readme_commands_in_order(tmp_path):
     )
     assert "done: step 3" in out, out[-2000:]
 
+    # adapt the quickstart's checkpoint: new text through the recipe, its tokenizer, a LoRA run, export-peft
+    adapt = README.split("## Adapt a pretrained LLaMA: LoRA and prompt tuning")[1].split("```bash\n")[1]
+    run(adapt.split("python -m pretrain evaluate")[0].strip())
+    assert (clone / "mydata" / "adapt-tokens" / "stackexchange" / "val-00000.bin").is_file()
+    out = run(
+        "python -m pretrain train configs/experiments/debug.yaml data.root=mydata/adapt-tokens peft.method=lora "
+        "optim.lr=1e-2 train.steps=30 train.run_dir=runs/debug-lora",
+        f"train.init_from={CHECKPOINT} train.steps=3",
+    )
+    assert "done: step 3" in out and "lora rank 8, alpha 16 on wq,wv" in out, out[-2000:]
+    run("python -m pretrain export-peft", "runs/debug-lora/checkpoints/step-00000003 exports/debug-lora")
+    assert (clone / "exports" / "debug-lora" / "adapter_model.safetensors").is_file()
+
     out = run("python -m pretrain evaluate", CHECKPOINT)
     assert re.search(r"blended\s+\d+\.\d+", out), out
     run(
