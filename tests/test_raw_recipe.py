@@ -4,6 +4,7 @@ import contextlib
 import gzip
 import json
 import re
+import signal
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -292,7 +293,9 @@ def test_ray_workers_elsewhere_write_a_relative_output_where_the_driver_runs(tmp
     cluster.add_node(num_cpus=1)
     try:
         monkeypatch.chdir(tmp_path / "driver")
+        handler = signal.getsignal(signal.SIGTERM)
         assert main(["recipe", str(config), "executor=ray", f"ray_address={cluster.address}"]) == 0
+        assert signal.getsignal(signal.SIGTERM) is handler  # Ray's own (it exits) does not outlive the recipe
     finally:
         ray.shutdown()
         cluster.shutdown()

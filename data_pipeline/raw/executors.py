@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import threading
 from typing import Any, Callable, Optional, Sequence
 
 from data_pipeline.progress import Progress
@@ -97,7 +99,10 @@ class RayExecutor:
             raise ValueError("executor=ray needs Ray: pip install -e '.[ray]'") from None
         self.ray = ray
         self.owned = not ray.is_initialized()
+        self.handlers = {}
         if self.owned:
+            if threading.current_thread() is threading.main_thread():  # ray.init replaces them: restored in close
+                self.handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
             ray.init(address=address or None, log_to_driver=False)
         self.cpus_per_task, self.max_retries = cpus_per_task, max_retries
 
@@ -129,6 +134,8 @@ class RayExecutor:
         """Disconnect from the cluster when this executor connected (the cluster itself goes on)."""
         if self.owned:
             self.ray.shutdown()
+            for sig, handler in self.handlers.items():  # Ray's SIGTERM handler would exit whatever runs next
+                signal.signal(sig, handler)
 
 
 class SlurmSlice:
