@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from pretrain.config import Checkpointing, ExperimentConfig, tensor_parallel_degrees
-from pretrain.model import ModelArgs, count_params
+from pretrain.model import ModelArgs, count_params, param_shapes
 
 GPU_MEMORY_GB = {"a100-40gb": 40, "a100-80gb": 80, "h100-80gb": 80, "h200": 141}
 
@@ -75,6 +75,21 @@ class MemoryPlan:
         return self.parameters + self.gradients + self.optimizer + self.activations + self.transient
 
 
+def adapter_parameters(cfg: ExperimentConfig) -> int:
+    """The trained parameters of the `peft` section: LoRA's A (rank x in) and B (out x rank) of every
+    targeted linear layer, or prompt tuning's virtual token embeddings (0 without an adapter)."""
+    p = cfg.peft
+    if p.method == "lora":
+        shapes = param_shapes(cfg.model)
+        targeted = [
+            shape for name, shape in shapes.items() if name.startswith("layers.") and name.split(".")[-2] in p.targets
+        ]
+        return sum(p.rank * (shape[0] + shape[1]) for shape in targeted)
+    if p.method == "prompt_tuning":
+        return p.virtual_tokens * cfg.model.dim
+    return 0
+
+
 def plan_memory(cfg: ExperimentConfig, world_size: int, act_bytes: int = 2) -> MemoryPlan:
     """Memory per GPU of `cfg` on `world_size` GPUs (bf16 activations by default)."""
     args, t = cfg.model, cfg.train
@@ -83,7 +98,11 @@ def plan_memory(cfg: ExperimentConfig, world_size: int, act_bytes: int = 2) -> M
     n = world_size
     tp = t.tensor_parallel if t.strategy == "fsdp" else 1  # each layer split over tp GPUs
     autocast_copies = t.precision != "fp32" and t.activation_checkpointing != Checkpointing.llama
-    if t.strategy == "single":
+    if t.strategy == "single" and cfg.peft.method != "none":  # a frozen fp32 base: gradients, AdamW for the adapter
+        n, adapter = 1, adapter_parameters(cfg)
+        params, grads, optim = 4.0 * (total + adapter), 4.0 * adapter, 8.0 * adapter
+        transient = 2.0 * total if autocast_copies else 2.0 * layer
+    elif t.strategy == "single":
         n = 1
         params, grads, optim = 4.0 * total, 4.0 * total, 8.0 * total
         transient = 2.0 * total if autocast_copies else 2.0 * layer  # autocast's bf16 weights, kept for backward

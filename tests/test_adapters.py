@@ -380,3 +380,33 @@ def test_lora_under_activation_checkpointing_gives_the_same_gradients(mode):
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["peft.method=lora"],
+        ["peft.method=lora", "peft.rank=4", "peft.targets=[wk,wo,w1,w2,w3]"],
+        ["peft.method=prompt_tuning", "model.max_seq_len=4096"],
+    ],
+)
+def test_the_memory_planner_counts_the_adapter_the_model_trains(extra):
+    """`memory` with a `peft` section: gradients and AdamW states for the adapter's parameters only, as many
+    as `apply_adapters` leaves trainable; the frozen base's weights stay."""
+    from pretrain.adapters import apply_adapters
+    from pretrain.config import load_config
+    from pretrain.memory import adapter_parameters, plan_memory
+    from pretrain.model import Transformer
+
+    cfg = load_config("debug", extra)
+    model = Transformer(cfg.model)
+    total = sum(p.numel() for p in model.parameters())
+    apply_adapters(model, cfg.peft)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert adapter_parameters(cfg) == trainable > 0
+    plan, full = (
+        plan_memory(cfg, 1),
+        plan_memory(load_config("debug", extra[1:] if extra[0].endswith("lora") else []), 1),
+    )
+    assert (plan.gradients, plan.optimizer) == (4.0 * trainable, 8.0 * trainable)
+    assert plan.parameters == 4.0 * (total + trainable) and full.gradients == 4.0 * total
