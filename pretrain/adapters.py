@@ -193,6 +193,11 @@ def all_param_shapes(cfg: ExperimentConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
+def adapter_parameters(cfg: ExperimentConfig) -> int:
+    """How many parameters the `peft` section trains (0 without an adapter), counted on `meta`."""
+    return sum(math.prod(s) for name, s in all_param_shapes(cfg).items() if is_adapter_name(name))
+
+
 def describe_adapter(cfg: ExperimentConfig) -> str:
     """One line for the start-up banner: the adapter and its share of the parameters."""
     p = cfg.peft

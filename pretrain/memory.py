@@ -26,8 +26,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from pretrain.adapters import adapter_parameters
 from pretrain.config import Checkpointing, ExperimentConfig, tensor_parallel_degrees
-from pretrain.model import ModelArgs, count_params, param_shapes
+from pretrain.model import ModelArgs, count_params
 
 GPU_MEMORY_GB = {"a100-40gb": 40, "a100-80gb": 80, "h100-80gb": 80, "h200": 141}
 
@@ -73,21 +74,6 @@ class MemoryPlan:
     @property
     def total(self) -> float:
         return self.parameters + self.gradients + self.optimizer + self.activations + self.transient
-
-
-def adapter_parameters(cfg: ExperimentConfig) -> int:
-    """The trained parameters of the `peft` section: LoRA's A (rank x in) and B (out x rank) of every
-    targeted linear layer, or prompt tuning's virtual token embeddings (0 without an adapter)."""
-    p = cfg.peft
-    if p.method == "lora":
-        shapes = param_shapes(cfg.model)
-        targeted = [
-            shape for name, shape in shapes.items() if name.startswith("layers.") and name.split(".")[-2] in p.targets
-        ]
-        return sum(p.rank * (shape[0] + shape[1]) for shape in targeted)
-    if p.method == "prompt_tuning":
-        return p.virtual_tokens * cfg.model.dim
-    return 0
 
 
 def plan_memory(cfg: ExperimentConfig, world_size: int, act_bytes: int = 2) -> MemoryPlan:

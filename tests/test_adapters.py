@@ -393,9 +393,9 @@ def test_lora_under_activation_checkpointing_gives_the_same_gradients(mode):
 def test_the_memory_planner_counts_the_adapter_the_model_trains(extra):
     """`memory` with a `peft` section: gradients and AdamW states for the adapter's parameters only, as many
     as `apply_adapters` leaves trainable; the frozen base's weights stay."""
-    from pretrain.adapters import apply_adapters
+    from pretrain.adapters import adapter_parameters, apply_adapters
     from pretrain.config import load_config
-    from pretrain.memory import adapter_parameters, plan_memory
+    from pretrain.memory import plan_memory
     from pretrain.model import Transformer
 
     cfg = load_config("debug", extra)

@@ -131,14 +131,8 @@ class ScanWriter:
         signatures: bool = False,
         chunk: int = CHUNK_RECORDS,
     ) -> None:
-        self.folder, self.part, self.dtype, self.key, self.buckets, self.chunk = (
-            folder,
-            part,
-            dtype,
-            key,
-            buckets,
-            chunk,
-        )
+        self.folder, self.part, self.dtype = folder, part, dtype
+        self.key, self.buckets, self.chunk = key, buckets, chunk
         self.pending: list[np.ndarray] = []
         self.pending_rows = self.written = self.docs = 0
         self.index: list[np.ndarray] = []

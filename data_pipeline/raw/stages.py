@@ -267,7 +267,9 @@ def _bucket_files(s: Source, pass_name: str) -> list[Path]:
     return [s.work / pass_name / "bucket" / f"{t:05d}.bin" for t in range(_bucket_tasks(s))]
 
 
-def _bucket_task(pass_name: str, reduce: Callable[[Source, np.ndarray], np.ndarray]) -> Callable:
+def _bucket_task(pass_name: str, reducer: Callable[[Source], Callable[[np.ndarray], np.ndarray]]) -> Callable:
+    """The bucket stage's task of a pass: `reducer(source)`, made once per task, reduces each of its buckets."""
+
     def task(cfg: Any, name: str, index: int) -> dict:
         s = Source(cfg, name)
         out = s.work / pass_name / "bucket"
@@ -275,7 +277,8 @@ def _bucket_task(pass_name: str, reduce: Callable[[Source, np.ndarray], np.ndarr
         def work() -> dict:
             tasks = _bucket_tasks(s)
             reader = bk.ScanReader(_scan_folder(s, pass_name), len(s.plan["parts"]), _RECORDS[pass_name], s.buckets)
-            found = [reduce(s, reader.bucket(b)) for b in bk.buckets_of(index, tasks, s.buckets)]
+            reduce = reducer(s)
+            found = [reduce(reader.bucket(b)) for b in bk.buckets_of(index, tasks, s.buckets)]
             out.mkdir(parents=True, exist_ok=True)
             bk.save_losers(out / f"{index:05d}.bin", np.concatenate(found), len(s.plan["parts"]))
             return {"docs": 0}
@@ -286,14 +289,15 @@ def _bucket_task(pass_name: str, reduce: Callable[[Source, np.ndarray], np.ndarr
     return task
 
 
-def _near_reduce(s: Source, records: np.ndarray) -> np.ndarray:
-    hasher = _hasher(s)
-    return bk.near_bucket(records, bk.Signatures(_scan_folder(s, "near"), hasher.num_perm), s.config.near_dedup)
+def _near_reducer(s: Source) -> Callable[[np.ndarray], np.ndarray]:
+    """Near dedup's bucket reduction, with one `Signatures` (its memory maps) for all the task's buckets."""
+    signatures = bk.Signatures(_scan_folder(s, "near"), _hasher(s).num_perm)
+    return lambda records: bk.near_bucket(records, signatures, s.config.near_dedup)
 
 
-task_line_bucket = _bucket_task("line", lambda s, records: bk.line_bucket(records))
-task_exact_bucket = _bucket_task("exact", lambda s, records: bk.exact_bucket(records))
-task_near_bucket = _bucket_task("near", _near_reduce)
+task_line_bucket = _bucket_task("line", lambda s: bk.line_bucket)
+task_exact_bucket = _bucket_task("exact", lambda s: bk.exact_bucket)
+task_near_bucket = _bucket_task("near", _near_reducer)
 
 
 def task_near_greedy(cfg: Any, name: str, index: int) -> dict:
