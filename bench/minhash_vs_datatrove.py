@@ -23,6 +23,7 @@ import argparse
 import datetime
 import gzip
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -109,7 +110,7 @@ def main() -> None:
         config = prepare(work / "ours", args.parts, passes=("near",))
         files = work / "ours" / "out" / "cc" / "files"
         mb = sum(json.loads(p.read_text())["tally"]["bytes_in"] for p in files.glob("*.done.json")) / 1e6
-        ours = {}
+        ours, loads = {}, [os.getloadavg()[0]]  # before ours, then before each datatrove run
         for stage in (
             "plan",
             "near-scan",
@@ -125,6 +126,7 @@ def main() -> None:
         kept = json.loads((work / "ours" / "out" / "cc" / "report.json").read_text())
         theirs, out_docs = {}, {}
         for tokenizer in ("spacy", "regex"):
+            loads.append(os.getloadavg()[0])
             folder = work / f"datatrove-{tokenizer}"
             theirs[tokenizer] = cpu_of(
                 [args.datatrove_python, "-c", DATATROVE, str(files), str(folder), str(args.parts), tokenizer]
@@ -135,7 +137,9 @@ def main() -> None:
     lines = ["# MinHash near dedup: ours against datatrove's, like for like, one core", ""]
     lines += [f"- {line}" for line in provenance(torch.device("cpu"), "n/a")]
     lines += [f"- datatrove {version}; {args.parts} parts, {mb:.0f} MB of text, {kept['docs_in']:,} documents"]
-    lines += ["- both: 5-grams of words, LSH of 14 bands x 9 rows; output written as JSONL.gz by each", ""]
+    lines += ["- both: 5-grams of words, LSH of 14 bands x 9 rows; output written as JSONL.gz by each"]
+    load = ", ".join(f"{x:.2f}" for x in loads)
+    lines += [f"- load average before ours, datatrove (spaCy), datatrove (regex): {load}", ""]
     lines += ["| pipeline | word tokenizer | CPU s | MB/s per core | documents kept |", "|---|---|---:|---:|---:|"]
     lines.append(
         f"| ours: near- scan, bucket, greedy, apply + count, write, concat | `\\w+` regex | {total:.1f} | "

@@ -24,6 +24,7 @@ import argparse
 import datetime
 import gzip
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -190,9 +191,10 @@ def buckets_rows(work: Path, parts: int, docs: int) -> list[str]:
         "|---:|---:|---:|---:|",
     ]
     configs = {b: prepare(work / f"buckets-{b}", parts, buckets=b, docs=docs) for b in (16, 4096)}
-    cpu = {b: 0.0 for b in configs}
+    cpu, loads = {b: 0.0 for b in configs}, []
     for stage in STAGES[1:]:
         for b, config in configs.items():
+            loads.append(os.getloadavg()[0])
             cpu[b] += timed(["recipe", str(config), "--stage", stage], work)[0]
     outputs = {}
     for b, config in configs.items():
@@ -203,6 +205,7 @@ def buckets_rows(work: Path, parts: int, docs: int) -> list[str]:
         outputs[b] = [p.read_bytes() for p in sorted(folder.glob("cc-*.jsonl.gz"))]
     same = "the same bytes" if outputs[16] == outputs[4096] else "DIFFERENT bytes"
     rows += ["", f"- {parts} parts of {docs} documents, line + exact + near passes; the output shards: {same}"]
+    rows.append(f"- load average before each stage: {min(loads):.2f}-{max(loads):.2f}")
     return rows
 
 
