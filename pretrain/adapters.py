@@ -27,7 +27,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ PEFT_PREFIX = "base_model.model."  # what PeftModel puts in front of the base mo
 PROMPT = "tok_embeddings.prompt"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 LORA_KINDS = ("lora_A", "lora_B")
+BASE_RECORD = "peft_base"  # trainer.pt's key: the base an adapter-only checkpoint was trained on (`base_record`)
 
 
 class LoraLinear(nn.Module):
@@ -120,13 +121,17 @@ def prompt_init_ids(text: str, tokenizer: str | os.PathLike, n: int) -> list[int
 
 
 def apply_adapters(
-    model: Transformer, cfg: PeftConfig, seed: int = 0, init_ids: Optional[list[int]] = None
+    model: Transformer,
+    cfg: PeftConfig,
+    seed: int = 0,
+    init_ids: Optional[list[int]] = None,
+    initialise: bool = True,
 ) -> list[str]:
     """Freeze every parameter of `model` and add `cfg`'s adapter to it, in place; return the trainable names.
 
-    On a real device the adapter gets its initial values: LoRA's A as PEFT's (Kaiming-uniform, bound
-    1/sqrt(in)) from a generator seeded by (`seed`, name), B zero; the prompt from the base embeddings of
-    `init_ids` (`prompt_init_ids`), else normal(0, 1) as PEFT's RANDOM. On `meta` only the shapes exist.
+    With `initialise` (and a model whose parameters hold memory, not on `meta`) the adapter gets its initial
+    values (`adapter_initial_value`); a strategy that builds the model without values first passes False and
+    writes them later, as it does the base's.
     """
     if any(isinstance(m, (LoraLinear, VirtualTokenEmbedding)) for m in model.modules()):
         raise ValueError("the model has adapters already")
@@ -143,43 +148,71 @@ def apply_adapters(
     else:
         raise ValueError(f"peft.method={cfg.method}: nothing to apply")
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    if model.output.weight.device.type != "meta":
+    if initialise and model.output.weight.device.type != "meta":
         init_adapters(model, seed, init_ids)
     return trainable
 
 
+def adapter_initial_value(
+    name: str,
+    shape: tuple[int, ...],
+    seed: int,
+    embedding: Optional[torch.Tensor] = None,
+    init_ids: Optional[list[int]] = None,
+) -> torch.Tensor:
+    """The initial value of adapter parameter `name`, a full fp32 tensor on the CPU, the same whatever the
+    strategy and the number of ranks: LoRA's A as PEFT's (Kaiming-uniform, bound 1/sqrt(in)) from a generator
+    seeded by (`seed`, name), B zero; the prompt from rows `init_ids` of the base's `embedding` (PEFT's TEXT
+    initialisation, `prompt_init_ids`), else normal(0, 1) as PEFT's RANDOM."""
+    if name.endswith(".lora_A"):
+        bound = 1 / math.sqrt(shape[1])
+        return torch.rand(shape, generator=_generator(seed, name)) * 2 * bound - bound
+    if name.endswith(".lora_B"):
+        return torch.zeros(shape)
+    if name != PROMPT:
+        raise KeyError(f"{name} is not an adapter parameter")
+    if init_ids is not None:
+        return embedding[torch.tensor(init_ids, device=embedding.device)].float().cpu()
+    return torch.randn(shape, generator=_generator(seed, PROMPT))
+
+
 @torch.no_grad()
 def init_adapters(model: Transformer, seed: int = 0, init_ids: Optional[list[int]] = None) -> None:
-    """Write the initial values of the adapter `apply_adapters` added (see there)."""
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLinear):
-            bound = 1 / math.sqrt(module.in_features)
-            a = torch.rand(module.lora_A.shape, generator=_generator(seed, f"{name}.lora_A")) * 2 * bound - bound
-            module.lora_A.copy_(a)
-            module.lora_B.zero_()
-        elif isinstance(module, VirtualTokenEmbedding):
-            if init_ids is not None:
-                ids = torch.tensor(init_ids, device=module.weight.device)
-                module.prompt.copy_(module.weight[ids].float())
-            else:
-                module.prompt.copy_(torch.randn(module.prompt.shape, generator=_generator(seed, PROMPT)))
+    """Write the initial values of the adapter `apply_adapters` added (`adapter_initial_value`)."""
+    embedding = model.tok_embeddings.weight
+    for name, param in model.named_parameters():
+        if is_adapter_name(name):
+            param.copy_(adapter_initial_value(name, tuple(param.shape), seed, embedding, init_ids))
 
 
-def adapt(model: Transformer, cfg: ExperimentConfig) -> list[str]:
-    """`apply_adapters` with the run's config: seeded by `train.seed`, the prompt from `peft.init_text` (through
-    `data.tokenizer`), then `peft.init_from`'s weights when given. Returns the trainable names."""
+def adapter_initial_values(cfg: ExperimentConfig, base: Callable[[str], torch.Tensor]) -> Callable[[str], torch.Tensor]:
+    """Adapter parameter name -> its initial value for the run `cfg` describes, whose base weights `base` gives
+    (name -> full tensor): `peft.init_from`'s weights (a PEFT adapter folder), else `adapter_initial_value`
+    seeded by `train.seed`, the prompt from `peft.init_text` (tokenized by `data.tokenizer`)."""
     p = cfg.peft
+    shapes = all_param_shapes(cfg)
+    if p.init_from is not None:
+        try:
+            theirs, state = read_peft_adapter(p.init_from, cfg.model)
+            check_same_adapter(p, theirs, p.init_from)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"peft.init_from: {e}") from None
+        return state.__getitem__
     init_ids = None
     if p.method == "prompt_tuning" and p.init_text is not None:
         if not Path(cfg.data.tokenizer).is_file():
             raise ConfigError(f"peft.init_text needs data.tokenizer to tokenize it: {cfg.data.tokenizer} not found")
         init_ids = prompt_init_ids(p.init_text, cfg.data.tokenizer, p.virtual_tokens)
-    trainable = apply_adapters(model, p, cfg.train.seed, init_ids)
-    if p.init_from is not None:
-        try:
-            load_peft_adapter(model, p.init_from, p)
-        except (ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"peft.init_from: {e}") from None
+    embedding = base("tok_embeddings.weight") if init_ids is not None else None
+    return lambda name: adapter_initial_value(name, shapes[name], cfg.train.seed, embedding, init_ids)
+
+
+def adapt(model: Transformer, cfg: ExperimentConfig) -> list[str]:
+    """`apply_adapters` to a model with values, the adapter's initial values those of the run `cfg` describes
+    (`adapter_initial_values`: `peft.init_from`, `peft.init_text`, seeded). Returns the trainable names."""
+    trainable = apply_adapters(model, cfg.peft, initialise=False)
+    values = adapter_initial_values(cfg, lambda name: model.get_parameter(name).detach())
+    copy_adapter(model, {name: values(name) for name in trainable})
     return trainable
 
 
@@ -371,16 +404,21 @@ def load_peft_adapter(model: Transformer, folder: str | os.PathLike, cfg: Option
     if cfg is None:
         apply_adapters(model, theirs)
     else:
-        keys = ["method", *(("rank", "alpha", "targets") if theirs.method == "lora" else ("virtual_tokens",))]
-        differ = [
-            f"peft.{k}: {getattr(cfg, k)!r} here, {getattr(theirs, k)!r} there"
-            for k in keys
-            if getattr(cfg, k) != getattr(theirs, k)
-        ]
-        if differ:
-            raise ValueError(f"{folder} holds another adapter ({'; '.join(differ)})")
+        check_same_adapter(cfg, theirs, folder)
     copy_adapter(model, state)
     return theirs
+
+
+def check_same_adapter(cfg: PeftConfig, theirs: PeftConfig, folder: str | os.PathLike) -> None:
+    """Refuse, naming the keys, an adapter folder whose adapter (`theirs`) is not the one `cfg` describes."""
+    keys = ["method", *(("rank", "alpha", "targets") if theirs.method == "lora" else ("virtual_tokens",))]
+    differ = [
+        f"peft.{k}: {getattr(cfg, k)!r} here, {getattr(theirs, k)!r} there"
+        for k in keys
+        if getattr(cfg, k) != getattr(theirs, k)
+    ]
+    if differ:
+        raise ValueError(f"{folder} holds another adapter ({'; '.join(differ)})")
 
 
 @torch.no_grad()
@@ -452,3 +490,61 @@ def export_peft(checkpoint: str | os.PathLike, output: str | os.PathLike, base: 
     if not state:
         raise ValueError(f"{checkpoint}: peft.method={cfg.method} in its config but no adapter tensors")
     return write_peft_adapter(output, state, cfg, ModelArgs(**config["model"]), base)
+
+
+def base_record(cfg: ExperimentConfig) -> dict:
+    """The base of adapter run `cfg`, which its checkpoints (trainable parameters only) point to: `train.init_from`
+    resolved and the sha256 of its files (`weights_sha256`), or the seeded initialisation of `train.seed`."""
+    if cfg.train.init_from is None:
+        return {"init_from": None, "sha256": None, "seed": cfg.train.seed}
+    path = Path(cfg.train.init_from).resolve()
+    return {"init_from": str(path), "sha256": weights_sha256(path), "seed": None}
+
+
+def weights_sha256(path: Path) -> str:
+    """sha256 of a weights file; of a folder, the sha256 of its files' list (relative name and sha256 of each)."""
+    from data_pipeline.tokenizer import file_sha256
+
+    if path.is_file():
+        return file_sha256(path)
+    files = sorted(f for f in path.rglob("*") if f.is_file())
+    return hashlib.sha256("".join(f"{f.relative_to(path)}\0{file_sha256(f)}\n" for f in files).encode()).hexdigest()
+
+
+def base_mismatch(saved: dict, now: dict) -> Optional[str]:
+    """Why base `now` (`base_record` of this run) is not the base `saved` an adapter checkpoint was trained on,
+    or None when it is (the same sha256 wherever the files are now, or the same seeded initialisation)."""
+    if saved["sha256"] == now["sha256"] and saved["seed"] == now["seed"]:
+        return None
+    was = (
+        f"train.init_from={saved['init_from']} (sha256 {saved['sha256']})"
+        if saved["sha256"]
+        else (f"the seeded initialisation (train.seed={saved['seed']}, no train.init_from)")
+    )
+    is_now = (
+        f"train.init_from={now['init_from']} (sha256 {now['sha256']})"
+        if now["sha256"]
+        else (f"the seeded initialisation (train.seed={now['seed']})")
+    )
+    return f"its adapter was trained on {was}, but this run's base is {is_now}; give the same base weights"
+
+
+def open_base(record: dict, model: dict, where: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], Callable]:
+    """The base weights an adapter-only checkpoint (`where`) names in `record`: (shapes by name, name -> full fp32
+    tensor), after checking its files still have the recorded sha256; the seeded initialisation of the
+    checkpoint's `model` section when it started from none."""
+    args = ModelArgs(**model)
+    shapes = param_shapes(args)
+    if record["init_from"] is None:
+        from pretrain.model import initial_value
+
+        return shapes, lambda name: initial_value(args, name, shapes[name], record["seed"])
+    from pretrain.consolidate import WeightReader
+
+    path = Path(record["init_from"])
+    if not path.exists():
+        raise FileNotFoundError(f"{where} holds an adapter only; its base {path} is gone (sha256 {record['sha256']})")
+    if weights_sha256(path) != record["sha256"]:
+        raise ValueError(f"{where} holds an adapter only; its base {path} changed since (sha256 {record['sha256']})")
+    reader = WeightReader(path)
+    return {name: shape for name, shape in reader.shapes.items()}, reader

@@ -377,8 +377,11 @@ def check_peft(cfg: ExperimentConfig) -> None:
             )
         if cfg.data.document_attention:
             raise ConfigError("peft.method=prompt_tuning is not supported with data.document_attention yet")
-    if t.strategy != "single":
-        raise ConfigError(f"peft.method={p.method} runs under train.strategy=single only so far, got {t.strategy}")
+    if t.tensor_parallel > 1:
+        raise ConfigError(
+            f"peft.method={p.method} is not supported with train.tensor_parallel={t.tensor_parallel} (the adapter's "
+            "layers have no tensor-parallel plan); shard with train.strategy=fsdp or deepspeed and tensor_parallel=1"
+        )
 
 
 def tensor_parallel_shapes(cfg: ExperimentConfig) -> dict[str, int]:

@@ -73,6 +73,19 @@ class WeightReader:
         if self._state is not None:
             self.shapes = {name: tuple(t.shape) for name, t in self._state.items()}
             self._get = self._state.__getitem__
+        if (path / "trainer.pt").is_file():  # an adapter run's checkpoint holds the adapter; its base is named
+            self._add_base(torch.load(path / "trainer.pt", weights_only=False))
+
+    def _add_base(self, trainer: dict) -> None:
+        """Serve the base weights of an adapter-only checkpoint (`pretrain.adapters.open_base`) beside its own."""
+        from pretrain.adapters import BASE_RECORD, open_base
+
+        if trainer.get(BASE_RECORD) is None:
+            return
+        shapes, base = open_base(trainer[BASE_RECORD], trainer["config"]["model"], self.path)
+        own, own_get = self.shapes, self._get
+        self.shapes = {**shapes, **own}
+        self._get = lambda name: own_get(name) if name in own else base(name)
 
     def _read_dcp(self, name: str) -> torch.Tensor:
         import torch.distributed.checkpoint as dcp

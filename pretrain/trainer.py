@@ -17,6 +17,7 @@ from torch import nn
 
 from data_pipeline.loader import BatchLoader, PackedSamples, PrefetchLoader, resolve_sources
 from data_pipeline.tokenizer import file_sha256
+from pretrain.adapters import BASE_RECORD, base_mismatch, base_record
 from pretrain.checkpoint import TRAINER, CheckpointManager, RunFolder, load_torch
 from pretrain.config import ConfigError, ExperimentConfig, resume_changes, to_dict, to_yaml
 from pretrain.errors import NonFiniteLoss
@@ -170,9 +171,17 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
     applied, how = ([], []) if resume_from is None else resume_changes(saved["config"], cfg, resume_from)
     if "scheduler" in saved and saved["step"] >= t.steps:  # a finished run launched again: say so, touch nothing
         return finished_summary(cfg, strategy, saved["step"], resume_from)
+    # an adapter run's checkpoints hold the adapter and name its base: the same base weights, checked by sha256
+    base = base_record(cfg) if cfg.peft.method != "none" and strategy.is_main else None
+    if saved.get(BASE_RECORD) is not None:
+        problems = [p for p in strategy.gather(base and base_mismatch(saved[BASE_RECORD], base)) if p]
+        if problems:
+            raise ConfigError(f"{resume_from}: {problems[0]}")
     torch.manual_seed(t.seed)
-    # a resumed run takes its weights from its checkpoint: `init_from` (and `peft.init_from`) only start a new one
-    fresh = replace(cfg, train=replace(t, init_from=None), peft=replace(cfg.peft, init_from=None))
+    # a resumed run takes its weights from its checkpoint: `init_from` (and `peft.init_from`) only start a new one,
+    # but an adapter run's frozen base comes from `init_from` again
+    init_from = t.init_from if cfg.peft.method != "none" else None
+    fresh = replace(cfg, train=replace(t, init_from=init_from), peft=replace(cfg.peft, init_from=None))
     model, optimizer = strategy.setup(cfg if resume_from is None else fresh)
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
     monitor = SpikeMonitor(cfg.spike, cfg.optim.warmup_steps)
@@ -243,6 +252,7 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
             "wandb_run_id": logger.run_id,  # a forked wandb run has a new id
             "spike_window": monitor.state_dict(),
             "manual_skip": manual_skip,  # a relaunch of the same train.resume + train.skip_batches resumes here
+            BASE_RECORD: base,  # an adapter run: the frozen base it needs (not in the checkpoint)
         }
         start = time.perf_counter()
         path = checkpoints.save(step, model, optimizer, state, asynchronous)

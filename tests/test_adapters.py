@@ -213,7 +213,7 @@ def test_peft_adapters_we_do_not_compute_are_refused_by_key(tmp_path):
         (["peft.method=lora", "peft.dropout=1.0"], r"peft.dropout must be in \[0, 1\)"),
         (["peft.method=lora", "train.activation_checkpointing=llama"], "train.activation_checkpointing=llama"),
         (["peft.method=prompt_tuning", "model.max_seq_len=260"], r"data.seq_len=256 \+ peft.virtual_tokens=20 exceeds"),
-        (["peft.method=lora", "train.strategy=fsdp"], "train.strategy=single only"),
+        (["peft.method=lora", "train.strategy=fsdp", "train.tensor_parallel=2"], "train.tensor_parallel=2"),
         (["peft.init_from=somewhere"], "peft.method=none"),
         (["peft.method=lora", "peft.init_text=hello"], "peft.init_text starts prompt tuning"),
     ],
@@ -410,3 +410,35 @@ def test_the_memory_planner_counts_the_adapter_the_model_trains(extra):
     )
     assert (plan.gradients, plan.optimizer) == (4.0 * trainable, 8.0 * trainable)
     assert plan.parameters == 4.0 * (total + trainable) and full.gradients == 4.0 * total
+
+
+def test_adapter_checkpoint_names_its_base_by_sha256_and_refuses_another(tiny_data, tmp_path):
+    from conftest import tiny_config
+    from pretrain.adapters import BASE_RECORD, weights_sha256
+    from pretrain.checkpoint import load_torch
+    from pretrain.consolidate import WeightReader, consolidated_state_dict
+    from pretrain.trainer import train
+
+    train(tiny_config(tiny_data, tmp_path / "base", "train.steps=3", "train.keep_last=2", "train.save_every=2"))
+    base, other = (tmp_path / "base" / "checkpoints" / f"step-0000000{i}" for i in (3, 2))
+    moved = shutil.copytree(base, tmp_path / "copy")
+    lora = ["peft.method=lora", "peft.rank=4", "train.steps=4", "optim.lr=1e-2"]
+    train(tiny_config(tiny_data, tmp_path / "run", *lora, f"train.init_from={moved}", "train.stop_at=2"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"
+    record = load_torch(checkpoint / "trainer.pt")[BASE_RECORD]
+    assert record == {"init_from": str(moved.resolve()), "sha256": weights_sha256(moved), "seed": None}
+    served = consolidated_state_dict(checkpoint)  # the base from its pointer, the adapter from the checkpoint
+    for name, tensor in consolidated_state_dict(base).items():
+        assert torch.equal(served[name], tensor), name
+    assert sum(name.endswith("lora_B") for name in served) == 2 * 2 and served["layers.1.attention.wv.lora_B"].any()
+
+    with pytest.raises(ConfigError, match="its adapter was trained on train.init_from=.*but this run's base is"):
+        train(tiny_config(tiny_data, tmp_path / "run", *lora, f"train.init_from={other}"))
+    (moved / "trainer.pt").write_bytes((moved / "trainer.pt").read_bytes() + b"\0")  # the base changed
+    with pytest.raises(ValueError, match="holds an adapter only; its base .*copy changed since"):
+        WeightReader(checkpoint)
+    shutil.rmtree(moved)
+    with pytest.raises(FileNotFoundError, match="its base .*copy is gone"):
+        WeightReader(checkpoint)
+    # the same bytes elsewhere are the same base: the run resumes from them
+    assert train(tiny_config(tiny_data, tmp_path / "run", *lora, f"train.init_from={base}"))["step"] == 4

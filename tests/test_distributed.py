@@ -322,3 +322,26 @@ def test_a_65b_wide_model_is_built_in_halves_on_two_ranks(tmp_path, strategy):
         assert measured["local_bytes"] == pytest.approx(full_bytes / 2, rel=0.01)  # half the parameters each
         # memory grew by its half plus one parameter being initialised, never by the whole model
         assert measured["local_bytes"] < measured["growth"] < 0.75 * full_bytes, measured
+
+
+LORA = ["peft.method=lora", "peft.rank=4", "peft.targets=[wq,wv,w2]", "optim.lr=1e-2"]
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero2", "zero3"])
+def test_lora_under_sharding_matches_one_process_and_resumes_exactly(tiny_data, tmp_path, strategy):
+    from pretrain.adapters import BASE_RECORD
+    from pretrain.checkpoint import load_torch
+    from pretrain.model import param_shapes
+
+    common = [*LORA, "train.steps=6", "train.micro_batch_size=2"]
+    train(tiny_config(tiny_data, tmp_path / "single", *common))
+    run_distributed(tiny_data, tmp_path / "broken", *STRATEGIES[strategy], *common, "train.stop_at=3")
+    checkpoint = tmp_path / "broken" / "checkpoints" / "step-00000003"
+    run_distributed(tiny_data, tmp_path / "broken", *STRATEGIES[strategy], *common)
+    assert losses(tmp_path / "broken") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
+    assert len(losses(tmp_path / "broken")) == 6
+    # the checkpoint holds the adapter and its optimizer state only, and names its base (the seeded one here)
+    assert load_torch(checkpoint / "trainer.pt")[BASE_RECORD] == {"init_from": None, "sha256": None, "seed": 0}
+    base_bytes = 4 * sum(math.prod(s) for s in param_shapes(tiny_config(tiny_data, tmp_path).model).values())
+    written = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
+    assert written < base_bytes / 2, (written, base_bytes)  # the fp32 base alone would not fit

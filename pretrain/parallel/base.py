@@ -12,11 +12,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
 from pretrain import optim
-from pretrain.adapters import adapt, all_param_shapes
+from pretrain.adapters import adapter_initial_values, all_param_shapes, apply_adapters, is_adapter_name
 from pretrain.checkpoint_layout import DCP_DIR, dcp_without_process_group
 from pretrain.config import ConfigError, ExperimentConfig, Precision
 from pretrain.model import ModelArgs, Transformer, initial_value, param_shapes, rope_cos_sin
@@ -59,17 +59,21 @@ class Strategy:
     def build_model(self, cfg: ExperimentConfig) -> nn.Module:
         """The model, built in the same order under every strategy, so that no rank ever holds all of it:
 
-        1. the modules without values (`new_model`: on `meta`, or partitioned as they are built);
+        1. the modules without values (`new_model`: on `meta`, or partitioned as they are built), with the
+           adapter of `peft.method` (`add_adapter`, `pretrain.adapters`): the base frozen, the strategy
+           handling frozen parameters as its own (no gradients, no optimizer state);
         2. tensor-parallel plans (`parallelize`: each layer split over `train.tensor_parallel` ranks);
         3. activation checkpointing (and `torch.compile` of each block) applied to the blocks;
         4. the strategy's wrapping or sharding (`shard`);
         5. memory for this rank's part (`materialise`), then the initial values, one full parameter at
            a time, each rank keeping its part (`write_initial_value`): `train.init_from`'s weights or
-           the seeded ones, the same whatever the strategy and the number of ranks;
-        6. the loss computed `train.loss_chunk_tokens` tokens at a time;
-        7. the adapter of `peft.method` (`pretrain.adapters`), the base frozen (under `single` so far).
+           the seeded ones (the adapter's: `pretrain.adapters.adapter_initial_values`), the same whatever
+           the strategy and the number of ranks;
+        6. the loss computed `train.loss_chunk_tokens` tokens at a time.
         """
         model = self.new_model(cfg.model)
+        if cfg.peft.method != "none":
+            self.add_adapter(model, cfg)
         self.parallelize(model, cfg)
         apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.compile)
         self.shard(model, cfg)
@@ -80,14 +84,16 @@ class Strategy:
             for name, param in model.named_parameters():
                 self.write_initial_value(param, values(name))
         model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
-        if cfg.peft.method != "none":
-            adapt(model, cfg)
         return model
 
     def new_model(self, args: ModelArgs) -> Transformer:
         """The modules, on `meta`: shapes without memory."""
         with torch.device("meta"):
             return Transformer(args)
+
+    def add_adapter(self, model: Transformer, cfg: ExperimentConfig) -> None:
+        """Add the adapter's modules to the model being built (no values yet) and freeze the base."""
+        apply_adapters(model, cfg.peft, initialise=False)
 
     def parallelize(self, model: Transformer, cfg: ExperimentConfig) -> None:
         """Split each layer over the tensor-parallel ranks, in place (nothing without tensor parallelism)."""
@@ -155,11 +161,12 @@ class Strategy:
         """Write model and optimizer state into `folder` in this strategy's form.
 
         By default torch.distributed.checkpoint, keyed by parameter name: any number of ranks can
-        read it back, sharded or not, so `single` and `fsdp` resume each other's checkpoints. With
+        read it back, sharded or not, so `single` and `fsdp` resume each other's checkpoints. Frozen
+        parameters (an adapter's base) are not written: the checkpoint names its base instead. With
         `asynchronous`, the state is copied to CPU memory now and written by a background thread:
         the returned future completes when the files are written.
         """
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizer, options=state_dict_options(model))
         state, path = {"model": model_state, "optimizer": optim_state}, str(folder / DCP_DIR)
         if asynchronous:
             if not dist.is_initialized():
@@ -173,11 +180,14 @@ class Strategy:
 
     def load(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Read model and optimizer state written by `save`."""
-        model_state, optim_state = get_state_dict(model, optimizer)
+        options = state_dict_options(model)
+        model_state, optim_state = get_state_dict(model, optimizer, options=options)
         state = {"model": model_state, "optimizer": optim_state}
         with dcp_without_process_group():
             dcp.load(state, checkpoint_id=str(folder / DCP_DIR))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
+        )
 
     def peak_memory_gb(self) -> float:
         """Peak memory of this process: allocated on the GPU, resident set on the CPU."""
@@ -210,6 +220,13 @@ class DataParallelStrategy(Strategy):
         return values
 
 
+def state_dict_options(model: nn.Module) -> StateDictOptions:
+    """What a checkpoint of `model` holds: every parameter, or with frozen ones (an adapter run) the trainable
+    ones only, loaded back into a model whose frozen part came from the base (`strict` off for those)."""
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+
+
 def launched_device(cfg: ExperimentConfig, how_to_launch: str) -> torch.device:
     """This rank's device under a launcher (GPU `LOCAL_RANK`, or the CPU); a clear error without one."""
     if "RANK" not in os.environ:
@@ -230,12 +247,16 @@ def resolve_precision(cfg: ExperimentConfig, device: torch.device) -> Precision:
 
 def initial_values(cfg: ExperimentConfig) -> Callable[[str], torch.Tensor]:
     """Parameter name -> its initial value, a full tensor: `train.init_from`'s weights, else the seeded
-    initialisation (`pretrain.model.initial_value`)."""
-    reader = init_from_weights(cfg)
-    if reader is not None:
-        return reader
-    shapes = param_shapes(cfg.model)
-    return lambda name: initial_value(cfg.model, name, shapes[name], cfg.train.seed)
+    initialisation (`pretrain.model.initial_value`); an adapter's from `pretrain.adapters`."""
+    reader, shapes = init_from_weights(cfg), param_shapes(cfg.model)
+
+    def base(name: str) -> torch.Tensor:
+        return reader(name) if reader is not None else initial_value(cfg.model, name, shapes[name], cfg.train.seed)
+
+    if cfg.peft.method == "none":
+        return base
+    adapter = adapter_initial_values(cfg, base)
+    return lambda name: adapter(name) if is_adapter_name(name) else base(name)
 
 
 def init_from_weights(cfg: ExperimentConfig):

@@ -28,10 +28,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pretrain.adapters import all_param_shapes
 from pretrain.checkpoint_layout import DEEPSPEED_LAYOUT as LAYOUT
 from pretrain.checkpoint_layout import DEEPSPEED_TAG as TAG
 from pretrain.config import Checkpointing, ConfigError, ExperimentConfig, Precision
-from pretrain.model import ModelArgs, Transformer, TransformerBlock, param_shapes
+from pretrain.model import ModelArgs, Transformer, TransformerBlock
 from pretrain.optim import build_optimizer
 from pretrain.parallel.base import DataParallelStrategy, launched_device, resolve_precision
 
@@ -137,6 +138,15 @@ class DeepSpeed(DataParallelStrategy):
         with deepspeed.zero.Init(config_dict_or_path=self.config):
             return Transformer(args)
 
+    def add_adapter(self, model: Transformer, cfg: ExperimentConfig) -> None:
+        """ZeRO-3: the adapter's parameters partitioned as they are made, as the base's were."""
+        if self.stage != 3:
+            return super().add_adapter(model, cfg)
+        import deepspeed
+
+        with deepspeed.zero.Init(config_dict_or_path=self.config):
+            super().add_adapter(model, cfg)
+
     def shard(self, model: Transformer, cfg: ExperimentConfig) -> None:
         """The engine wraps the model in `setup`; only ZeRO-3 under `llama` checkpointing needs more here.
 
@@ -168,7 +178,7 @@ class DeepSpeed(DataParallelStrategy):
             return super().build_optimizer(model, cfg)
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return build_optimizer(model, cfg.optim, param_shapes(cfg.model), optimizer_class=DeepSpeedCPUAdam)
+        return build_optimizer(model, cfg.optim, all_param_shapes(cfg), optimizer_class=DeepSpeedCPUAdam)
 
     def setup(self, cfg: ExperimentConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
         """The model and optimizer inside a DeepSpeed engine, which the trainer calls."""
@@ -216,7 +226,8 @@ class DeepSpeed(DataParallelStrategy):
     def save(
         self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, asynchronous: bool = False
     ) -> None:
-        self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False)
+        frozen = any(not p.requires_grad for p in self.engine.module.parameters())  # an adapter's base: not saved
+        self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False, exclude_frozen_parameters=frozen)
         if self.is_main:
             layout = {"zero_stage": self.stage, "world_size": self.world_size}
             (folder / TAG / LAYOUT).write_text(json.dumps(layout))
@@ -237,6 +248,9 @@ class DeepSpeed(DataParallelStrategy):
                 f"convert it with `python -m deepspeed.checkpoint.ds_to_universal` and load it with "
                 f'{{"checkpoint": {{"load_universal": true}}}} in train.deepspeed_json'
             )
-        path, _ = self.engine.load_checkpoint(str(folder), tag=TAG, load_lr_scheduler_states=False)
+        frozen = any(not p.requires_grad for p in self.engine.module.parameters())
+        path, _ = self.engine.load_checkpoint(
+            str(folder), tag=TAG, load_lr_scheduler_states=False, load_module_strict=not frozen
+        )
         if path is None:
             raise FileNotFoundError(f"{folder / TAG}: DeepSpeed found no checkpoint there")
