@@ -21,8 +21,8 @@ from data_pipeline.shards import (
     source_folders,
     unlisted_files,
 )
-from data_pipeline.sources import Input, dataset_shards, keep_hub_on, read_documents
-from data_pipeline.tokenize import TokenizeSettings, part_path, tokenize_source
+from data_pipeline.sources import Input, dataset_shards, keep_hub_on
+from data_pipeline.tokenize import TokenizeSettings, part_path, source_documents, tokenize_source
 from data_pipeline.tokenizer import LLAMA_TRAINER_SPEC, document_lines, file_sha256, train_tokenizer
 
 
@@ -42,10 +42,29 @@ def source_inputs(source: SourceConfig) -> list[Input]:
 
 
 def source_spec(source: SourceConfig) -> dict:
-    """Where a source's documents come from, as recorded beside the tokenizer and in manifests."""
+    """Where a source's documents come from (and for SFT examples, their template), as recorded beside the
+    tokenizer and in manifests."""
     if source.dataset:
         return {"dataset": source.dataset, "dataset_config": source.dataset_config, "split": source.split or "train"}
+    if source.format == "sft":
+        return {"files": source.files, "format": source.format, "template": source.template}
     return {"files": source.files}
+
+
+def source_settings(cfg: PipelineConfig, source: SourceConfig) -> TokenizeSettings:
+    """How one source's documents become tokens."""
+    return TokenizeSettings(
+        source=source.name,
+        tokenizer_path=cfg.tokenizer.path,
+        val_fraction=cfg.tokenize.val_fraction,
+        bos=cfg.tokenize.bos,
+        eos=cfg.tokenize.eos,
+        strict=cfg.tokenize.strict,
+        text_field=source.text_field,
+        id_field=source.id_field,
+        format=source.format,
+        template=source.template,
+    )
 
 
 def tokenizer_sample(cfg: PipelineConfig, taken: dict[str, int]) -> Iterator[str]:
@@ -57,9 +76,10 @@ def tokenizer_sample(cfg: PipelineConfig, taken: dict[str, int]) -> Iterator[str
         inputs = source_inputs(source)
         per_file = cfg.tokenizer.sample_bytes * source.weight / total_weight / len(inputs)
         taken[source.name] = 0
+        settings = source_settings(cfg, source)
         for path in inputs:
             used = 0
-            for doc in read_documents(path, source.text_field, source.id_field):
+            for doc in source_documents(path, settings):
                 if used >= per_file:
                     break
                 if doc.text is not None:
@@ -103,16 +123,7 @@ def cmd_tokenize(cfg: PipelineConfig, force: bool = False, machine: tuple[int, i
             for i in range(machine[0], len(inputs), machine[1]):
                 part_path(out, i).unlink(missing_ok=True)
             (out / "manifest.json").unlink(missing_ok=True)
-        settings = TokenizeSettings(
-            source=source.name,
-            tokenizer_path=cfg.tokenizer.path,
-            val_fraction=cfg.tokenize.val_fraction,
-            bos=cfg.tokenize.bos,
-            eos=cfg.tokenize.eos,
-            strict=cfg.tokenize.strict,
-            text_field=source.text_field,
-            id_field=source.id_field,
-        )
+        settings = source_settings(cfg, source)
         t0 = time.time()
         stats = tokenize_source(
             inputs,

@@ -8,6 +8,7 @@ from typing import List, Optional
 from omegaconf import MISSING
 
 from data_pipeline.configfile import ConfigError
+from data_pipeline.sft import TEMPLATES
 
 
 @dataclass
@@ -23,6 +24,8 @@ class SourceConfig:
     text_field: str = "text"
     id_field: str = "id"  # records without it are named by file:line (or dataset shard:row)
     weight: float = 1.0  # share of the tokenizer's training sample
+    format: str = "text"  # text | sft: {prompt, response} or {messages} JSONL records, loss on the responses only
+    template: Optional[str] = None  # format=sft: the chat template, llama2 | alpaca
 
 
 @dataclass
@@ -65,6 +68,24 @@ def check_source_names(sources: list) -> None:
         raise ConfigError(f"sources: duplicate source names in {names}")
 
 
+def check_format(cfg: PipelineConfig, i: int) -> None:
+    """`sources[i].format` and `template`: a known format; SFT examples from files, with a known template,
+    framed by BOS and EOS."""
+    s = cfg.sources[i]
+    if s.format not in ("text", "sft"):
+        raise ConfigError(f"sources[{i}].format: '{s.format}' is not one of text, sft")
+    if s.format == "text":
+        if s.template is not None:
+            raise ConfigError(f"sources[{i}].template: only for format=sft, and '{s.name}' is format=text")
+        return
+    if s.template not in TEMPLATES:
+        raise ConfigError(f"sources[{i}].template: format=sft needs one of {' | '.join(TEMPLATES)}, got {s.template}")
+    if s.dataset:
+        raise ConfigError(f"sources[{i}].dataset: format=sft reads JSONL files; give '{s.name}' files instead")
+    if not (cfg.tokenize.bos and cfg.tokenize.eos):
+        raise ConfigError(f"tokenize.bos/eos: source '{s.name}' is format=sft, its examples BOS ... EOS; keep both")
+
+
 def validate_pipeline(cfg: PipelineConfig) -> None:
     """Check values the types cannot; raise ConfigError naming the key."""
     check_source_names(cfg.sources)
@@ -76,6 +97,7 @@ def validate_pipeline(cfg: PipelineConfig) -> None:
         for key in ("dataset_config", "split"):
             if s.files and getattr(s, key) is not None:
                 raise ConfigError(f"sources[{i}].{key}: only for a dataset source, and '{s.name}' has files")
+        check_format(cfg, i)
     if cfg.tokenizer.vocab_size < 259 + 3:  # 256 byte-fallback pieces + unk/bos/eos
         raise ConfigError(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is too small (byte fallback needs 259+)")
     bad = [s.name for s in cfg.sources if not s.weight > 0]

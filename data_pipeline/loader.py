@@ -7,6 +7,10 @@ visited without replacement within its epoch and reshuffled each epoch (`data_pi
 A global batch is a contiguous range of that order, the same for any world size; each data-parallel
 rank takes its slice. Every token id read is checked against the vocabulary size, and each rank checks
 the sha256 of its share of the shards once, in the background (`shards.ShardVerifier`).
+
+A source with a loss mask (SFT examples, `data_pipeline.sft`) gives targets of -100, cross_entropy's
+ignore_index, where the token to predict is not trained on (prompts, system and template text); with
+document positions, its packed examples never attend to each other.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import torch
 
 from data_pipeline.mixture import Mixture
 from data_pipeline.shards import ShardError, ShardVerifier, SourceShards, source_folders
+
+IGNORE_INDEX = -100  # cross_entropy's ignore_index: a target that counts in no loss
 
 
 def list_sources(root: str | os.PathLike) -> list[str]:
@@ -72,6 +78,7 @@ class PackedSamples:
             )
         self.mixture = Mixture(self.windows, self.weights, seed)
         self.vocab_size = min(st.vocab_size for st in self.streams)
+        self.masked = any(st.masked for st in self.streams)  # some source has a loss mask
 
     @property
     def n_windows(self) -> int:
@@ -83,31 +90,47 @@ class PackedSamples:
         source, window, _ = self.mixture.locate(index)
         return source, window
 
-    def batch(self, indices: Sequence[int], positions: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Samples `indices` at once: their tokens, shape (n, seq_len + 1), their source numbers, shape
-        (n,), and with `positions` their position ids (`positions(i)` of each), shape (n, seq_len),
-        else an empty array. The mixture locates them all in one vectorised call."""
+    def batch(
+        self, indices: Sequence[int], positions: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Samples `indices` at once: their tokens, shape (n, seq_len + 1) int64, their source numbers,
+        shape (n,), with `positions` their position ids (`positions(i)` of each), shape (n, seq_len), else
+        shape (n, 0), and when a source has a loss mask, each token's (True: it counts in the loss), shape
+        (n, seq_len + 1) bool, else shape (n, 0) (`targets` turns it into targets). The mixture locates
+        them all in one vectorised call."""
         sources, windows, _ = self.mixture.locate_many(np.asarray(indices, dtype=np.int64))
         tokens = np.empty((len(sources), self.seq_len + 1), dtype=np.int64)
         ids = np.empty((len(sources), self.seq_len if positions else 0), dtype=np.int64)
+        mask = np.ones((len(sources), self.seq_len + 1 if self.masked else 0), dtype=bool)
         for row, (source, start) in enumerate(zip(sources.tolist(), (windows * self.seq_len).tolist())):
             stream = self.streams[source]
             tokens[row] = stream.read(start, self.seq_len + 1)
             if positions:
                 ids[row] = document_positions(stream.doc_starts(start, self.seq_len), self.seq_len)
+            if stream.masked:
+                mask[row] = stream.read_mask(start, self.seq_len + 1)
         if len(tokens) and tokens.max() >= self.vocab_size:  # one pass over the batch; then find the culprit
             for row, (source, start) in enumerate(zip(sources.tolist(), (windows * self.seq_len).tolist())):
                 self.streams[source].check_ids(start, tokens[row])
-        return tokens, sources, ids
+        return tokens, sources, ids, mask
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         """(tokens of sample `index`, shape (seq_len + 1,), its source number)."""
-        tokens, sources, _ = self.batch([index])
+        tokens, sources, _, _ = self.batch([index])
         return tokens[0], int(sources[0])
 
     def positions(self, index: int) -> np.ndarray:
         """Position ids of sample `index`'s `seq_len` input tokens, reset at each document start."""
         return self.batch([index], positions=True)[2][0]
+
+
+def targets(tokens: np.ndarray, loss_mask: np.ndarray) -> np.ndarray:
+    """Next-token targets of samples (n, seq_len + 1) -> (n, seq_len) int64: `tokens[:, 1:]`, with
+    IGNORE_INDEX where the token to predict is masked out of the loss (`loss_mask` (n, seq_len + 1) bool,
+    as `PackedSamples.batch` gives it; of shape (n, 0) when no source has a mask: every target counts)."""
+    if not loss_mask.shape[1]:
+        return tokens[:, 1:]
+    return np.where(loss_mask[:, 1:], tokens[:, 1:], IGNORE_INDEX)
 
 
 def document_positions(doc_starts: np.ndarray, length: int) -> np.ndarray:
@@ -166,19 +189,21 @@ class BatchLoader:
         return self.global_batch_size // (self.micro_batch_size * self.world_size)
 
     def next_batch(self) -> list[tuple[torch.Tensor, ...]]:
-        """This rank's micro-batches of the next global batch, as (inputs, targets) int64 pairs, or
-        (inputs, targets, positions) with `with_positions` (position ids reset at document starts)."""
+        """This rank's micro-batches of the next global batch, as (inputs, targets) int64 pairs, each
+        (micro_batch_size, seq_len), or (inputs, targets, positions) with `with_positions` (position ids
+        reset at document starts). Targets are -100 where a source's loss mask leaves the token out."""
         self.verifier.check()
         per_rank = self.global_batch_size // self.world_size
         first = self.index + self.rank * per_rank
-        tokens, sources, positions = self.samples.batch(range(first, first + per_rank), self.with_positions)
+        tokens, sources, positions, mask = self.samples.batch(range(first, first + per_rank), self.with_positions)
         np.add.at(self.tokens_per_source, sources, self.samples.seq_len)
+        labels = torch.from_numpy(targets(tokens, mask))  # (per_rank, seq_len)
         tokens, positions = torch.from_numpy(tokens), torch.from_numpy(positions)
         micro_batches = []
         for m in range(0, per_rank, self.micro_batch_size):
-            rows = tokens[m : m + self.micro_batch_size]
-            extra = (positions[m : m + self.micro_batch_size],) if self.with_positions else ()
-            micro_batches.append((rows[:, :-1], rows[:, 1:], *extra))
+            rows = slice(m, m + self.micro_batch_size)
+            extra = (positions[rows],) if self.with_positions else ()
+            micro_batches.append((tokens[rows, :-1], labels[rows], *extra))
         self.index += self.global_batch_size
         return micro_batches
 

@@ -4,9 +4,12 @@ One folder per source holds, for each shard `<name>`:
 - `<name>.bin`: a flat little-endian token stream (`uint16` when the vocabulary fits, else `uint32`);
   each document is written as `[BOS] tokens [EOS]` (the policy is recorded in the manifest);
 - `<name>.idx`: `uint64` token offsets of the documents, n_docs + 1 of them (first 0, last n_tokens);
+- `<name>.mask`, in shards of supervised finetuning examples only (`data_pipeline.sft`): one `uint8` per
+  token, 1 where the token counts in the loss (a response), 0 where it does not (a prompt); a shard
+  without one counts every token;
 and one `manifest.json` describing every shard: format version, dtype, tokenizer path and sha256,
-per-shard split, token and document counts, byte sizes and sha256 checksums, the input files and the
-config that made them. Files are written under a temporary name then renamed, so a crash never leaves
+per-shard split, token and document counts, byte sizes and sha256 checksums (of the mask too), the input
+files and the config that made them. Files are written under a temporary name then renamed, so a crash never leaves
 a half-written shard under its final name.
 
 Reading checks what is cheap every time (sizes against the manifest, token ids below the vocabulary
@@ -55,6 +58,7 @@ class ShardInfo:
     bin_sha256: str
     idx_sha256: str
     inputs: list[str] = field(default_factory=list)
+    mask_sha256: Optional[str] = None  # of `<name>.mask`, the loss mask; None: no mask, every token counts
 
 
 @dataclass
@@ -155,17 +159,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 class ShardWriter:
     """Writes one shard as its documents arrive, in memory bounded by one `write`, never by the shard.
 
-    Tokens stream to a temporary `<name>.bin.<pid>.<random>.tmp` and offsets to its `.idx` twin
-    (`atomic_open`), each hashed as written; leaving the `with` block renames both (`.idx` first), and an
-    error removes them. `info` is then its manifest entry. The bytes are those of the whole shard written
-    at once.
+    Tokens stream to a temporary `<name>.bin.<pid>.<random>.tmp`, offsets to its `.idx` twin and, with
+    `masked`, the loss mask to its `.mask` twin (`atomic_open`), each hashed as written; leaving the `with`
+    block renames them (`.bin` last), and an error removes them. `info` is then its manifest entry. The
+    bytes are those of the whole shard written at once.
     """
 
-    def __init__(self, folder: Path, name: str, split: str, dtype: np.dtype, inputs: list[str]):
+    def __init__(self, folder: Path, name: str, split: str, dtype: np.dtype, inputs: list[str], masked: bool = False):
         self.folder, self.name, self.split, self.inputs = Path(folder), name, split, inputs
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.tokens = self.documents = 0
         self._hashes = {"bin": hashlib.sha256(), "idx": hashlib.sha256()}
+        if masked:
+            self._hashes["mask"] = hashlib.sha256()
         self._files = ExitStack()
 
     def __enter__(self) -> "ShardWriter":
@@ -175,10 +181,15 @@ class ShardWriter:
         self._put("idx", np.zeros(1, dtype="<u8"))
         return self
 
-    def write(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Append whole documents: their tokens concatenated, and each one's length in tokens."""
+    def write(self, tokens: np.ndarray, lengths: np.ndarray, mask: Optional[np.ndarray] = None) -> None:
+        """Append whole documents: their tokens concatenated, each one's length in tokens and, in a masked
+        shard, their loss mask (one 0/1 per token)."""
         assert int(np.sum(lengths)) == len(tokens), "document lengths must add up to the tokens"
+        assert (mask is not None) == ("mask" in self._hashes), "a masked shard takes a mask with every write"
         self._put("bin", tokens.astype(self.dtype, copy=False))
+        if mask is not None:
+            assert len(mask) == len(tokens), "one mask value per token"
+            self._put("mask", mask.astype(np.uint8, copy=False))
         self._put("idx", (self.tokens + np.cumsum(lengths, dtype=np.uint64)).astype("<u8", copy=False))
         self.tokens += len(tokens)
         self.documents += len(lengths)
@@ -203,19 +214,22 @@ class ShardWriter:
             bin_sha256=self._hashes["bin"].hexdigest(),
             idx_sha256=self._hashes["idx"].hexdigest(),
             inputs=self.inputs,
+            mask_sha256=self._hashes["mask"].hexdigest() if "mask" in self._hashes else None,
         )
 
 
 class ShardReader:
-    """Memory-mapped tokens and document offsets of one shard, checked against its manifest entry."""
+    """Memory-mapped tokens, document offsets and loss mask (None: the shard has none) of one shard,
+    checked against its manifest entry."""
 
     def __init__(self, folder: Path, info: ShardInfo, dtype: np.dtype, verify_checksum: bool = False):
         self.info = info
         self.bin_path = bin_path = folder / f"{info.name}.bin"
         self.idx_path = idx_path = folder / f"{info.name}.idx"
+        self.mask_path = mask_path = folder / f"{info.name}.mask" if info.mask_sha256 else None
         self.verified = False
-        for path in (bin_path, idx_path):
-            if not path.is_file():
+        for path in (bin_path, idx_path, mask_path):
+            if path is not None and not path.is_file():
                 raise ShardError(f"{path}: missing, but listed in {folder / MANIFEST}")
         expected = info.tokens * dtype.itemsize
         if bin_path.stat().st_size != expected:
@@ -225,21 +239,32 @@ class ShardReader:
             )
         if idx_path.stat().st_size != (info.documents + 1) * 8:
             raise ShardError(f"{idx_path}: size disagrees with the manifest's {info.documents} documents")
+        if mask_path is not None and mask_path.stat().st_size != info.tokens:
+            raise ShardError(
+                f"{mask_path}: {mask_path.stat().st_size} bytes, but the manifest says {info.tokens} tokens "
+                "of one uint8 each (truncated or from another run?)"
+            )
         if verify_checksum:
             self.verify()
         little = dtype.newbyteorder("<")
         self.tokens = np.memmap(bin_path, dtype=little, mode="r") if info.tokens else np.zeros(0, little)
         self.offsets = np.fromfile(idx_path, dtype="<u8")
+        self.mask: Optional[np.ndarray] = None  # (tokens,) uint8
+        if mask_path is not None:
+            self.mask = np.memmap(mask_path, dtype=np.uint8, mode="r") if info.tokens else np.zeros(0, np.uint8)
         if self.offsets[-1] != info.tokens:
             raise ShardError(f"{idx_path}: last offset {self.offsets[-1]} != {info.tokens} tokens")
 
     def verify(self) -> None:
-        """Check both files' sha256 against the manifest (once: later calls return at once)."""
+        """Check the files' sha256 (tokens, offsets, mask) against the manifest (once: later calls return at once)."""
         if self.verified:
             return
         from data_pipeline.tokenizer import file_sha256
 
-        for path, want in ((self.bin_path, self.info.bin_sha256), (self.idx_path, self.info.idx_sha256)):
+        files = [(self.bin_path, self.info.bin_sha256), (self.idx_path, self.info.idx_sha256)]
+        if self.mask_path is not None:
+            files.append((self.mask_path, self.info.mask_sha256))
+        for path, want in files:
             if file_sha256(path) != want:
                 raise ShardError(
                     f"{path}: sha256 differs from {path.parent / MANIFEST} (corrupted?); "
@@ -321,9 +346,10 @@ def source_folders(root: str | os.PathLike) -> list[Path]:
 
 
 def unlisted_files(folder: Path, manifest: Manifest) -> list[Path]:
-    """Shard files (`.bin`, `.idx`) in a source folder that its manifest does not list."""
-    listed = {s.name for s in manifest.shards}
-    return sorted(p for p in folder.iterdir() if p.suffix in (".bin", ".idx") and p.stem not in listed)
+    """Shard files (`.bin`, `.idx`, `.mask`) in a source folder that its manifest does not list."""
+    listed = {f"{s.name}{suffix}" for s in manifest.shards for suffix in (".bin", ".idx")}
+    listed |= {f"{s.name}.mask" for s in manifest.shards if s.mask_sha256}
+    return sorted(p for p in folder.iterdir() if p.suffix in (".bin", ".idx", ".mask") and p.name not in listed)
 
 
 class SourceShards:
@@ -353,16 +379,28 @@ class SourceShards:
         self.starts = np.cumsum([0] + [s.info.tokens for s in self.shards])
         self.n_tokens = int(self.starts[-1])
         self.vocab_size = self.manifest.vocab_size
+        self.masked = any(s.mask_sha256 for s in self.manifest.shards)  # a loss mask (SFT examples)
 
     def read(self, start: int, length: int) -> np.ndarray:
-        """`length` tokens from global position `start` of the concatenated stream (crossing shards)."""
-        out = np.empty(length, dtype=np.int64)
+        """`length` tokens (int64) from global position `start` of the concatenated stream (crossing shards)."""
+        return self._gather(start, length, "tokens", np.dtype(np.int64))
+
+    def read_mask(self, start: int, length: int) -> np.ndarray:
+        """The loss mask (bool) of `length` tokens from global position `start`: True where the token counts
+        in the loss; all True in a shard without a mask."""
+        return self._gather(start, length, "mask", np.dtype(bool))
+
+    def _gather(self, start: int, length: int, column: str, dtype: np.dtype) -> np.ndarray:
+        """`length` values of the shards' `column` (`tokens` or `mask`, 1 where a shard has none) from
+        global position `start`, crossing shards."""
+        out = np.empty(length, dtype=dtype)
         filled = 0
         i = int(np.searchsorted(self.starts, start, side="right")) - 1
         while filled < length:
             shard, offset = self.shards[i], start + filled - int(self.starts[i])
             take = min(length - filled, shard.info.tokens - offset)
-            out[filled : filled + take] = shard.tokens[offset : offset + take]
+            values = getattr(shard, column)
+            out[filled : filled + take] = 1 if values is None else values[offset : offset + take]
             filled += take
             i += 1
         return out

@@ -41,6 +41,7 @@ class Document:
     id: Optional[str] = None
     text: Optional[str] = None
     dropped: Optional[str] = None  # reason: bad_json | not_utf8 | bad_unicode | missing_text | empty_text
+    segments: Optional[list] = None  # an SFT example rendered by its template (`data_pipeline.sft.Segment`s)
 
 
 def open_text(path: Path) -> IO[bytes]:
@@ -63,8 +64,9 @@ def open_text(path: Path) -> IO[bytes]:
     return open(path, "rb")
 
 
-def read_jsonl(path: Path, text_field: str = "text", id_field: str = "id") -> Iterator[Document]:
-    """Every line of a JSONL file as a Document (usable, or with the reason it is not)."""
+def jsonl_records(path: Path) -> Iterator[tuple[str, Any, Optional[str]]]:
+    """(`file:line`, parsed record, None) for every non-blank line of a JSONL file, or (`file:line`, None,
+    reason) for a line that is not one (`not_utf8`, `bad_json`)."""
     with open_text(path) as f:
         for line_no, raw in enumerate(f, start=1):
             origin = f"{path}:{line_no}"
@@ -73,16 +75,20 @@ def read_jsonl(path: Path, text_field: str = "text", id_field: str = "id") -> It
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                yield Document(origin, dropped="not_utf8")
+                yield origin, None, "not_utf8"
                 continue
             if not line.strip():
                 continue  # blank separator lines are not documents
             try:
-                record = json.loads(line)
+                yield origin, json.loads(line), None
             except json.JSONDecodeError:
-                yield Document(origin, dropped="bad_json")
-                continue
-            yield _from_record(record, origin, text_field, id_field)
+                yield origin, None, "bad_json"
+
+
+def read_jsonl(path: Path, text_field: str = "text", id_field: str = "id") -> Iterator[Document]:
+    """Every line of a JSONL file as a Document (usable, or with the reason it is not)."""
+    for origin, record, reason in jsonl_records(path):
+        yield Document(origin, dropped=reason) if reason else _from_record(record, origin, text_field, id_field)
 
 
 def _from_record(record: object, origin: str, text_field: str, id_field: str) -> Document:
@@ -94,12 +100,12 @@ def _from_record(record: object, origin: str, text_field: str, id_field: str) ->
         return Document(origin, dropped="empty_text")
     doc_id = record.get(id_field)
     doc_id = str(doc_id) if doc_id is not None else origin
-    if not _encodable(text) or not _encodable(doc_id):
+    if not encodable(text) or not encodable(doc_id):
         return Document(origin, dropped="bad_unicode")
     return Document(origin, id=doc_id, text=text)
 
 
-def _encodable(text: str) -> bool:
+def encodable(text: str) -> bool:
     """Whether `text` is valid Unicode, which UTF-8 can hold: no lone surrogate (`"\\ud800"` in JSON)."""
     try:
         text.encode("utf-8")

@@ -6,6 +6,10 @@ names. A document goes to the validation split when a hash of its id falls under
 held-out documents, never trained on, the same on every rerun. Nothing is dropped silently:
 documents in = documents written + documents dropped (by reason).
 
+A source of `format` `sft` holds supervised finetuning examples (`data_pipeline.sft`): each is rendered
+by its chat template and written as one document with a loss mask (`<name>.mask`) that is 1 on the
+response tokens only; a bad record stops the run with an error naming its file and line.
+
 Files are independent: N worker processes take them in parallel (and end with the process that
 started them, even when it is killed), K machines split them by index, and a rerun skips the files
 whose part record exists, so a killed job resumes where it stopped and gives the same bytes as an
@@ -23,11 +27,12 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import numpy as np
 
 from data_pipeline.progress import Progress
+from data_pipeline.sft import TEMPLATES, encode_examples, read_examples
 from data_pipeline.shards import (
     Manifest,
     ShardInfo,
@@ -108,9 +113,27 @@ class TokenizeSettings:
     strict: bool = False
     text_field: str = "text"
     id_field: str = "id"
+    format: str = "text"  # text: documents; sft: prompt/response or chat records (`data_pipeline.sft`)
+    template: Optional[str] = None  # format sft: the chat template (a name in `sft.TEMPLATES`)
     batch_docs: int = 512  # documents encoded at a time
     batch_bytes: int = 1 << 23  # ... or this much text, whichever comes first (bounds a worker's memory)
     threads: int = 1  # SentencePiece threads per worker
+
+    def __post_init__(self) -> None:
+        """Refuse an unknown format or template, and SFT examples without their BOS and EOS."""
+        if self.format not in ("text", "sft"):
+            raise ValueError(f"source {self.source}: format {self.format!r} is not one of text, sft")
+        if self.format == "sft" and self.template not in TEMPLATES:
+            raise ValueError(f"source {self.source}: template {self.template!r} is not one of {', '.join(TEMPLATES)}")
+        if self.format == "sft" and not (self.bos and self.eos):
+            raise ValueError(f"source {self.source}: SFT examples are BOS ... EOS by their template; keep bos and eos")
+
+
+def source_documents(path: Input, settings: TokenizeSettings) -> Iterator[Document]:
+    """The documents of one input: its texts, or its SFT examples rendered by the template."""
+    if settings.format == "sft":
+        return read_examples(path, settings.template, settings.id_field)
+    return read_documents(path, settings.text_field, settings.id_field)
 
 
 def part_path(output: Path, index: int) -> Path:
@@ -131,12 +154,13 @@ def tokenize_file(index: int, path: Input, output: Path, settings: TokenizeSetti
     stats = TokenizeStats()
     pending: list[Document] = []
     pending_bytes = reported = 0
+    masked = settings.format == "sft"
     with (
-        ShardWriter(output, f"train-{index:05d}", "train", dtype, [str(path)]) as train,
-        ShardWriter(output, f"val-{index:05d}", "val", dtype, [str(path)]) as val,
+        ShardWriter(output, f"train-{index:05d}", "train", dtype, [str(path)], masked) as train,
+        ShardWriter(output, f"val-{index:05d}", "val", dtype, [str(path)], masked) as val,
     ):
         shards = {"train": train, "val": val}
-        for doc in read_documents(path, settings.text_field, settings.id_field):
+        for doc in source_documents(path, settings):
             stats.read(doc.text or "")
             if doc.dropped:
                 if settings.strict:
@@ -171,15 +195,20 @@ def tokenize_file(index: int, path: Input, output: Path, settings: TokenizeSetti
 def _encode(
     pending: list[Document], shards: dict[str, ShardWriter], tokenizer: Tokenizer, settings: TokenizeSettings
 ) -> None:
-    """Encode the pending documents, framed by BOS/EOS, onto their split's shard; empty `pending`."""
+    """Encode the pending documents, framed by BOS/EOS (SFT examples: with their loss mask), onto their
+    split's shard; empty `pending`."""
     if not pending:
         return
-    ids = tokenizer.encode_batch([d.text for d in pending], settings.threads)
     held_out = [is_validation(settings.source, d.id, settings.val_fraction) for d in pending]
     for split, shard in shards.items():
-        docs = [doc_ids for doc_ids, val in zip(ids, held_out) if val == (split == "val")]
-        if docs:
-            shard.write(*_framed(docs, tokenizer, settings, shard.dtype))
+        docs = [doc for doc, val in zip(pending, held_out) if val == (split == "val")]
+        if not docs:
+            continue
+        if settings.format == "sft":
+            shard.write(*encode_examples([d.segments for d in docs], tokenizer, settings.threads))
+        else:
+            ids = tokenizer.encode_batch([d.text for d in docs], settings.threads)
+            shard.write(*_framed(ids, tokenizer, settings, shard.dtype))
     pending.clear()
 
 

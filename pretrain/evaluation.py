@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from data_pipeline.loader import PackedSamples, resolve_sources
+from data_pipeline.loader import IGNORE_INDEX, PackedSamples, resolve_sources, targets
 from data_pipeline.shards import SourceShards
 from data_pipeline.tokenizer import file_sha256
 from pretrain.config import ConfigError, ExperimentConfig
@@ -99,17 +99,18 @@ def evaluate(
         sums = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, tokens)
         for b in range(passes):
             rows = mine[b * micro_batch_size : (b + 1) * micro_batch_size]
-            tokens, _, positions = samples.batch(rows or [0], positions=documents)
-            tokens = torch.from_numpy(tokens).to(device)
+            tokens, _, positions, mask = samples.batch(rows or [0], positions=documents)
+            labels = targets(tokens, mask)  # (rows, seq_len), -100 where an SFT source masks the token out
+            count = int((labels != IGNORE_INDEX).sum())
+            tokens, labels = torch.from_numpy(tokens).to(device), torch.from_numpy(labels).to(device)
             extra = [torch.from_numpy(positions).to(device)] if documents else []
             with strategy.autocast():
-                loss = model(tokens[:, :-1], tokens[:, 1:], *extra)
-            if rows:  # a stand-in pass only keeps the ranks in step
-                count = len(rows) * samples.seq_len
+                loss = model(tokens[:, :-1], labels, *extra)
+            if rows and count:  # a stand-in pass only keeps the ranks in step; a fully masked one scores nothing
                 sums += torch.stack([loss.double() * count, torch.tensor(count, dtype=torch.float64, device=device)])
         total = strategy.reduce_mean(sums) * world
         loss_sum, tokens_scored = total.tolist()
-        losses[source] = loss_sum / tokens_scored
+        losses[source] = loss_sum / tokens_scored if tokens_scored else float("nan")
         record[f"val_loss/{source}"] = losses[source]
         record[f"val_ppl/{source}"] = perplexity(losses[source])
         record[f"val_tokens/{source}"] = int(round(tokens_scored))

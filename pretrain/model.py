@@ -334,20 +334,21 @@ def _chunk_loss(output: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> to
 def chunked_cross_entropy(output: nn.Module, h: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
     """Mean cross-entropy of `output(h)` (fp32) against `targets`, `chunk` tokens at a time; targets of -100
     (cross_entropy's ignore_index: positions with nothing to predict, e.g. virtual tokens) are left out of
-    the sum and of the count, as F.cross_entropy does.
+    the sum and of the count, as F.cross_entropy does (a batch of -100 only has loss 0, with zero gradients).
 
     Each chunk's logits are made, reduced to a loss and dropped; in the backward pass they are made
     again one chunk at a time (activation checkpointing), so the full-vocabulary fp32 logits of the
     whole batch never exist. The price is the output projection's forward once more.
     """
+    counted = (targets != -100).sum().clamp(min=1)  # a batch with nothing to predict has loss 0, not 0/0
     if chunk <= 0 or chunk >= len(targets):
-        return F.cross_entropy(output(h).float(), targets)
+        return F.cross_entropy(output(h).float(), targets, reduction="sum") / counted
     from torch.utils.checkpoint import checkpoint
 
     total = torch.zeros((), device=h.device)
     for h_part, targets_part in zip(h.split(chunk), targets.split(chunk)):  # split: no full-size zero grads
         total = total + checkpoint(_chunk_loss, output, h_part, targets_part, use_reentrant=False)
-    return total / (targets != -100).sum()
+    return total / counted
 
 
 def param_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from data_pipeline.loader import BatchLoader, PackedSamples, PrefetchLoader, resolve_sources
+from data_pipeline.loader import IGNORE_INDEX, BatchLoader, PackedSamples, PrefetchLoader, resolve_sources
 from data_pipeline.tokenizer import file_sha256
 from pretrain.adapters import BASE_RECORD, base_mismatch, base_record
 from pretrain.checkpoint import TRAINER, CheckpointManager, RunFolder, load_torch
@@ -49,15 +49,24 @@ def train_step(
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """One optimizer step over this rank's micro-batches; returns (mean loss, global grad norm, applied).
 
-    Every micro-batch holds the same number of tokens, so the mean of the micro-batch means is the
-    mean over the whole batch. When the loss or the gradient norm is not finite the update is not
-    applied; loss and norm are global, so every rank decides the same. That check is the step's one
-    wait for the device.
+    The loss is the mean over every target of the global batch. Without masked targets every micro-batch
+    holds the same number, so the mean of the micro-batch means is that mean. With targets masked out of
+    the loss (-100: supervised finetuning's prompts), micro-batches count different numbers of targets:
+    each micro-batch's mean is weighted by its share of the targets counted over all ranks. When the
+    loss or the gradient norm is not finite the update is not applied; loss and norm are global, so
+    every rank decides the same. That check is the step's one wait for the device after the forward.
     """
+    counts = [int((batch[1] != IGNORE_INDEX).sum()) for batch in micro_batches]  # targets in the loss
+    weights = [None] * len(micro_batches)  # the plain mean of the micro-batch means
+    if strategy.any(any(c != batch[1].numel() for c, batch in zip(counts, micro_batches))):
+        total = strategy.reduce_mean(torch.tensor(float(sum(counts)), device=strategy.device))
+        total = max(total.item() * strategy.data_world_size, 1.0)  # targets counted by all data-parallel ranks
+        weights = [c * strategy.data_world_size / total for c in counts]  # the ranks' gradients are averaged
     loss_sum = torch.zeros((), device=strategy.device)
-    for batch in micro_batches:  # (inputs, targets) or (inputs, targets, positions)
+    for batch, weight in zip(micro_batches, weights):  # (inputs, targets) or (inputs, targets, positions)
         inputs, targets, *positions = (t.to(strategy.device, non_blocking=True) for t in batch)
-        loss = lm_loss(model, inputs, targets, strategy, *positions) / len(micro_batches)
+        loss = lm_loss(model, inputs, targets, strategy, *positions)
+        loss = loss / len(micro_batches) if weight is None else loss * weight
         strategy.backward(loss)
         loss_sum += loss.detach()
     loss = strategy.reduce_mean(loss_sum)
@@ -76,6 +85,11 @@ def load_data(cfg: ExperimentConfig) -> PackedSamples:
     samples = PackedSamples(
         cfg.data.root, cfg.data.seq_len, "train", sources, cfg.data.seed, file_sha256(tokenizer), cfg.data.weights
     )
+    if samples.masked and not cfg.data.document_attention:
+        raise ConfigError(
+            f"data.root={cfg.data.root} holds supervised examples (a loss mask): set data.document_attention=true, "
+            "so that the examples packed into one sequence never attend to each other"
+        )
     vocab = max(s.manifest.vocab_size for s in samples.streams)
     if vocab > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab}")
