@@ -21,6 +21,7 @@ Meta's and Hugging Face's rotary layouts, as the weights they adapt are.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -35,11 +36,12 @@ from torch import nn
 
 from pretrain.config import LORA_TARGETS, ConfigError, ExperimentConfig, PeftConfig
 from pretrain.hf import hf_module_name, output_rows_to_hf
-from pretrain.model import ModelArgs, Transformer, param_shapes
+from pretrain.model import ModelArgs, Transformer, heads_first, param_shapes
 
 IGNORE = -100  # cross_entropy's ignore_index: the targets of virtual positions
 PEFT_PREFIX = "base_model.model."  # what PeftModel puts in front of the base model's module names
 PROMPT = "tok_embeddings.prompt"
+PREFIX = "prefix.weight"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 LORA_KINDS = ("lora_A", "lora_B")
 BASE_RECORD = "peft_base"  # trainer.pt's key: the base an adapter-only checkpoint was trained on (`base_record`)
@@ -99,6 +101,58 @@ def _without_virtual_logits(model: Transformer, args: tuple, kwargs: dict, outpu
     return output if kwargs.get("targets") is not None else output[:, model.tok_embeddings.n :]
 
 
+class PrefixKeyValues(nn.Module):
+    """Prefix tuning's trained keys and values: for each of `n` virtual positions, each layer's key and value
+    (n_kv_heads * head_dim each, keys in Meta's rotary layout and not rotated: they stand for tokens already
+    seen), in one matrix laid out as PEFT's prefix embedding: (n, n_layers * 2 * kv_dim), layer-major, key first."""
+
+    def __init__(self, n: int, n_layers: int, kv_dim: int, device: torch.device):
+        super().__init__()
+        self.n, self.n_layers = n, n_layers
+        self.weight = nn.Parameter(torch.empty(n, n_layers * 2 * kv_dim, device=device, dtype=torch.float32))
+
+    def key_value(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s prefix key and value, each (n, kv_dim)."""
+        kv = self.weight.view(self.n, self.n_layers, 2, -1)[:, layer]  # (n, 2, kv_dim)
+        return kv[:, 0], kv[:, 1]
+
+
+def _attention_with_prefix(attention: nn.Module, prefix: PrefixKeyValues, layer: int, x, cos_sin, mask=None):
+    """`Attention.forward` with the prefix's keys and values in front of the sequence's: every token attends to
+    all `n` of them, then causally (`mask`, which the model makes from the shifted positions) to the sequence."""
+    bsz, seqlen, _ = x.shape
+    hd = attention.head_dim
+    q = attention.wq(x).view(bsz, seqlen, -1, hd)
+    k = attention.wk(x).view(bsz, seqlen, -1, hd)
+    v = attention.wv(x).view(bsz, seqlen, -1, hd)
+    q, k, v = heads_first(q, k, v, cos_sin)  # (batch, heads, seq, head_dim), RoPE at positions n, n + 1, ...
+    keys, values = (t.view(prefix.n, -1, hd).to(q.dtype) for t in prefix.key_value(layer))  # (n, kv_heads, hd)
+    repeat = q.shape[1] // keys.shape[1]  # grouped-query attention: each kv head serves `repeat` query heads
+    keys, values = (t.repeat_interleave(repeat, dim=1).transpose(0, 1).expand(bsz, -1, -1, -1) for t in (keys, values))
+    k, v = torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2)  # (batch, heads, n + seq, head_dim)
+    mask = torch.cat(
+        [mask.new_zeros(*mask.shape[:-1], prefix.n).expand(bsz, -1, -1, -1), mask.expand(bsz, -1, -1, -1)], dim=-1
+    )
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return attention.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+def _with_prefix_positions(model: Transformer, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook: the sequence at positions n, n + 1, ... (after the prefix, as PEFT's past key values
+    put it), which also gives the model's causal mask."""
+    n = model.prefix.n
+    bound = {**dict(zip(("tokens", "targets", "positions"), args)), **kwargs}
+    if bound.get("positions") is not None:
+        raise ValueError("prefix tuning with document attention (position ids) is not supported")
+    tokens = bound["tokens"]
+    if n + tokens.shape[1] > model.args.max_seq_len:
+        raise ValueError(
+            f"{tokens.shape[1]} tokens after peft.virtual_tokens={n} exceed model.max_seq_len={model.args.max_seq_len}"
+        )
+    bound["positions"] = torch.arange(n, n + tokens.shape[1], device=tokens.device).expand(len(tokens), -1)
+    return (), bound
+
+
 def _module_path(target: str) -> str:
     """`wq` -> `attention.wq`, `w1` -> `feed_forward.w1`: where a LoRA target sits in a block."""
     return f"{'attention' if target in ('wq', 'wk', 'wv', 'wo') else 'feed_forward'}.{target}"
@@ -133,9 +187,10 @@ def apply_adapters(
     values (`adapter_initial_value`); a strategy that builds the model without values first passes False and
     writes them later, as it does the base's.
     """
-    if any(isinstance(m, (LoraLinear, VirtualTokenEmbedding)) for m in model.modules()):
+    if any(isinstance(m, (LoraLinear, VirtualTokenEmbedding, PrefixKeyValues)) for m in model.modules()):
         raise ValueError("the model has adapters already")
     model.requires_grad_(False)
+    device = model.output.weight.device
     if cfg.method == "lora":
         for block in model.layers:
             for target in cfg.targets:
@@ -145,6 +200,12 @@ def apply_adapters(
         model.tok_embeddings = VirtualTokenEmbedding(model.tok_embeddings, cfg.virtual_tokens)
         model.register_forward_pre_hook(_with_virtual_positions, with_kwargs=True)
         model.register_forward_hook(_without_virtual_logits, with_kwargs=True)
+    elif cfg.method == "prefix_tuning":
+        args = model.args
+        model.prefix = PrefixKeyValues(cfg.virtual_tokens, args.n_layers, args.kv_heads * args.head_dim, device)
+        for i, block in enumerate(model.layers):
+            block.attention.forward = functools.partial(_attention_with_prefix, block.attention, model.prefix, i)
+        model.register_forward_pre_hook(_with_prefix_positions, with_kwargs=True)
     else:
         raise ValueError(f"peft.method={cfg.method}: nothing to apply")
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
@@ -169,6 +230,8 @@ def adapter_initial_value(
         return torch.rand(shape, generator=_generator(seed, name)) * 2 * bound - bound
     if name.endswith(".lora_B"):
         return torch.zeros(shape)
+    if name == PREFIX:  # PEFT's prefix embedding: normal(0, 1)
+        return torch.randn(shape, generator=_generator(seed, PREFIX))
     if name != PROMPT:
         raise KeyError(f"{name} is not an adapter parameter")
     if init_ids is not None:
@@ -240,14 +303,14 @@ def describe_adapter(cfg: ExperimentConfig) -> str:
     what = (
         f"lora rank {p.rank}, alpha {p.alpha:g} on {','.join(p.targets)}"
         if p.method == "lora"
-        else f"prompt tuning, {p.virtual_tokens} virtual tokens"
+        else f"{p.method.replace('_', ' ')}, {p.virtual_tokens} virtual tokens"
     )
     return f"{what}: {trainable:,} trainable parameters ({100 * trainable / total:.2f}% of {total:,}), base frozen"
 
 
 def is_adapter_name(name: str) -> bool:
     """Whether parameter `name` belongs to an adapter (not to the base model)."""
-    return name.endswith((".lora_A", ".lora_B")) or name == PROMPT
+    return name.endswith((".lora_A", ".lora_B")) or name in (PROMPT, PREFIX)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -259,8 +322,8 @@ def to_peft_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[
     """Adapter tensors by our names -> by PEFT's (`adapter_model.safetensors`), B of wq/wk in HF's rotary rows."""
     out = {}
     for name, tensor in state.items():
-        if name == PROMPT:
-            out["prompt_embeddings"] = tensor
+        if name in (PROMPT, PREFIX):
+            out["prompt_embeddings"] = tensor if name == PROMPT else prefix_keys_to_hf(tensor, args)
             continue
         module, kind = name.rsplit(".", 1)
         if kind == "lora_B":
@@ -273,8 +336,8 @@ def from_peft_state_dict(
     state: dict[str, torch.Tensor], cfg: PeftConfig, args: ModelArgs, where: str
 ) -> dict[str, torch.Tensor]:
     """PEFT's adapter tensors -> ours, for the adapter `cfg` describes; a missing or extra tensor is named."""
-    if cfg.method == "prompt_tuning":
-        expected = {PROMPT: "prompt_embeddings"}
+    if cfg.method in ("prompt_tuning", "prefix_tuning"):
+        expected = {PROMPT if cfg.method == "prompt_tuning" else PREFIX: "prompt_embeddings"}
     else:
         modules = [f"layers.{i}.{_module_path(t)}" for i in range(args.n_layers) for t in cfg.targets]
         expected = {
@@ -287,10 +350,23 @@ def from_peft_state_dict(
     out = {}
     for ours, theirs in expected.items():
         tensor = state[theirs].float()
+        if ours == PREFIX:
+            tensor = prefix_keys_to_hf(tensor, args, to_hf=False)
         if ours.endswith(".lora_B"):
             tensor = output_rows_to_hf(ours.rsplit(".", 1)[0], tensor, args, to_hf=False)
         out[ours] = tensor
     return out
+
+
+def prefix_keys_to_hf(prefix: torch.Tensor, args: ModelArgs, to_hf: bool = True) -> torch.Tensor:
+    """A prefix (n, n_layers * 2 * kv_dim) with each layer's keys in Hugging Face's rotary layout (the rows
+    of wk permuted: a key meets the query of the same layout); values as they are (`to_hf=False`: back)."""
+    n = prefix.shape[0]
+    layers = prefix.reshape(n, args.n_layers, 2, -1).clone()
+    for i in range(args.n_layers):
+        keys = layers[:, i, 0].T  # (kv_dim, n): rows as wk's outputs
+        layers[:, i, 0] = output_rows_to_hf(f"layers.{i}.attention.wk", keys, args, to_hf=to_hf).T
+    return layers.reshape(n, -1)
 
 
 def _peft_module(ours: str) -> str:
@@ -318,6 +394,18 @@ def peft_adapter_config(cfg: PeftConfig, args: ModelArgs, base: Optional[str] = 
             "layers_to_transform": None,
             "rank_pattern": {},
             "alpha_pattern": {},
+        }
+    if cfg.method == "prefix_tuning":  # PEFT's grouped-query form: token_dim and heads of the keys and values
+        return {
+            **common,
+            "peft_type": "PREFIX_TUNING",
+            "num_virtual_tokens": cfg.virtual_tokens,
+            "token_dim": args.kv_heads * args.head_dim,
+            "num_transformer_submodules": 1,
+            "num_attention_heads": args.kv_heads,
+            "num_layers": args.n_layers,
+            "encoder_hidden_size": args.kv_heads * args.head_dim,
+            "prefix_projection": False,
         }
     # RANDOM whatever the initialisation was: the weights are what counts, and TEXT makes PEFT ask for a tokenizer
     return {
@@ -374,7 +462,16 @@ def peft_config_of(adapter: dict, where: str) -> PeftConfig:
         if adapter.get("num_transformer_submodules", 1) != 1:
             raise ValueError(f"{where}: num_transformer_submodules={adapter['num_transformer_submodules']}, expected 1")
         return PeftConfig(method="prompt_tuning", virtual_tokens=int(adapter["num_virtual_tokens"]))
-    raise ValueError(f"{where}: peft_type={kind!r} is not supported (LORA or PROMPT_TUNING)")
+    if kind == "PREFIX_TUNING":
+        if adapter.get("prefix_projection"):
+            raise ValueError(
+                f"{where}: prefix_projection=true is not supported (its MLP is dropped after training: export the "
+                "projected prefix, prefix_projection=false)"
+            )
+        if adapter.get("num_transformer_submodules", 1) != 1:
+            raise ValueError(f"{where}: num_transformer_submodules={adapter['num_transformer_submodules']}, expected 1")
+        return PeftConfig(method="prefix_tuning", virtual_tokens=int(adapter["num_virtual_tokens"]))
+    raise ValueError(f"{where}: peft_type={kind!r} is not supported (LORA, PROMPT_TUNING or PREFIX_TUNING)")
 
 
 def read_peft_adapter(folder: str | os.PathLike, args: ModelArgs) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
@@ -393,6 +490,15 @@ def read_peft_adapter(folder: str | os.PathLike, args: ModelArgs) -> tuple[PeftC
     cfg = peft_config_of(adapter, str(config_file))
     if cfg.method == "prompt_tuning" and adapter.get("token_dim", args.dim) != args.dim:
         raise ValueError(f"{config_file}: token_dim={adapter['token_dim']}, the model's dim is {args.dim}")
+    kv_dim = args.kv_heads * args.head_dim
+    if cfg.method == "prefix_tuning" and (adapter.get("token_dim"), adapter.get("num_layers")) != (
+        kv_dim,
+        args.n_layers,
+    ):
+        raise ValueError(
+            f"{config_file}: token_dim={adapter.get('token_dim')}, num_layers={adapter.get('num_layers')}; the model's "
+            f"keys and values are {kv_dim} wide in {args.n_layers} layers"
+        )
     return cfg, from_peft_state_dict(load_file(str(weights)), cfg, args, str(weights))
 
 

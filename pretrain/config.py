@@ -148,7 +148,7 @@ class LmEvalConfig:
 
 
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # the linear layers of a block, by Meta's names
-PEFT_METHODS = ("none", "lora", "prompt_tuning")
+PEFT_METHODS = ("none", "lora", "prompt_tuning", "prefix_tuning")
 
 
 @dataclass
@@ -156,12 +156,13 @@ class PeftConfig:
     """Parameter-efficient adaptation applied from outside the model (`pretrain.adapters`): the base frozen,
     only the adapter trained. Hugging Face PEFT's numerics and adapter format are the reference."""
 
-    method: str = "none"  # none | lora | prompt_tuning
+    method: str = "none"  # none | lora | prompt_tuning | prefix_tuning
     rank: int = 8  # lora: rank r of each update B @ A
     alpha: float = 16.0  # lora: the update is scaled by alpha / rank
     dropout: float = 0.0  # lora: dropout on the input of A while training
     targets: List[str] = field(default_factory=lambda: ["wq", "wv"])  # lora: any of wq wk wv wo w1 w2 w3
-    virtual_tokens: int = 20  # prompt_tuning: trainable embeddings in front of every sequence
+    virtual_tokens: int = 20  # prompt_tuning: trainable embeddings in front of every sequence; prefix_tuning: keys
+    # and values of every layer in front of every sequence
     init_text: Optional[str] = None  # prompt_tuning: start from the embeddings of this text's tokens; None: random
     init_from: Optional[str] = None  # a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)
 
@@ -295,8 +296,6 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             "train.async_save is for single and fsdp; under deepspeed checkpoints are written synchronously"
         )
-    if d.document_attention and t.activation_checkpointing == Checkpointing.llama:
-        raise ConfigError("data.document_attention is not supported with train.activation_checkpointing=llama yet")
     if t.compile and t.strategy == "deepspeed" and t.zero_stage == 3:
         raise ConfigError("train.compile is not supported under ZeRO-3 (its per-module hooks); use fsdp or stage 0-2")
     if t.offload_params and t.zero_stage != 3:
@@ -362,10 +361,10 @@ def check_peft(cfg: ExperimentConfig) -> None:
             raise ConfigError(
                 f"peft.targets={list(p.targets)}: give each of {', '.join(LORA_TARGETS)} at most once, at least one"
             )
-        if t.activation_checkpointing == Checkpointing.llama:
+        if t.activation_checkpointing == Checkpointing.llama and p.dropout > 0:
             raise ConfigError(
-                "peft.method=lora is not supported with train.activation_checkpointing=llama yet (its hand-written "
-                "backward reads the base weights only); use selective or full"
+                f"peft.dropout={p.dropout} is not supported with train.activation_checkpointing=llama (its "
+                "hand-written backward computes no LoRA dropout); set peft.dropout=0, or use selective or full"
             )
     else:
         if p.virtual_tokens < 1:
@@ -376,7 +375,14 @@ def check_peft(cfg: ExperimentConfig) -> None:
                 f"model.max_seq_len={cfg.model.max_seq_len}; shorten one of them"
             )
         if cfg.data.document_attention:
-            raise ConfigError("peft.method=prompt_tuning is not supported with data.document_attention yet")
+            raise ConfigError(f"peft.method={p.method} is not supported with data.document_attention yet")
+        if p.method == "prefix_tuning" and p.init_text is not None:
+            raise ConfigError("peft.init_text starts prompt tuning's virtual tokens; prefix_tuning's start random")
+        if p.method == "prefix_tuning" and t.activation_checkpointing == Checkpointing.llama:
+            raise ConfigError(
+                "peft.method=prefix_tuning is not supported with train.activation_checkpointing=llama (its "
+                "hand-written attention has no prefix); use selective or full"
+            )
     if t.tensor_parallel > 1:
         raise ConfigError(
             f"peft.method={p.method} is not supported with train.tensor_parallel={t.tensor_parallel} (the adapter's "

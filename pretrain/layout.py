@@ -608,7 +608,7 @@ def plan_layouts(cfg: ExperimentConfig, world_size: int, kind: GpuKind) -> list[
         changed = lay.apply(cfg)
         try:
             validate(changed)
-        except ConfigError:  # e.g. llama with document attention, compile under tensor parallelism
+        except ConfigError:  # e.g. LoRA dropout under llama, compile under tensor parallelism
             continue
         predictions.append(predict(changed, world_size, kind))
     return sorted(predictions, key=lambda p: (not p.fits, p.step_time_s))

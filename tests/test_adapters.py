@@ -133,6 +133,23 @@ def prompt_pair(virtual: int):
     return ours, theirs, trainable
 
 
+def prefix_pair(virtual: int):
+    ours, base = random_base()
+    trainable = apply_adapters(ours, PeftConfig(method="prefix_tuning", virtual_tokens=virtual))
+    randomise_adapter(ours)
+    theirs = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual))
+    peft.set_peft_model_state_dict(theirs, to_peft_state_dict(adapter_state_dict(ours), ARGS))
+    return ours, theirs, trainable
+
+
+def test_prefix_tuning_matches_peft_logits_loss_and_gradients():
+    ours, theirs, trainable = prefix_pair(virtual=5)
+    assert trainable == ["prefix.weight"]  # every layer's keys and values (grouped-query: 2 kv heads of 8)
+    assert ours.prefix.weight.shape == (5, ARGS.n_layers * 2 * 2 * ARGS.head_dim)
+    tokens = torch.randint(0, ARGS.vocab_size, (3, 40), generator=torch.Generator().manual_seed(2))
+    check_parity(ours, theirs, tokens)
+
+
 def test_prompt_tuning_matches_peft_logits_loss_and_gradients():
     ours, theirs, trainable = prompt_pair(virtual=6)
     assert trainable == ["tok_embeddings.prompt"]
@@ -148,7 +165,7 @@ def test_prompt_tuning_loss_in_chunks_is_the_loss_at_once():
     torch.testing.assert_close(ours(tokens[:, :-1], tokens[:, 1:]), whole, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning", "prefix_tuning"])
 def test_our_adapter_folder_loads_in_peft_with_equal_logits(tmp_path, method):
     cfg = PeftConfig(method=method, rank=4, alpha=12.0, targets=["wq", "wk", "w1"], virtual_tokens=5)
     ours, base = random_base()
@@ -165,15 +182,17 @@ def test_our_adapter_folder_loads_in_peft_with_equal_logits(tmp_path, method):
         torch.testing.assert_close(ours(tokens), theirs(input_ids=tokens).logits[:, virtual:], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning", "prefix_tuning"])
 def test_peft_adapter_folder_loads_in_ours_with_equal_logits(tmp_path, method):
     ours, base = random_base()
     torch.manual_seed(6)
     if method == "lora":  # init_lora_weights=False: B random too
         config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj", "k_proj", "down_proj"])
         config.init_lora_weights = False
-    else:
+    elif method == "prompt_tuning":
         config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=7)
+    else:
+        config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=7)
     theirs = peft.get_peft_model(base, config).eval()
     theirs.save_pretrained(tmp_path / "adapter")
     loaded = load_peft_adapter(ours, tmp_path / "adapter")
@@ -211,7 +230,7 @@ def test_peft_adapters_we_do_not_compute_are_refused_by_key(tmp_path):
         (["peft.method=lora", "peft.targets=[wq,q_proj]"], "peft.targets="),
         (["peft.method=lora", "peft.rank=0"], "peft.rank must be positive"),
         (["peft.method=lora", "peft.dropout=1.0"], r"peft.dropout must be in \[0, 1\)"),
-        (["peft.method=lora", "train.activation_checkpointing=llama"], "train.activation_checkpointing=llama"),
+        (["peft.method=lora", "peft.dropout=0.1", "train.activation_checkpointing=llama"], "peft.dropout=0.1"),
         (["peft.method=prompt_tuning", "model.max_seq_len=260"], r"data.seq_len=256 \+ peft.virtual_tokens=20 exceeds"),
         (["peft.method=lora", "train.strategy=fsdp", "train.tensor_parallel=2"], "train.tensor_parallel=2"),
         (["peft.init_from=somewhere"], "peft.method=none"),
@@ -442,3 +461,24 @@ def test_adapter_checkpoint_names_its_base_by_sha256_and_refuses_another(tiny_da
         WeightReader(checkpoint)
     # the same bytes elsewhere are the same base: the run resumes from them
     assert train(tiny_config(tiny_data, tmp_path / "run", *lora, f"train.init_from={base}"))["step"] == 4
+
+
+def test_bf16_adapter_run_keeps_the_frozen_base_in_bf16_and_resumes_exactly(tiny_data, tmp_path):
+    from conftest import tiny_config
+    from pretrain.parallel import build_strategy
+    from pretrain.trainer import train
+
+    common = ["peft.method=lora", "peft.rank=4", "train.precision=bf16", "train.steps=4", "optim.lr=1e-2"]
+    cfg = tiny_config(tiny_data, tmp_path / "straight", *common)
+    model = build_strategy(cfg).build_model(cfg)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert dtypes["layers.0.attention.wq.weight"] == dtypes["output.weight"] == torch.bfloat16
+    assert dtypes["layers.0.attention_norm.weight"] == dtypes["layers.0.attention.wq.lora_A"] == torch.float32
+    train(cfg)
+    train(tiny_config(tiny_data, tmp_path / "broken", *common, "train.stop_at=2"))
+    train(tiny_config(tiny_data, tmp_path / "broken", *common))
+
+    def losses(run):
+        return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    assert losses(tmp_path / "broken") == losses(tmp_path / "straight") and len(losses(tmp_path / "straight")) == 4

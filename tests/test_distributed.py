@@ -345,3 +345,14 @@ def test_lora_under_sharding_matches_one_process_and_resumes_exactly(tiny_data, 
     base_bytes = 4 * sum(math.prod(s) for s in param_shapes(tiny_config(tiny_data, tmp_path).model).values())
     written = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
     assert written < base_bytes / 2, (written, base_bytes)  # the fp32 base alone would not fit
+
+
+@pytest.mark.parametrize("method", ["prefix_tuning", "prompt_tuning"])
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_prompt_and_prefix_tuning_under_sharding_match_one_process(tiny_data, tmp_path, method, strategy):
+    common = [f"peft.method={method}", "peft.virtual_tokens=4", "model.max_seq_len=64", "train.steps=3"]
+    common += ["train.micro_batch_size=2", "optim.lr=1e-2"]
+    train(tiny_config(tiny_data, tmp_path / "single", *common))
+    run_distributed(tiny_data, tmp_path / "dist", *STRATEGIES[strategy], *common)
+    assert losses(tmp_path / "dist") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
+    assert losses(tmp_path / "dist")[-1] != losses(tmp_path / "dist")[0]

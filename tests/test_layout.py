@@ -137,9 +137,10 @@ def test_pasting_the_best_overrides_selects_that_layout_even_over_other_settings
 
 def test_layouts_the_config_checks_refuse_are_not_offered():
     kind = get_kind("a100-80gb")
+    lora = load_config("configs/experiments/llama1-7b.yaml", ["peft.method=lora", "peft.dropout=0.1"])
+    modes = {p.layout.activation_checkpointing for p in plan_layouts(lora, 1, kind)}
+    assert "llama" not in modes and "none" in modes  # llama computes no LoRA dropout
     cfg = load_config("configs/experiments/llama1-7b.yaml", ["data.document_attention=true"])
-    modes = {p.layout.activation_checkpointing for p in plan_layouts(cfg, 64, kind)}
-    assert "llama" not in modes and "none" in modes
     # HSDP shard sizes that do not divide the data-parallel ranks are not offered (12 GPUs: no shards of 8)
     assert all(p.layout.fsdp_shard_size in (0, 4) for p in plan_layouts(cfg, 12, kind))
 
