@@ -50,6 +50,9 @@ setup(
         "tensorboard": ["tensorboard>=2.14"],  # metrics.tensorboard: torch's SummaryWriter needs it
         "dashboard": ["wandb-workspaces>=0.4"],  # python -m pretrain dashboard: a wandb workspace in code
         "lm-eval": LM_EVAL,
+        # python -m pretrain generate --quantize nf4, pretrain/quantize.py: QLoRA's NF4 base through torchao's
+        # NF4Tensor (pure PyTorch, CPU too). Pinned: its import path moves between releases (0.18: .quantization).
+        "qlora": ["torchao==0.18.0"],
         "dev": [
             "pytest>=8",
             "transformers>=4.45",
@@ -60,6 +63,7 @@ setup(
             "ray>=2.9",
             "tensorboard>=2.14",
             "wandb-workspaces>=0.4",
+            "torchao==0.18.0",
             *LM_EVAL,
             *RAW,
         ],

@@ -262,16 +262,28 @@ def cmd_generate(checkpoint: Path, tokenizer: Path | None, prompts: list[str], o
     import sentencepiece as spm
     import torch
 
-    from pretrain.adapters import VirtualTokenEmbedding
-    from pretrain.generate import continuation_text, find_tokenizer, load_for_inference, sample, whitespace_note
+    from pretrain.generate import (
+        continuation_text,
+        find_tokenizer,
+        load_for_inference,
+        sample,
+        virtual_positions,
+        whitespace_note,
+    )
+    from pretrain.quantize import nf4_bytes, nf4_weights, quantize_nf4
 
     device = torch.device(opts.device if opts.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     sp = spm.SentencePieceProcessor(model_file=str(find_tokenizer(checkpoint, tokenizer)))
     model = load_for_inference(checkpoint, device)
-    if isinstance(model.tok_embeddings, VirtualTokenEmbedding):
-        raise ConfigError(
-            f"{checkpoint} is prompt-tuned: generate does not prepend its virtual tokens yet (evaluate and lm-eval do)"
-        )
+    if virtual_positions(model):
+        print(f"--- {virtual_positions(model)} virtual positions of its adapter in front: no key/value cache")
+    if opts.quantize == "nf4" and nf4_weights(model):  # torchao is imported only with --quantize nf4
+        print("--- the base is NF4 already (a peft.quantize=nf4 run)")
+    elif opts.quantize == "nf4":  # QLoRA's base: the block linears in 4 bits, a LoRA adapter on top as it was
+        sizes = {name: p.nbytes for name, p in model.named_parameters()}
+        names = quantize_nf4(model)
+        before, after = sum(sizes[name] for name in names) / 2**20, nf4_bytes(model) / 2**20
+        print(f"--- {len(names)} block weights quantized to NF4: {before:.1f} MiB -> {after:.1f} MiB")
     if sp.get_piece_size() > model.args.vocab_size:
         raise ConfigError(
             f"the tokenizer has {sp.get_piece_size()} pieces, the model {model.args.vocab_size}: not its tokenizer"
@@ -371,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="prompt i draws with seed + i")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence per token (to check)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--quantize", choices=["none", "nf4"], default="none", help="nf4: the block linears in 4 bits (QLoRA's base)"
+    )
     p = with_config("memory", "memory per GPU (parameters, gradients, optimizer, activations); does it fit")
     p.add_argument("config", help="an experiment YAML; strategy, ZeRO stage, checkpointing from train.*")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)

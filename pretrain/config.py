@@ -165,6 +165,7 @@ class PeftConfig:
     # and values of every layer in front of every sequence
     init_text: Optional[str] = None  # prompt_tuning: start from the embeddings of this text's tokens; None: random
     init_from: Optional[str] = None  # a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)
+    quantize: str = "none"  # none | nf4: the frozen base's block matrices in 4-bit NormalFloat (QLoRA; torchao)
 
 
 @dataclass
@@ -343,6 +344,15 @@ def check_peft(cfg: ExperimentConfig) -> None:
     p, t = cfg.peft, cfg.train
     if p.method not in PEFT_METHODS:
         raise ConfigError(f"peft.method='{p.method}' must be one of {', '.join(PEFT_METHODS)}")
+    if p.quantize not in ("none", "nf4"):
+        raise ConfigError(f"peft.quantize='{p.quantize}' must be none or nf4")
+    if p.quantize == "nf4" and p.method == "none":
+        raise ConfigError("peft.quantize=nf4 stores a frozen base in 4 bits: set peft.method (QLoRA: lora)")
+    if p.quantize == "nf4" and t.strategy != "single":
+        raise ConfigError(
+            f"peft.quantize=nf4 runs under train.strategy=single (QLoRA on one GPU), got {t.strategy}; "
+            "sharded adapter runs keep the base in its precision"
+        )
     if p.method == "none":
         if p.init_from is not None:
             raise ConfigError("peft.init_from is set but peft.method=none; set peft.method=lora or prompt_tuning")
@@ -438,7 +448,7 @@ def check_tensor_parallel(cfg: ExperimentConfig) -> None:
 # The adapter's shape and scaling are part of the model.
 FIXED_ON_RESUME = (
     "model",
-    *(f"peft.{key}" for key in ("method", "rank", "alpha", "targets", "virtual_tokens")),
+    *(f"peft.{key}" for key in ("method", "rank", "alpha", "targets", "virtual_tokens", "quantize")),
     *("data.seq_len", "data.seed", "data.sources", "data.weights", "train.global_batch_tokens"),
 )
 # What it may change freely: names, logging and saving, and where and how the same steps are computed.

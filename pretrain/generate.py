@@ -44,14 +44,17 @@ def sample(
     """The prompt's continuation: up to `max_new_tokens` ids, stopping after `eos_id`.
 
     With `use_cache` the prompt is run once and each new token alone (a key/value cache); without,
-    the whole sequence for every token. Both give the same tokens (the same draws for a seed).
+    the whole sequence for every token. Both give the same tokens (the same draws for a seed). A prompt-
+    or prefix-tuned model runs without the cache (its virtual positions come in through `forward`).
     """
     if not 0 < top_p <= 1 or temperature < 0:
         raise ValueError(f"top_p must be in (0, 1] and temperature >= 0, got top_p={top_p}, temperature={temperature}")
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token (e.g. the tokenizer's BOS)")
     device = next(model.parameters()).device
-    window = model.args.max_seq_len
+    virtual = virtual_positions(model)
+    window = model.args.max_seq_len - virtual
+    use_cache = use_cache and not virtual  # the cached forward knows no virtual positions: the whole sequence
     tokens = torch.tensor([prompt], device=device)
     cache = KVCache(model.args.n_layers, min(window, len(prompt) + max_new_tokens)) if use_cache else None
     cached = 0  # tokens whose keys and values are in the cache
@@ -91,9 +94,18 @@ def whitespace_note(text: str) -> Optional[str]:
     return f"the continuation {where} ({counts or f'{len(tail)} characters'})"
 
 
+def virtual_positions(model: Transformer) -> int:
+    """How many positions a prompt- or prefix-tuned model's adapter puts in front of every sequence (0 without)."""
+    from pretrain.adapters import PrefixKeyValues, VirtualTokenEmbedding
+
+    adapters = [m for m in model.modules() if isinstance(m, (PrefixKeyValues, VirtualTokenEmbedding))]
+    return adapters[0].n if adapters else 0
+
+
 def load_for_inference(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> Transformer:
     """The fp32 model of a checkpoint folder of any strategy (or an `import` folder), in eval mode; the
-    adapter of a `peft.method` run applied, with its trained weights."""
+    adapter of a `peft.method` run applied, with its trained weights, on the base NF4-quantized again when
+    the run's was (`peft.quantize=nf4`: quantization is deterministic, the same 4-bit base)."""
     from pretrain.consolidate import WeightReader, checkpoint_config
 
     config, reader = checkpoint_config(checkpoint), WeightReader(checkpoint)
@@ -102,6 +114,10 @@ def load_for_inference(checkpoint: str | os.PathLike, device: torch.device | str
         from pretrain.adapters import load_checkpoint_adapter
 
         load_checkpoint_adapter(model, config["peft"], reader)
+    if config.get("peft", {}).get("quantize", "none") == "nf4":  # QLoRA: the adapter learnt on the NF4 base
+        from pretrain.quantize import quantize_nf4
+
+        quantize_nf4(model)
     return model.eval()
 
 
