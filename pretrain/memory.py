@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from pretrain.adapters import adapter_parameters
 from pretrain.config import Checkpointing, ExperimentConfig, tensor_parallel_degrees
 from pretrain.model import ModelArgs, count_params
+from pretrain.quantize import nf4_bytes_per_parameter
 
 GPU_MEMORY_GB = {"a100-40gb": 40, "a100-80gb": 80, "h100-80gb": 80, "h200": 141}
 
@@ -84,27 +85,34 @@ def plan_memory(cfg: ExperimentConfig, world_size: int, act_bytes: int = 2) -> M
     n = world_size
     tp = t.tensor_parallel if t.strategy == "fsdp" else 1  # each layer split over tp GPUs
     autocast_copies = t.precision != "fp32" and t.activation_checkpointing != Checkpointing.llama
-    if t.strategy == "single" and cfg.peft.method != "none":  # a frozen fp32 base: gradients, AdamW for the adapter
-        n, adapter = 1, adapter_parameters(cfg)
-        params, grads, optim = 4.0 * (total + adapter), 4.0 * adapter, 8.0 * adapter
-        transient = 2.0 * total if autocast_copies else 2.0 * layer
+    peft = cfg.peft.method != "none"
+    trained = adapter_parameters(cfg) if peft else total  # what has gradients and optimizer states
+    if t.strategy == "single" and peft:  # the frozen base in its storage; gradients and AdamW for the adapter only
+        n = 1
+        params, grads, optim = frozen_base_bytes(cfg, total, layer) + 4.0 * trained, 4.0 * trained, 8.0 * trained
+        transient = 2.0 * layer  # a frozen weight is cast per use (autocast caches only trained leaves)
+        if cfg.peft.quantize == "nf4":  # one matrix dequantized at a time: ~22 B a value, measured on the CPU
+            transient = 22.0 * args.dim * args.hidden_dim  # (torchao builds int64 indices), peak RSS, 2026-12-07
     elif t.strategy == "single":
         n = 1
         params, grads, optim = 4.0 * total, 4.0 * total, 8.0 * total
         transient = 2.0 * total if autocast_copies else 2.0 * layer  # autocast's bf16 weights, kept for backward
     elif t.strategy == "fsdp":
         shards = (t.fsdp_shard_size or max(n // tp, 1)) * tp  # GPUs one copy of the model is split over
-        params, grads, optim = 4 * total / shards, 4 * total / shards, 8 * total / shards
-        transient = (2 * 2 * layer + 6 * layer) / tp  # two blocks' gathered bf16 weights; one's bf16 + fp32 grads
+        stored = total + trained if peft else total  # fp32 shards, the frozen base's too
+        params, grads, optim = 4 * stored / shards, 4 * trained / shards, 8 * trained / shards
+        # two blocks' gathered bf16 weights; one's bf16 + fp32 gradients
+        transient = (2 * 2 * layer + 6 * layer * trained / total) / tp
         if not t.reshard_after_forward:
             transient += 2.0 * total / tp  # every block's gathered weights, from forward to backward
     else:
         stage = t.zero_stage
-        params = 2.0 * total / (n if stage == 3 else 1)
+        stored = total + trained if peft else total  # the module in bf16, the frozen base's weights too
+        params = 2.0 * stored / (n if stage == 3 else 1)
         # ZeRO-0: bf16 gradients (plus an fp32 copy at the step); ZeRO-1: bf16 + fp32 accumulation buffers
-        grads = {0: 2.0 * total, 1: 6.0 * total}.get(stage, 4.0 * total / n)
-        optim = 12.0 * total / (1 if stage == 0 else n)
-        transient = 2 * 2 * layer + 4 * layer if stage == 3 else 4 * total if stage == 0 else 4 * layer
+        grads = {0: 2.0 * trained, 1: 6.0 * trained}.get(stage, 4.0 * trained / n)
+        optim = 12.0 * trained / (1 if stage == 0 else n)
+        transient = 2 * 2 * layer + 4 * layer if stage == 3 else 4 * trained if stage == 0 else 4 * layer
     offloaded = 0.0
     if t.strategy == "deepspeed" and t.offload_optimizer:
         offloaded, optim = offloaded + optim, 0.0
@@ -120,6 +128,18 @@ def plan_memory(cfg: ExperimentConfig, world_size: int, act_bytes: int = 2) -> M
     # logits, their fp32 copy and gradient; vocabulary-parallel under tensor parallelism
     activations += logit_tokens * args.vocab_size / tp * (act_bytes + 4 + 4)
     return MemoryPlan(params, grads, optim, activations, transient, offloaded)
+
+
+def frozen_base_bytes(cfg: ExperimentConfig, total: float, layer: float) -> float:
+    """Bytes of an adapter run's frozen base on one GPU: fp32 (4 a parameter) under train.precision=fp32, else
+    bf16 (2: nothing trains it, so no fp32 master); with peft.quantize=nf4 the blocks' matrices at NF4's 0.5 bytes
+    plus its double-quantized scales (`pretrain.quantize.nf4_bytes_per_parameter`), the rest in bf16."""
+    per = 4.0 if cfg.train.precision == "fp32" else 2.0
+    if cfg.peft.quantize != "nf4":
+        return per * total
+    args = cfg.model
+    matrices = args.n_layers * (layer - 2 * args.dim)  # each block's seven matrices (its two norms aside)
+    return nf4_bytes_per_parameter() * matrices + per * (total - matrices)
 
 
 def format_plan(cfg: ExperimentConfig, world_size: int, gpu_gb: float) -> str:

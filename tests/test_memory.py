@@ -3,11 +3,12 @@
 import importlib.util
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
 from conftest import ROOT
-from pretrain.config import Checkpointing, load_config
+from pretrain.config import Checkpointing, Precision, load_config
 from pretrain.memory import activation_elements_per_token, fewest_gpus, plan_memory
 
 
@@ -181,3 +182,41 @@ def test_tensor_parallel_divides_each_gpus_share_and_fewest_offers_it():
     from pretrain.memory import tensor_parallel_options
 
     assert tensor_parallel_options(thirty_three) == [{"strategy": "fsdp", "tensor_parallel": 4}]  # its 52 heads
+
+
+@pytest.mark.parametrize("name, gpu_gb", [("llama1-7b-lora", 24), ("llama1-65b-qlora", 48)])
+def test_adaptation_presets_fit_the_gpu_they_name_and_count_the_base_in_its_storage(name, gpu_gb):
+    from pretrain.adapters import adapter_parameters
+    from pretrain.memory import fits, plan_memory
+    from pretrain.model import count_params
+    from pretrain.quantize import nf4_bytes_per_parameter
+
+    cfg = load_config(name)
+    total, _ = count_params(cfg.model)
+    plan = plan_memory(cfg, 1)
+    assert fits(plan, gpu_gb)
+    trained = adapter_parameters(cfg)
+    assert trained < 0.01 * total and plan.gradients == 4 * trained and plan.optimizer == 8 * trained
+    base = plan.parameters - 4 * trained  # bf16 (2 B), or NF4's 0.516 B for the blocks' matrices
+    if cfg.peft.quantize == "nf4":
+        embeddings = 2 * cfg.model.vocab_size * cfg.model.dim
+        assert nf4_bytes_per_parameter() * (total - embeddings) < base < 0.53 * total + 2 * embeddings
+    else:
+        assert base == 2 * total
+    fp32 = replace(cfg, train=replace(cfg.train, precision=Precision.fp32), peft=replace(cfg.peft, quantize="none"))
+    assert not fits(plan_memory(fp32, 1), gpu_gb)  # an fp32 base would not fit: the storage is what makes it
+
+
+@pytest.mark.parametrize("strategy", [{"strategy": "fsdp"}, {"strategy": "deepspeed", "zero_stage": 3}])
+def test_a_sharded_adapter_run_keeps_gradients_and_adamw_for_the_adapter_only(strategy):
+    from pretrain.adapters import adapter_parameters
+    from pretrain.memory import plan_memory
+    from pretrain.model import count_params
+
+    cfg = load_config("llama1-7b-lora")
+    cfg = replace(cfg, train=replace(cfg.train, **strategy))
+    full = plan_memory(replace(cfg, peft=replace(cfg.peft, method="none")), 8)
+    lora = plan_memory(cfg, 8)
+    trained = adapter_parameters(cfg)
+    assert lora.optimizer == pytest.approx(full.optimizer * trained / count_params(cfg.model)[0], rel=1e-9)
+    assert lora.gradients < full.gradients / 100 and lora.parameters >= full.parameters
