@@ -103,7 +103,8 @@ def test_a_bare_clone_runs_the_readme_commands_in_order(tmp_path):
     assert "done: step 3" in out, out[-2000:]
 
     # adapt the quickstart's checkpoint: new text through the recipe, its tokenizer, a LoRA run, export-peft
-    adapt = README.split("## Adapt a pretrained LLaMA: LoRA and prompt tuning")[1].split("```bash\n")[1]
+    section = README.split("## Adapt a pretrained LLaMA: LoRA, QLoRA, prompt and prefix tuning")[1]
+    adapt = section.split("```bash\n")[1]
     run(adapt.split("python -m pretrain evaluate")[0].strip())
     assert (clone / "mydata" / "adapt-tokens" / "stackexchange" / "val-00000.bin").is_file()
     out = run(
@@ -114,6 +115,12 @@ def test_a_bare_clone_runs_the_readme_commands_in_order(tmp_path):
     assert "done: step 3" in out and "lora rank 8, alpha 16 on wq,wv" in out, out[-2000:]
     run("python -m pretrain export-peft", "runs/debug-lora/checkpoints/step-00000003 exports/debug-lora")
     assert (clone / "exports" / "debug-lora" / "adapter_model.safetensors").is_file()
+    # supervised finetuning on the bundled examples: tokenized with the response mask, a short LoRA run on them
+    tokenize, finetune = section.split("```bash\n")[2].split("```")[0].strip().splitlines()
+    run(tokenize.split("#")[0].strip())
+    assert list((clone / "data" / "tokens" / "sft_sample" / "sft_sample").glob("*.mask"))
+    out = run(finetune, f"train.steps=3 train.init_from={CHECKPOINT}")  # the shortened quickstart's checkpoint
+    assert "done: step 3" in out, out[-2000:]
 
     out = run("python -m pretrain evaluate", CHECKPOINT)
     assert re.search(r"blended\s+\d+\.\d+", out), out
