@@ -19,7 +19,9 @@ Bytes per parameter, bf16 training with fp32 master weights and AdamW (two fp32 
 plus, for the sharded ones, the gathered bf16 parameters and gradients of about two blocks at a time
 (1/T of a block each under tensor parallelism). N_shard: the data-parallel GPUs one copy of the model
 is sharded over (`train.fsdp_shard_size`, or all of them).
-Optimizer offload moves the optimizer column to CPU memory; parameter offload (ZeRO-3) the first.
+Optimizer offload (ZeRO-Offload, DeepSpeedCPUAdam) moves the optimizer column to CPU memory, and at ZeRO-1/2
+6 / N more there (the fp32 gradient partition and a bf16 copy of it, DeepSpeed's stage_1_and_2.py); parameter
+offload (ZeRO-3) the first column.
 """
 
 from __future__ import annotations
@@ -114,8 +116,9 @@ def plan_memory(cfg: ExperimentConfig, world_size: int, act_bytes: int = 2) -> M
         optim = 12.0 * trained / (1 if stage == 0 else n)
         transient = 2 * 2 * layer + 4 * layer if stage == 3 else 4 * trained if stage == 0 else 4 * layer
     offloaded = 0.0
-    if t.strategy == "deepspeed" and t.offload_optimizer:
-        offloaded, optim = offloaded + optim, 0.0
+    if t.strategy == "deepspeed" and t.offload_optimizer:  # ZeRO-Offload: DeepSpeedCPUAdam on CPU partitions
+        # fp32 master + moments, and (ZeRO-1/2) the fp32 gradient partition and a bf16 staging copy of it
+        offloaded, optim = offloaded + optim + (6.0 * trained / n if t.zero_stage in (1, 2) else 0.0), 0.0
     if t.strategy == "deepspeed" and t.offload_params:
         offloaded, params = offloaded + params, 0.0
     tokens = t.micro_batch_size * cfg.data.seq_len

@@ -220,3 +220,16 @@ def test_a_sharded_adapter_run_keeps_gradients_and_adamw_for_the_adapter_only(st
     trained = adapter_parameters(cfg)
     assert lora.optimizer == pytest.approx(full.optimizer * trained / count_params(cfg.model)[0], rel=1e-9)
     assert lora.gradients < full.gradients / 100 and lora.parameters >= full.parameters
+
+
+def test_zero_offload_preset_fits_one_80gb_gpu_with_the_optimizer_and_fp32_gradients_on_the_cpu():
+    from pretrain.memory import fits, plan_memory
+    from pretrain.model import count_params
+
+    cfg = load_config("llama1-7b-zero-offload")
+    total, _ = count_params(cfg.model)
+    plan = plan_memory(cfg, 1)
+    assert fits(plan, 80) and plan.optimizer == 0
+    assert plan.cpu_offloaded == 18 * total  # master + moments 12 B, fp32 gradient partition 4 B, bf16 copy 2 B
+    on_gpu = replace(cfg, train=replace(cfg.train, offload_optimizer=False))
+    assert not fits(plan_memory(on_gpu, 1), 80)  # the 12 B of AdamW on the GPU would not fit

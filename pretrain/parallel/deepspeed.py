@@ -58,6 +58,8 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int, precision: Precisio
             f"train.micro_batch_size={t.micro_batch_size} x {world_size} ranks"
         )
     zero: dict[str, Any] = {"stage": t.zero_stage}
+    # pin_memory: page-locked host buffers for the GPU <-> CPU copies. On the CPU, DeepSpeed's accelerator makes
+    # pinning a no-op (CPU_Accelerator.pin_memory returns the tensor), so the same JSON runs there (tests do).
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if t.offload_params:
