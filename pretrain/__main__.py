@@ -469,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a training run saves on the first Ctrl-C and only stops here on a second one
+        print(f"interrupted (Ctrl-C): {args.command} stopped", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -99,3 +99,24 @@ def quiet_other_ranks(rank: int) -> None:
         logger = logging.getLogger(name)
         logger.setLevel(logging.ERROR)
         logger.addFilter(_AtLeast(logging.ERROR))
+
+
+def requeue_slurm_job() -> str:
+    """Put this Slurm job back in the queue (`scontrol requeue $SLURM_JOB_ID`), as a job that saved on Slurm's
+    warning signal before its time limit does (launch/train.sbatch: `--signal=USR1@300 --requeue`); the
+    requeued job resumes from the run's latest checkpoint. Returns the line to print; outside Slurm, says so."""
+    import subprocess
+
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return "SIGUSR1 outside a Slurm job (no SLURM_JOB_ID): not requeued"
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"Slurm job {job} NOT requeued: scontrol requeue {job}: {e}; resubmit it (it resumes where it saved)"
+    if done.returncode:
+        why = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+        return (
+            f"Slurm job {job} NOT requeued: scontrol requeue {job}: {why[0]}; resubmit it (it resumes where it saved)"
+        )
+    return f"Slurm job {job} requeued (scontrol requeue {job}): it resumes from this checkpoint"

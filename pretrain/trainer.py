@@ -26,7 +26,7 @@ from pretrain.metrics import MetricLogger, ThroughputMeter, device_peak_flops, d
 from pretrain.model import flops_per_token
 from pretrain.optim import apply_optim_config, build_scheduler
 from pretrain.parallel import Strategy, build_strategy
-from pretrain.runtime import configure_threads
+from pretrain.runtime import configure_threads, requeue_slurm_job
 from pretrain.spikes import SpikeMonitor
 
 
@@ -110,9 +110,10 @@ def check_init_tokenizer(cfg: ExperimentConfig) -> None:
 
 
 class PreemptionSignal:
-    """Remembers a SIGTERM or SIGUSR1 (a scheduler's warning) until the step ends."""
+    """Remembers a SIGTERM or SIGUSR1 (a scheduler's warning) or a first Ctrl-C (SIGINT) until the step ends,
+    where the trainer saves and stops; a second Ctrl-C stops at once (KeyboardInterrupt), unsaved."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.name: str | None = None
@@ -121,6 +122,10 @@ class PreemptionSignal:
             self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.name == "SIGINT":
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            print("Ctrl-C: saving at the end of this step, then stopping (Ctrl-C again: stop now, unsaved)", flush=True)
         self.name = signal.Signals(signum).name
 
     @property
@@ -407,6 +412,8 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
                 meter.reset()
             if preempted:
                 say(f"preempted by {stop_signal.name} at step {step}: saved {last_ckpt}; the next launch resumes")
+                if stop_signal.name == "SIGUSR1" and strategy.is_main:  # Slurm's warning before the time limit
+                    say(requeue_slurm_job())
                 break
 
     finally:

@@ -122,3 +122,75 @@ def test_readme_tensor_parallel_launch_lines_parse_and_each_override_set_runs_on
         assert (run / "checkpoints" / "latest").read_text() == "step-00000001"
         # one rank per process or Slurm task, each with its own RNG state in the checkpoint
         assert len(list((run / "checkpoints" / "step-00000001").glob("rng-rank*.pt"))) == ranks
+
+
+def _signal_at_step(monkeypatch, step: int, signum: int, micro_batches: int = 2) -> None:
+    """The trainer's loss sends this process `signum` during the `step`-th step of the next run (micro-batches
+    counted)."""
+    import signal  # noqa: F401
+
+    import pretrain.trainer as trainer_mod
+
+    real, calls = trainer_mod.lm_loss, {"n": 0}
+
+    def lm_loss(*args):
+        calls["n"] += 1
+        if calls["n"] == step * micro_batches:
+            os.kill(os.getpid(), signum)
+        return real(*args)
+
+    monkeypatch.setattr(trainer_mod, "lm_loss", lm_loss)
+
+
+@pytest.mark.parametrize("scontrol_fails", [False, True])
+def test_slurm_warning_saves_and_requeues_the_job_through_scontrol(
+    tiny_data, tmp_path, monkeypatch, capsys, scontrol_fails
+):
+    import signal
+
+    from conftest import tiny_config
+    from pretrain.trainer import train
+
+    calls = tmp_path / "scontrol-calls"
+    (tmp_path / "bin").mkdir()
+    scontrol = tmp_path / "bin" / "scontrol"  # stands in for Slurm's: records its arguments
+    fail = 'echo "scontrol: error: Job has already finished" >&2; exit 1' if scontrol_fails else "exit 0"
+    scontrol.write_text(f'#!/usr/bin/env bash\necho "$@" >> {calls}\n{fail}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    _signal_at_step(monkeypatch, 3, signal.SIGUSR1)
+    summary = train(tiny_config(tiny_data, tmp_path / "run", "train.steps=6"))
+    assert summary["preempted"] and summary["step"] == 3
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-00000003"
+    assert calls.read_text() == "requeue 4242\n"
+    out = capsys.readouterr().out
+    if scontrol_fails:
+        assert "Slurm job 4242 NOT requeued: scontrol requeue 4242: scontrol: error: Job has already finished" in out
+    else:
+        assert "Slurm job 4242 requeued (scontrol requeue 4242)" in out
+    # a SIGTERM (scancel, preemption) saves too, but is not a reason to come back
+    calls.unlink()
+    _signal_at_step(monkeypatch, 2, signal.SIGTERM)  # the second step of the resumed run: step 5
+    assert train(tiny_config(tiny_data, tmp_path / "run", "train.steps=6"))["step"] == 5 and not calls.exists()
+
+
+def test_first_ctrl_c_saves_like_sigterm_and_a_second_stops_at_once(tiny_data, tmp_path, monkeypatch, capsys):
+    import signal
+
+    from conftest import tiny_config
+    from pretrain.trainer import PreemptionSignal, train
+
+    _signal_at_step(monkeypatch, 2, signal.SIGINT)
+    summary = train(tiny_config(tiny_data, tmp_path / "run", "train.steps=4"))
+    assert summary["preempted"] and summary["step"] == 2
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-00000002"
+    assert "Ctrl-C: saving at the end of this step" in capsys.readouterr().out
+    stop = PreemptionSignal()
+    try:
+        stop._handle(signal.SIGINT, None)
+        with pytest.raises(KeyboardInterrupt):
+            stop._handle(signal.SIGINT, None)
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
