@@ -85,7 +85,7 @@ class TrainConfig:
     run_dir: str = "runs/${name}"
     log_every: int = 10
     eval_every: int = 1000  # 0: never
-    eval_batches: int = 20  # micro-batches per source per rank: held-out samples grow with the world size
+    eval_batches: int = 20  # micro-batches per source in all, shared out between the ranks: any world size, same set
     save_every: int = 1000  # 0: only at the end
     async_save: bool = False  # single/fsdp: periodic saves copy to CPU memory, then write in the background
     keep_last: int = 3  # checkpoints kept; older ones are deleted
@@ -97,6 +97,7 @@ class TrainConfig:
     resume: str = "auto"  # auto (latest checkpoint of run_dir if any) | never | a checkpoint folder
     resume_changes: List[str] = field(default_factory=list)  # keys (or sections) whose new values a resumed run applies
     init_from: Optional[str] = None  # a new run starts from these weights: a checkpoint, an `import` folder, a .pth
+    profile_steps: List[int] = field(default_factory=list)  # [first, last]: a torch.profiler trace of these steps
 
 
 @dataclass
@@ -246,6 +247,8 @@ def validate(cfg: ExperimentConfig) -> None:
         positive["train.eval_batches"] = t.eval_batches  # batches of each evaluation (train.eval_every=0: none)
     if cfg.metrics.peak_flops is not None:
         positive["metrics.peak_flops"] = cfg.metrics.peak_flops
+    if t.profile_steps and (len(t.profile_steps) != 2 or not 0 < t.profile_steps[0] <= t.profile_steps[1]):
+        raise ConfigError(f"train.profile_steps={list(t.profile_steps)}: give [first, last], 0 < first <= last")
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{key} must be positive, got {value}")
@@ -468,7 +471,8 @@ FREE_ON_RESUME = (
             "micro_batch_size device precision strategy fsdp_shard_size tensor_parallel reshard_after_forward "
             "zero_stage offload_optimizer offload_params deepspeed_json activation_checkpointing compile "
             "loss_chunk_tokens seed run_dir log_every eval_every eval_batches save_every async_save keep_last on_nan "
-            "stop_at resume init_from resume_changes verify_checkpoints max_consecutive_skips skip_batches"
+            "stop_at resume init_from resume_changes verify_checkpoints max_consecutive_skips skip_batches "
+            "profile_steps"
         ).split()
     ),
 )

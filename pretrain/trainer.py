@@ -26,6 +26,7 @@ from pretrain.metrics import MetricLogger, ThroughputMeter, device_peak_flops, d
 from pretrain.model import flops_per_token
 from pretrain.optim import apply_optim_config, build_scheduler
 from pretrain.parallel import Strategy, build_strategy
+from pretrain.profiling import StepProfiler
 from pretrain.runtime import configure_threads, requeue_slurm_job
 from pretrain.spikes import SpikeMonitor
 
@@ -314,8 +315,10 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
     rollbacks_in_a_row, rollback_step = 0, 0  # rollbacks since the run last got past the step of one
     steps_done, started = 0, time.perf_counter()  # in this launch, for the ETA
     stop_signal = PreemptionSignal()
+    profiler = StepProfiler(t.profile_steps, run_dir, strategy.rank, strategy.device)
     try:
         while step < last_step:
+            profiler.before(step + 1)
             t0 = time.perf_counter()
             micro_batches = loader.next_batch()
             meter.step(time.perf_counter() - t0)
@@ -325,6 +328,8 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
             )
             step += 1
             steps_done += 1
+            if (traced := profiler.after(step)) is not None:
+                say(f"step {step:>6} | profile of steps {t.profile_steps[0]}-{step} written to {traced}")
             trouble = None
             if not applied:
                 trouble = f"loss {loss.item()}, grad norm {grad_norm.item()}"
@@ -417,6 +422,7 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
                 break
 
     finally:
+        profiler.close()  # a run that ended inside the window: the steps traced so far
         loader.close()
         stop_signal.restore()
 

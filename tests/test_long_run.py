@@ -327,3 +327,25 @@ def test_steps_and_tokens_given_together_in_a_yaml_are_refused_and_a_budget_run_
     )
     applied, _ = resume_changes(saved, extended, "step-00238419")  # the README's way to extend a run
     assert applied == ["train.steps: 238419 -> 300000"]
+
+
+def test_profile_steps_write_a_chrome_trace_of_those_steps_with_memory(tiny_data, tmp_path):
+    import json
+
+    from conftest import tiny_config
+    from pretrain.trainer import train
+
+    train(tiny_config(tiny_data, tmp_path / "run", "train.steps=4", "train.profile_steps=[2,3]"))
+    (trace,) = (tmp_path / "run" / "profile").glob("rank00000*.pt.trace.json")
+    events = json.loads(trace.read_text())["traceEvents"]  # the Chrome trace format: Perfetto and TensorBoard
+    steps = sorted({e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")})
+    assert len(steps) == 2, steps  # steps 2 and 3, not 1 or 4
+    assert any(e.get("name") == "[memory]" for e in events)  # allocations recorded
+    assert any("aten::mm" == e.get("name") for e in events)  # the model's matmuls are in it
+
+
+def test_profile_steps_are_checked():
+    from pretrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"train.profile_steps=\[3, 2\]: give \[first, last\]"):
+        load_config("debug", ["train.profile_steps=[3,2]"])
