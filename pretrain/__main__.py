@@ -15,6 +15,8 @@ from pretrain.config import ConfigError, ExperimentConfig, load_config, to_dict
 from pretrain.errors import NonFiniteLoss
 
 OVERRIDES_HELP = "key=value overrides (keys below), e.g. train.steps=100"
+# the commands that read a checkpoint: its files are checked against its checksums.json before any is read
+READS_CHECKPOINT = ("consolidate", "evaluate", "export-hf", "export-peft", "generate", "lm-eval")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -419,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     try:
+        if args.command in READS_CHECKPOINT:
+            from pretrain.checkpoint import verify_checkpoint
+
+            verify_checkpoint(args.checkpoint)
         if args.command == "config":
             cmd_config(args.config, args.overrides, args.json)
         elif args.command == "info":

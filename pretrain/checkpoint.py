@@ -161,6 +161,22 @@ def damaged_files(folder: Path, rank: int = 0, world_size: int = 1, hashes: bool
     return problems
 
 
+def verify_checkpoint(folder: str | os.PathLike, hashes: bool = True) -> None:
+    """Refuse checkpoint `folder` before anything of it is read when a file its checksums.json lists is
+    missing, truncated or damaged (sizes, and sha256 with `hashes`), naming each file (`damaged_files`). A
+    folder without checksums.json (an `import` folder, one written before checksums) or a file passes."""
+    folder = Path(folder)
+    if not (folder / CHECKSUMS).is_file():
+        return
+    problems = damaged_files(folder, hashes=hashes)
+    if problems:
+        others = [p.name for p in sorted(folder.parent.glob("step-" + "[0-9]" * 8)) if p != folder]
+        beside = f" (beside it: {', '.join(others[-3:])})" if others else ""
+        raise CheckpointError(
+            f"{folder} is damaged: {'; '.join(problems)}. Nothing was read from it; use another checkpoint{beside}"
+        )
+
+
 def first_os_error(error: BaseException) -> Optional[OSError]:
     """The first OSError with an errno behind `error`: its cause, context, or a rank's failure inside a
     torch.distributed.checkpoint CheckpointException."""
@@ -188,9 +204,11 @@ def newest_file(folder: Path) -> Optional[Path]:
 class CheckpointManager:
     """Saves, finds and loads the checkpoints of one run; each stateful part saves itself."""
 
-    def __init__(self, run_dir: str | os.PathLike, strategy: Strategy, keep_last: int, verify: bool = True):
+    def __init__(
+        self, run_dir: str | os.PathLike, strategy: Strategy, keep_last: int, verify: bool = True, keep_every: int = 0
+    ):
         self.dir = Path(run_dir) / "checkpoints"
-        self.strategy, self.keep_last, self.verify = strategy, keep_last, verify
+        self.strategy, self.keep_last, self.verify, self.keep_every = strategy, keep_last, verify, keep_every
         self._pending: Optional[tuple[Path, Path, Any]] = None  # (tmp, final, future) of a background save
         self._checked: Optional[Path] = None  # the checkpoint `check` last found whole
 
@@ -296,12 +314,30 @@ class CheckpointManager:
             culprit = os_error.filename if os_error is not None and os_error.filename else newest_file(tmp)
             if self.strategy.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            if os_error is None:
+            if os_error is None or isinstance(error, CheckpointError):  # the latter already says what happened
                 raise
-            free = shutil.disk_usage(self.dir if self.dir.is_dir() else self.dir.parent).free
             raise CheckpointError(
                 f"saving {tmp.name[: -len(TMP)]} failed: [Errno {os_error.errno}] {os_error.strerror}: {culprit} "
-                f"({free / 1e9:.2f} GB free on {self.dir}); the partial {tmp.name} was removed"
+                f"({self._free_space()}); the partial {tmp.name} was removed"
+            ) from None
+
+    def _free_space(self) -> str:
+        """`12.34 GB free on <checkpoints folder>`, for a message about a failed write."""
+        free = shutil.disk_usage(self.dir if self.dir.is_dir() else self.dir.parent).free
+        return f"{free / 1e9:.2f} GB free on {self.dir}"
+
+    def _point_latest(self, final: Path) -> None:
+        """Point `latest` at the published checkpoint `final`. When that write fails (the disk full just after
+        the rename), `final` is kept, complete, and the error says so and how to resume from it."""
+        pointer = self.dir / LATEST
+        try:
+            atomic_write_bytes(pointer, final.name.encode())
+        except OSError as e:
+            still = pointer.read_text().strip() if pointer.is_file() else "no checkpoint"
+            raise CheckpointError(
+                f"saving {final.name}: writing {pointer} failed ([Errno {e.errno}] {e.strerror or e}; "
+                f"{self._free_space()}): {final} is complete but `latest` still names {still}; resume from it "
+                f"with train.resume={final}"
             ) from None
 
     def _publish(self, tmp: Path, final: Path) -> None:
@@ -321,7 +357,7 @@ class CheckpointManager:
                 os.replace(final, replaced)
             os.replace(tmp, final)
             fsync_dir(self.dir)
-            atomic_write_bytes(self.dir / LATEST, final.name.encode())
+            self._point_latest(final)
             if replaced.exists():
                 shutil.rmtree(replaced)
             self._prune(final)
@@ -388,8 +424,10 @@ class CheckpointManager:
 
     def _prune(self, keep: Path) -> None:
         """Delete the oldest complete checkpoints but `keep` (the one `latest` names) until `keep_last`
-        are left; each is renamed to `.deleting` first, so a half-deleted one never looks complete."""
-        done = self._step_folders()
+        are left, not counting those of a step divisible by `keep_every`, which stay for good; each is
+        renamed to `.deleting` first, so a half-deleted one never looks complete."""
+        kept = (lambda p: int(p.name[5:]) % self.keep_every == 0) if self.keep_every else (lambda p: False)
+        done = [p for p in self._step_folders() if not kept(p)]
         others = [p for p in done if p != keep]
         for old in others[: max(len(done) - self.keep_last, 0)]:
             gone = old.with_name(old.name + DELETING)

@@ -89,6 +89,7 @@ class TrainConfig:
     save_every: int = 1000  # 0: only at the end
     async_save: bool = False  # single/fsdp: periodic saves copy to CPU memory, then write in the background
     keep_last: int = 3  # checkpoints kept; older ones are deleted
+    keep_every: int = 0  # > 0: checkpoints of steps divisible by this are never deleted (old points to go back to)
     verify_checkpoints: bool = True  # sha256 of every checkpoint file, written on save and checked on load
     on_nan: str = "stop"  # a NaN/Inf loss or gradient norm: stop | skip the update | rollback (as for a spike)
     max_consecutive_skips: int = 5  # skipped updates or spike rollbacks in a row before the run stops; 0: no limit
@@ -130,6 +131,7 @@ class SpikeConfig:
     """Loss-spike recovery: on a spike, go back to the last checkpoint before it and skip the batches after it."""
 
     factor: float = 0.0  # a spike: loss > factor x the running statistic of the last `window` losses; 0: off
+    grad_norm_factor: float = 0.0  # a spike too: grad norm > this x the statistic of the last grad norms; 0: off
     window: int = 100  # losses in the running statistic (fewer than this: no check yet)
     stat: str = "median"  # median | mean
     after_step: Optional[int] = None  # no check before this step; None: after optim.warmup_steps
@@ -282,7 +284,9 @@ def validate(cfg: ExperimentConfig) -> None:
         "train.max_consecutive_skips": t.max_consecutive_skips,
         "train.skip_batches": t.skip_batches,
         "spike.factor": cfg.spike.factor,
+        "spike.grad_norm_factor": cfg.spike.grad_norm_factor,
         "spike.skip_batches": cfg.spike.skip_batches,
+        "train.keep_every": t.keep_every,
         "lm_eval.every": cfg.lm_eval.every,
     }.items():
         if value < 0:
@@ -319,6 +323,8 @@ def validate(cfg: ExperimentConfig) -> None:
         )
     if cfg.spike.factor and cfg.spike.factor <= 1:
         raise ConfigError(f"spike.factor must be > 1 (or 0: off), got {cfg.spike.factor}")
+    if cfg.spike.grad_norm_factor and cfg.spike.grad_norm_factor <= 1:
+        raise ConfigError(f"spike.grad_norm_factor must be > 1 (or 0: off), got {cfg.spike.grad_norm_factor}")
     if cfg.spike.stat not in ("median", "mean"):
         raise ConfigError(f"spike.stat='{cfg.spike.stat}' must be median or mean")
     if cfg.spike.window < 1:
@@ -470,7 +476,8 @@ FREE_ON_RESUME = (
         for key in (
             "micro_batch_size device precision strategy fsdp_shard_size tensor_parallel reshard_after_forward "
             "zero_stage offload_optimizer offload_params deepspeed_json activation_checkpointing compile "
-            "loss_chunk_tokens seed run_dir log_every eval_every eval_batches save_every async_save keep_last on_nan "
+            "loss_chunk_tokens seed run_dir log_every eval_every eval_batches save_every async_save keep_last "
+            "keep_every on_nan "
             "stop_at resume init_from resume_changes verify_checkpoints max_consecutive_skips skip_batches "
             "profile_steps"
         ).split()

@@ -5,6 +5,11 @@ write torch.distributed.checkpoint folders, read here without a process group; D
 with its own `zero_to_fp32` at ZeRO 1-3, or from the replicated module state at stage 0), from a
 folder written by `import`, or from one `.pth` / `.safetensors` file of Meta-named tensors (what
 `consolidate` writes). It serves `consolidate`, `export-hf`, `generate` and `train.init_from`.
+
+A folder with a checksums.json is checked first: the commands verify every file (sizes and sha256,
+`pretrain.checkpoint.verify_checkpoint`) before they read; `WeightReader` itself compares sizes only
+(a `stat` per file), so `train.init_from` and an adapter's base (whose sha256 `open_base` checks) refuse a
+truncated or half-deleted folder by name without hashing it on every rank.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 
 from data_pipeline.shards import atomic_open
+from pretrain.checkpoint import TRAINER, load_torch, verify_checkpoint
 from pretrain.checkpoint_layout import DCP_DIR, DEEPSPEED_LAYOUT, DEEPSPEED_TAG, dcp_without_process_group
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -27,6 +33,7 @@ class WeightReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = path = Path(path)
+        verify_checkpoint(path, hashes=False)
         self._state: dict[str, torch.Tensor] | None = None
         if (path / DCP_DIR).is_dir():
             from torch.distributed.checkpoint import FileSystemReader
@@ -73,8 +80,8 @@ class WeightReader:
         if self._state is not None:
             self.shapes = {name: tuple(t.shape) for name, t in self._state.items()}
             self._get = self._state.__getitem__
-        if (path / "trainer.pt").is_file():  # an adapter run's checkpoint holds the adapter; its base is named
-            self._add_base(torch.load(path / "trainer.pt", weights_only=False))
+        if (path / TRAINER).is_file():  # an adapter run's checkpoint holds the adapter; its base is named
+            self._add_base(load_torch(path / TRAINER))
 
     def _add_base(self, trainer: dict) -> None:
         """Serve the base weights of an adapter-only checkpoint (`pretrain.adapters.open_base`) beside its own."""
@@ -125,10 +132,10 @@ class WeightReader:
 
 def checkpoint_config(folder: str | os.PathLike) -> dict:
     """The config saved in checkpoint `folder` (an `import` folder holds its model section only)."""
-    path = Path(folder) / "trainer.pt"
+    path = Path(folder) / TRAINER
     if not path.is_file():
-        raise FileNotFoundError(f"{folder}: not a checkpoint folder (no trainer.pt)")
-    return torch.load(path, weights_only=False)["config"]
+        raise FileNotFoundError(f"{folder}: not a checkpoint folder (no {TRAINER})")
+    return load_torch(path)["config"]
 
 
 def consolidated_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

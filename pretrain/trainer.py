@@ -147,7 +147,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     be written, and cleaned of what a killed save left before anything is read from it.
     """
     strategy = build_strategy(cfg)
-    checkpoints = CheckpointManager(cfg.train.run_dir, strategy, cfg.train.keep_last, cfg.train.verify_checkpoints)
+    t = cfg.train
+    checkpoints = CheckpointManager(t.run_dir, strategy, t.keep_last, t.verify_checkpoints, t.keep_every)
     with RunFolder(cfg.train.run_dir, strategy, checkpoints):
         return _train(cfg, strategy, checkpoints)
 
@@ -285,14 +286,18 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
         counts = torch.tensor(loader.tokens_per_source, dtype=torch.float64, device=strategy.device)
         return (strategy.reduce_mean(counts) * strategy.data_world_size).round().long().tolist()
 
-    def go_back(bad_step: int, why: str) -> int:
-        """Back to the last checkpoint before `bad_step`; returns its step. The data moves `spike.skip_batches`
-        batches on from the checkpoint's position, and at least past the batch of `bad_step` (so a spike
-        long after the checkpoint, or a second one before the next save, never meets the same data)."""
+    def go_back(bad_step: int, why: str, before: int) -> int:
+        """Back to the last checkpoint before step `before` (`bad_step`, or further back after a failed retry);
+        returns its step. The data moves `spike.skip_batches` batches on from the checkpoint's position, and
+        at least past the batch of `bad_step` (so a spike long after the checkpoint, or a second one before
+        the next save, never meets the same data)."""
         checkpoints.wait()
-        target = checkpoints.latest_before(bad_step)
+        target = checkpoints.latest_before(before)
         if target is None:
-            raise NonFiniteLoss(f"step {bad_step}: {why}; no checkpoint before it to go back to (train.save_every)")
+            where = "before it" if before == bad_step else f"before step {before}, where the last retry started"
+            raise NonFiniteLoss(
+                f"step {bad_step}: {why}; no checkpoint {where} to go back to (train.save_every, train.keep_every)"
+            )
         start = time.perf_counter()
         state, skipped_batches = restore(target, cfg.spike.skip_batches, at_least=loader.state_dict()["index"])
         back = state["step"]
@@ -313,6 +318,7 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
     skipped, preempted = 0, False
     skips_in_a_row = 0  # updates skipped since the last applied one
     rollbacks_in_a_row, rollback_step = 0, 0  # rollbacks since the run last got past the step of one
+    rolled_back_to = 0  # the step of the checkpoint the last rollback went back to
     steps_done, started = 0, time.perf_counter()  # in this launch, for the ETA
     stop_signal = PreemptionSignal()
     profiler = StepProfiler(t.profile_steps, run_dir, strategy.rank, strategy.device)
@@ -336,7 +342,7 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
                 if t.on_nan == "stop":
                     raise NonFiniteLoss(f"step {step}: {trouble}; stopped (train.on_nan=skip skips such steps)")
             elif monitor.enabled:
-                trouble = monitor.check(step, loss.item())
+                trouble = monitor.check(step, loss.item(), grad_norm.item())
             if trouble is None:
                 skips_in_a_row = 0
                 if step >= rollback_step:
@@ -355,8 +361,11 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
                         f"{t.max_consecutive_skips}): stopped. Look at the data and the learning rate around step "
                         f"{step}, then resume (README: loss spikes)"
                     )
-                if rollback:
-                    step = go_back(step, f"loss spike, {trouble}" if applied else f"non-finite {trouble}")
+                if rollback:  # a retry that failed again goes one checkpoint further back than the last
+                    before = step if rollbacks_in_a_row == 1 else min(step, rolled_back_to)
+                    kind = "loss" if trouble.startswith("loss") else "gradient-norm"
+                    why = f"{kind} spike, {trouble}" if applied else f"non-finite {trouble}"
+                    step = rolled_back_to = go_back(step, why, before)
                     continue
                 skipped += 1
                 say(f"step {step}: {trouble}; update skipped ({skipped} so far)")

@@ -419,3 +419,76 @@ def test_leftovers_of_a_killed_save_and_a_killed_prune_are_removed_at_the_next_s
     os.replace(checkpoints / "step-00000003", checkpoints / "step-00000003.deleting")
     train(tiny_config(tiny_data, run, "train.steps=4"))
     assert losses(run) == straight
+
+
+# A checkpoint spoilt before a command reads it: (the file, what is done to it, what the error says of it)
+DAMAGE = {
+    "flipped": ("dcp/__0_0.distcp", flip_byte, "does not match the sha256 it was written with (damaged)"),
+    "truncated": ("trainer.pt", lambda path: path.write_bytes(path.read_bytes()[:-100]), "is "),
+    "deleted": ("dcp/.metadata", Path.unlink, "is missing"),
+}
+READERS = {  # command -> its arguments, given the checkpoint folder and a folder for its output
+    "consolidate": lambda folder, out: ["consolidate", str(folder), "-o", str(out / "model.pth")],
+    "export-hf": lambda folder, out: ["export-hf", str(folder), str(out / "hf")],
+    "evaluate": lambda folder, out: ["evaluate", str(folder), "--json", str(out / "eval.json")],
+    "generate": lambda folder, out: ["generate", str(folder), "Once upon", "--max-new-tokens", "2"],
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+@pytest.mark.parametrize("command", READERS)
+def test_a_command_refuses_a_damaged_checkpoint_in_one_line_naming_the_file(
+    stopped_run, tmp_path, capsys, command, damage
+):
+    from pretrain.__main__ import main
+
+    run, _ = stopped_run
+    folder, out = run / "checkpoints" / "step-00000002", tmp_path / "out"
+    out.mkdir()
+    name, spoil, said = DAMAGE[damage]
+    spoil(folder / name)
+    assert main(READERS[command](folder, out)) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {folder} is damaged: {folder / name} {said}"), captured.err
+    assert captured.err.count("\n") == 1 and "use another checkpoint" in captured.err, captured.err
+    assert list(out.iterdir()) == [] and "---" not in captured.out  # nothing written, nothing generated
+
+
+def test_a_checkpoint_without_checksums_is_still_read(stopped_run, tmp_path, capsys):
+    from pretrain.__main__ import main
+
+    run, _ = stopped_run
+    folder = run / "checkpoints" / "step-00000002"
+    (folder / CHECKSUMS).unlink()  # as an `import` folder, or a checkpoint written before checksums
+    assert main(["consolidate", str(folder), "-o", str(tmp_path / "model.pth")]) == 0
+    assert (tmp_path / "model.pth").is_file()
+
+
+def test_a_latest_pointer_that_cannot_be_written_keeps_the_complete_checkpoint(tiny_data, stopped_run, monkeypatch):
+    import errno
+
+    from pretrain import checkpoint
+
+    run, straight = stopped_run
+    checkpoints, write = run / "checkpoints", checkpoint.atomic_write_bytes
+
+    def disk_full_for_latest(path: Path, data: bytes) -> None:  # the disk fills just after the rename
+        if Path(path).name == "latest":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(path, data)
+
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", disk_full_for_latest)
+    with pytest.raises(CheckpointError) as error:
+        train(tiny_config(tiny_data, run, "train.steps=4"))
+    final = checkpoints / "step-00000004"
+    assert re.fullmatch(
+        rf"saving step-00000004: writing {re.escape(str(checkpoints / 'latest'))} failed \(\[Errno 28\] No space "
+        rf"left on device; [0-9.]+ GB free on \S+\): {re.escape(str(final))} is complete but `latest` still names "
+        rf"step-00000002; resume from it with train.resume={re.escape(str(final))}",
+        str(error.value),
+    ), str(error.value)
+    assert (checkpoints / "latest").read_text() == "step-00000002"
+    assert damaged_files(final) == []  # kept, whole
+    monkeypatch.undo()
+    summary = train(tiny_config(tiny_data, run, "train.steps=4", f"train.resume={final}"))
+    assert summary["step"] == 4 and losses(run) == straight

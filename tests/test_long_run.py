@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -180,14 +181,71 @@ def test_a_rollback_keeps_the_changes_a_resume_applied(tiny_data, tmp_path, monk
     assert lrs["spiky"] == lrs["straight"]  # steps 5-10 on the new peak rate, before and after going back
 
 
-def test_a_run_that_keeps_spiking_stops_after_the_cap(tiny_data, tmp_path, monkeypatch):
-    struck = _spike_at(monkeypatch, {5, 6, 7, 8, 9}, every_time=True)
+def test_a_run_that_keeps_spiking_goes_further_back_each_retry_and_stops_after_the_cap(
+    tiny_data, tmp_path, monkeypatch, capsys
+):
+    struck = _spike_at(monkeypatch, {7}, every_time=True)
     cfg = tiny_config(tiny_data, tmp_path / "run", *SPIKY, "train.max_consecutive_skips=3", "spike.skip_batches=1")
     with pytest.raises(
-        NonFiniteLoss, match=r"4 rollbacks in a row without getting past step 5 \(train.max_consecutive_skips=3"
+        NonFiniteLoss, match=r"4 rollbacks in a row without getting past step 7 \(train.max_consecutive_skips=3"
     ):
         train(cfg)
     assert len(struck) == 4  # three rollbacks, then the fourth spike in a row stops it
+    # each retry that spiked again went one checkpoint further back than the last (6, then 4, then 2)
+    out = capsys.readouterr().out
+    assert [line.split(": back to ")[1].split(",")[0] for line in out.splitlines() if ": back to " in line] == [
+        "step-00000006",
+        "step-00000004",
+        "step-00000002",
+    ]
+
+
+def test_a_retry_with_no_older_checkpoint_says_where_the_last_retry_started(tiny_data, tmp_path, monkeypatch):
+    _spike_at(monkeypatch, {5}, every_time=True)
+    cfg = tiny_config(tiny_data, tmp_path / "run", *SPIKY, "train.save_every=4")
+    with pytest.raises(NonFiniteLoss, match="no checkpoint before step 4, where the last retry started"):
+        train(cfg)
+
+
+def test_a_gradient_norm_spike_rolls_back_when_its_rule_is_on(tiny_data, tmp_path, monkeypatch):
+    import pretrain.trainer as trainer_mod
+
+    real = trainer_mod.train_step
+
+    def train_step(model, micro_batches, optimizer, scheduler, strategy, grad_clip):
+        loss, grad_norm, applied = real(model, micro_batches, optimizer, scheduler, strategy, grad_clip)
+        if scheduler.last_epoch == 7 and not getattr(train_step, "done", False):
+            train_step.done = True
+            grad_norm = grad_norm * 50  # the loss as it was: only the gradient norm says something is wrong
+        return loss, grad_norm, applied
+
+    monkeypatch.setattr(trainer_mod, "train_step", train_step)
+    rule = [*SPIKY, "spike.factor=0", "spike.grad_norm_factor=5"]
+    train(tiny_config(tiny_data, tmp_path / "on", *rule))
+    events = [r for r in records(tmp_path / "on") if r.get("event") == "rollback"]
+    assert len(events) == 1 and (events[0]["step"], events[0]["from_step"]) == (6, 7)
+    assert events[0]["why"].startswith("gradient-norm spike, grad norm ")
+    train_step.done = False
+    train(tiny_config(tiny_data, tmp_path / "off", *rule, "spike.grad_norm_factor=0"))
+    assert not [r for r in records(tmp_path / "off") if r.get("event") == "rollback"]
+
+
+def test_keep_every_keeps_those_checkpoints_out_of_rotation(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "run", "train.steps=10", "train.save_every=2", "train.keep_last=2")
+    train(cfg)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == [
+        "step-00000008",
+        "step-00000010",
+    ]
+    cfg = tiny_config(tiny_data, tmp_path / "kept", "train.steps=10", "train.save_every=2", "train.keep_last=2")
+    cfg = replace(cfg, train=replace(cfg.train, keep_every=4))
+    train(cfg)
+    assert sorted(p.name for p in (tmp_path / "kept" / "checkpoints").glob("step-*")) == [
+        "step-00000004",
+        "step-00000006",
+        "step-00000008",
+        "step-00000010",
+    ]
 
 
 def test_a_spike_before_any_checkpoint_stops_with_a_clear_message(tiny_data, tmp_path, monkeypatch):
@@ -221,14 +279,15 @@ def test_nan_skips_in_a_row_stop_at_the_cap_and_on_nan_rollback_goes_back(tiny_d
                 tiny_data, tmp_path / "skip", "train.steps=8", "train.on_nan=skip", "train.max_consecutive_skips=2"
             )
         )
-    with pytest.raises(NonFiniteLoss, match=r"3 rollbacks in a row without getting past step 4"):
+    # back to step 2; the retry fails again at step 4, and there is nothing further back than step 2
+    with pytest.raises(NonFiniteLoss, match=r"step 4: non-finite .*no checkpoint before step 2, where the last retry"):
         train(
             tiny_config(
                 tiny_data, tmp_path / "rollback", *SPIKY, "train.on_nan=rollback", "train.max_consecutive_skips=2"
             )
         )
     events = [r for r in records(tmp_path / "rollback") if r.get("event") == "rollback"]
-    assert [e["step"] for e in events] == [2, 2] and "non-finite" in events[0]["why"]
+    assert [e["step"] for e in events] == [2] and "non-finite" in events[0]["why"]
 
 
 # --- budgets in tokens, finished runs --------------------------------------------------------------------
