@@ -69,7 +69,8 @@ class Strategy:
            a time, each rank keeping its part (`write_initial_value`): `train.init_from`'s weights or
            the seeded ones (the adapter's: `pretrain.adapters.adapter_initial_values`), the same whatever
            the strategy and the number of ranks;
-        6. the loss computed `train.loss_chunk_tokens` tokens at a time.
+        6. the loss computed `train.loss_chunk_tokens` tokens at a time;
+        7. with an adapter, the frozen base in the storage the strategy keeps it in (`store_base`).
         """
         model = self.new_model(cfg.model)
         if cfg.peft.method != "none":
@@ -84,6 +85,8 @@ class Strategy:
             for name, param in model.named_parameters():
                 self.write_initial_value(param, values(name))
         model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
+        if cfg.peft.method != "none":
+            self.store_base(model, cfg)
         return model
 
     def new_model(self, args: ModelArgs) -> Transformer:
@@ -94,6 +97,9 @@ class Strategy:
     def add_adapter(self, model: Transformer, cfg: ExperimentConfig) -> None:
         """Add the adapter's modules to the model being built (no values yet) and freeze the base."""
         apply_adapters(model, cfg.peft, initialise=False)
+
+    def store_base(self, model: nn.Module, cfg: ExperimentConfig) -> None:
+        """Keep an adapter run's frozen base in this strategy's storage (as built by default)."""
 
     def parallelize(self, model: Transformer, cfg: ExperimentConfig) -> None:
         """Split each layer over the tensor-parallel ranks, in place (nothing without tensor parallelism)."""

@@ -29,24 +29,23 @@ class SingleDevice(Strategy):
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
-    def build_model(self, cfg: ExperimentConfig) -> torch.nn.Module:
-        """The model; with an adapter under bf16, the frozen base's matrices stored in bf16 (nothing trains them:
-        no fp32 master copy is needed, and autocast makes no bf16 copy of them), half the memory of the base;
-        with `peft.quantize=nf4`, the blocks' matrices in 4-bit NF4 (`pretrain.quantize`), an eighth."""
-        model = super().build_model(cfg)
+    def store_base(self, model: torch.nn.Module, cfg: ExperimentConfig) -> None:
+        """With an adapter under bf16, the frozen base's matrices stored in bf16 (nothing trains them: no fp32
+        master copy is needed, and autocast makes no bf16 copy of them), half the memory of the base; with
+        `peft.quantize=nf4`, the blocks' matrices in 4-bit NF4 (`pretrain.quantize`, from the bf16 values under
+        bf16 as QLoRA), about an eighth."""
         if cfg.peft.method != "none" and self.precision == Precision.bf16:
             with torch.no_grad():
                 for param in model.parameters():
                     if not param.requires_grad and param.ndim >= 2:
                         param.data = param.data.to(torch.bfloat16)
-        if cfg.peft.quantize == "nf4":  # QLoRA: the block matrices in 4 bits (from bf16 under bf16, as QLoRA)
+        if cfg.peft.quantize == "nf4":
             from pretrain.quantize import quantize_nf4
 
             try:
                 quantize_nf4(model)
             except ValueError as e:
                 raise ConfigError(f"peft.quantize=nf4: {e}") from None
-        return model
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == Precision.bf16:
