@@ -99,6 +99,7 @@ class TrainConfig:
     resume_changes: List[str] = field(default_factory=list)  # keys (or sections) whose new values a resumed run applies
     init_from: Optional[str] = None  # a new run starts from these weights: a checkpoint, an `import` folder, a .pth
     profile_steps: List[int] = field(default_factory=list)  # [first, last]: a torch.profiler trace of these steps
+    hang_timeout_s: float = 0.0  # > 0: a rank whose step, evaluation or save takes longer dumps stacks and exits
 
 
 @dataclass
@@ -287,6 +288,7 @@ def validate(cfg: ExperimentConfig) -> None:
         "spike.grad_norm_factor": cfg.spike.grad_norm_factor,
         "spike.skip_batches": cfg.spike.skip_batches,
         "train.keep_every": t.keep_every,
+        "train.hang_timeout_s": t.hang_timeout_s,
         "lm_eval.every": cfg.lm_eval.every,
     }.items():
         if value < 0:
@@ -479,7 +481,7 @@ FREE_ON_RESUME = (
             "loss_chunk_tokens seed run_dir log_every eval_every eval_batches save_every async_save keep_last "
             "keep_every on_nan "
             "stop_at resume init_from resume_changes verify_checkpoints max_consecutive_skips skip_batches "
-            "profile_steps"
+            "profile_steps hang_timeout_s"
         ).split()
     ),
 )

@@ -22,6 +22,7 @@ from pretrain.checkpoint import TRAINER, CheckpointManager, RunFolder, load_torc
 from pretrain.config import ConfigError, ExperimentConfig, resume_changes, to_dict, to_yaml
 from pretrain.errors import NonFiniteLoss
 from pretrain.evaluation import blend_weights, evaluate, held_out_sets
+from pretrain.health import HangWatchdog, describe_ranks, rank_stats
 from pretrain.metrics import MetricLogger, ThroughputMeter, device_peak_flops, duration
 from pretrain.model import flops_per_token
 from pretrain.optim import apply_optim_config, build_scheduler
@@ -322,8 +323,11 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
     steps_done, started = 0, time.perf_counter()  # in this launch, for the ETA
     stop_signal = PreemptionSignal()
     profiler = StepProfiler(t.profile_steps, run_dir, strategy.rank, strategy.device)
+    watchdog = HangWatchdog(t.hang_timeout_s, run_dir, strategy.rank, strategy.world_size)
+    watchdog.start()
     try:
         while step < last_step:
+            watchdog.beat(step, f"step {step + 1}")
             profiler.before(step + 1)
             t0 = time.perf_counter()
             micro_batches = loader.next_batch()
@@ -372,14 +376,17 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
             if step % t.log_every == 0 or step in (1, last_step):
                 last_loss = loss.item()
                 elapsed = time.perf_counter() - started
+                window, peak = meter.window(), strategy.peak_memory_gb()
+                ranks = rank_stats(strategy, window["step_time_s"], window["data_wait_frac"], peak)
                 logger.log(
                     {
                         "step": step,
                         "loss": last_loss,
                         "lr": lr,
                         "grad_norm": grad_norm.item(),
-                        **meter.window(),
-                        "peak_mem_gb": strategy.peak_memory_gb(),
+                        **window,
+                        "peak_mem_gb": peak,
+                        **{key: value for key, value in ranks.items() if key != "hosts"},
                         "tokens_seen": step * t.global_batch_tokens,
                         "skipped_steps": skipped,
                         "eta_s": elapsed / steps_done * (last_step - step),
@@ -390,6 +397,8 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
                 if predicted and not predicted.logged:
                     predicted.logged = True
                     say(predicted.line())
+                if ranks:
+                    say(f"step {step:>6} | {describe_ranks(ranks)}")
                 say.mark()
                 meter.reset()
             else:
@@ -397,6 +406,7 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
             if val_sets and (step % t.eval_every == 0 or step == last_step):
                 start = time.perf_counter()
                 say(f"step {step:>6} | evaluating {len(val_sets)} held-out sources ...")
+                watchdog.beat(step, "the evaluation")
                 record = evaluate(
                     model,
                     val_sets,
@@ -417,6 +427,7 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
                 logger.log({"step": step, **scores})  # the logger adds tokens_seen
                 say(f"step {step:>6} | lm-eval done in {time.perf_counter() - start:.1f} s")
                 meter.reset()
+            watchdog.beat(step, "the agreement on preemption and the save")
             preempted = strategy.any(stop_signal.received)
             checkpoints.poll()  # publish a finished asynchronous save
             if step == last_step or preempted:
@@ -431,6 +442,7 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
                 break
 
     finally:
+        watchdog.stop()
         profiler.close()  # a run that ended inside the window: the steps traced so far
         loader.close()
         stop_signal.restore()
