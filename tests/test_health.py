@@ -33,30 +33,31 @@ def _stopping_worker(rank: int, world_size: int, port: int, tiny_data: dict, run
     train(tiny_config(tiny_data, run_dir, "train.strategy=fsdp", *overrides))
 
 
-def test_a_stopped_rank_is_named_and_the_others_exit_within_the_timeout(tiny_data, tmp_path):
-    run_dir, timeout = tmp_path / "run", 5
-    args = (
-        2,
-        free_port(),
-        tiny_data,
-        run_dir,
-        ["train.steps=6", "train.micro_batch_size=2", f"train.hang_timeout_s={timeout}"],
+@pytest.mark.parametrize("how", ["timeout", "sigterm"])
+def test_a_stopped_rank_is_named_and_the_others_exit_within_the_timeout(tiny_data, tmp_path, how):
+    # "sigterm": a long timeout, and a SIGTERM to rank 0 while it is blocked in a collective with rank 1
+    run_dir, timeout = tmp_path / "run", 5 if how == "timeout" else 600
+    overrides = ["train.steps=6", "train.micro_batch_size=2", f"train.hang_timeout_s={timeout}"]
+    context = mp.start_processes(
+        _stopping_worker,
+        args=(2, free_port(), tiny_data, run_dir, overrides),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
     )
-    context = mp.start_processes(_stopping_worker, args=args, nprocs=2, join=False, start_method="spawn")
     rank0, rank1 = context.processes
     try:
-        deadline = time.monotonic() + 120
-        while not (run_dir / "heartbeats" / "rank00001").exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        stopped_at = None
+        deadline, stopped_at = time.monotonic() + 120, None
         while rank0.is_alive() and time.monotonic() < deadline:
             if stopped_at is None and _is_stopped(rank1.pid):
                 stopped_at = time.monotonic()
+                if how == "sigterm":
+                    time.sleep(1)  # rank 0 blocked in the step's collective by now
+                    os.kill(rank0.pid, signal.SIGTERM)
             time.sleep(0.2)
         assert not rank0.is_alive(), "rank 0 still blocked after 120 s"
-        assert stopped_at is not None
-        assert rank0.exitcode == 3
-        assert time.monotonic() - stopped_at < timeout + 30
+        assert stopped_at is not None and rank0.exitcode == 3
+        assert time.monotonic() - stopped_at < min(timeout, 30) + 30
     finally:
         for process in context.processes:
             if process.is_alive():
@@ -64,7 +65,8 @@ def test_a_stopped_rank_is_named_and_the_others_exit_within_the_timeout(tiny_dat
                 process.join()
     report = (run_dir / "hangs" / "rank00000.txt").read_text()
     first = report.splitlines()[0]
-    assert first.startswith("HANG rank 0 (") and "no progress for" in first and "in step 3" in first
+    why = "no progress for" if how == "timeout" else "signalled"
+    assert first.startswith("HANG rank 0 (") and why in first and "in step 3" in first, first
     assert "stuck: rank 1 (" in first  # the stopped rank wrote no report of its own
     assert "Thread" in report and "File " in report  # every thread's stack
     assert not (run_dir / "hangs" / "rank00001.txt").exists()
