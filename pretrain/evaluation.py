@@ -1,12 +1,14 @@
 """Held-out loss and perplexity per source, and blended by the training weights.
 
 Each source's validation split is packed into `seq_len + 1` windows of its own. An evaluation scores
-the first `n = min(train.eval_batches x micro_batch_size x world size, windows)` of them, the same
-every time: rank r takes windows r, r + W, r + 2W, ..., so the held-out set grows with the number of
-ranks, and the figures equal those of one process scoring the same `n` windows. Every rank runs the
-same number of forward passes (FSDP and ZeRO-3 gather parameters in each), a rank short of windows
-scoring a stand-in that counts for nothing. Sums of token losses are kept in float64 and added over
-ranks, so the mean is exact whatever the split.
+the first `n = min(train.eval_batches x micro_batch_size, windows)` of them, the same every time and
+whatever the world size: `train.eval_batches` counts micro-batches in total, not per rank. The `W`
+data-parallel ranks share them out, rank r taking windows r, r + W, r + 2W, ... (the last ranks one
+fewer when W does not divide n). Every rank runs the same number of forward passes (FSDP and ZeRO-3
+gather parameters in each), a rank short of windows scoring a stand-in that counts for nothing. Each
+window counts once, by its scored tokens (an SFT source's masked targets count for nothing): sums of
+token losses and of tokens are kept in float64 and added over ranks, so a run resumed on another number
+of ranks logs the figures it would have logged unbroken.
 
 `python -m pretrain evaluate CHECKPOINT` does the same for a saved checkpoint of any strategy.
 """
@@ -83,8 +85,9 @@ def evaluate(
 ) -> dict[str, float]:
     """Held-out loss and perplexity per source and blended: `val_loss/<source>`, `val_ppl/<source>`,
     `val_tokens/<source>` (tokens scored by all ranks), and `val_loss`, `val_ppl` (weighted by
-    `weights`, default equal). Every rank must call it at the same time. The held-out shards' sha256 is
-    checked first (`check_held_out`), so a damaged shard is never scored."""
+    `weights`, default equal), over the first `batches x micro_batch_size` windows of each source, shared
+    out between the data-parallel ranks. Every rank must call it at the same time. The held-out shards'
+    sha256 is checked first (`check_held_out`), so a damaged shard is never scored."""
     was_training = model.training
     # by data-parallel rank: the ranks of a tensor-parallel group score the same rows
     world, rank, device = strategy.data_world_size, strategy.data_rank, strategy.device
@@ -93,7 +96,7 @@ def evaluate(
     record: dict[str, float] = {}
     losses = {}
     for source, samples in sets.items():
-        n = min(batches * micro_batch_size * world, samples.n_windows)
+        n = min(batches * micro_batch_size, samples.n_windows)  # a total: the same windows on any world size
         mine = list(range(rank, n, world))
         passes = math.ceil(math.ceil(n / world) / micro_batch_size)
         sums = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, tokens)

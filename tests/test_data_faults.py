@@ -202,6 +202,34 @@ def test_flipped_bytes_in_a_held_out_shard_stop_the_evaluation_naming_the_shard(
         train(tiny_config(tiny_data, tmp_path / "run", f"data.root={root}", "train.steps=2", "train.eval_every=1"))
 
 
+@pytest.mark.parametrize("suffix", ["idx", "mask"])
+def test_a_flipped_byte_in_the_offsets_or_the_loss_mask_is_caught_by_the_checksum(tiny_data, tmp_path, capsys, suffix):
+    """The manifest's sha256 covers each shard's `.idx` (document offsets) and `.mask` (loss mask), not only
+    its `.bin`: a flipped byte that leaves the sizes and the last offset as they were is caught by
+    `verify`, by the shard check of a source and by the training loader's background check."""
+    from test_loader_shards import write_source
+
+    root = copy_tokens(tiny_data, tmp_path)
+    folder = root / tiny_data["sources"][0]
+    if suffix == "mask":
+        folder = root / "sft"
+        docs = [np.arange(1, 60), np.arange(100, 190)]
+        write_source(folder, root / tiny_data["sources"][0], {"train-00000": docs, "val-00000": docs}, masked=True)
+    path = folder / f"train-00000.{suffix}"
+    data = bytearray(path.read_bytes())
+    data[8] ^= 1  # .idx: the low byte of the first document's end offset; .mask: token 8's flag
+    path.write_bytes(bytes(data))
+    samples = PackedSamples(root, seq_len=32)  # sizes agree: opening does not notice
+    with pytest.raises(ShardError, match=rf"{path}: sha256 differs"):
+        SourceShards(folder, "train", verify_checksum=True)
+    assert main(["verify", str(root)]) == 2
+    assert f"{path}: sha256 differs" in capsys.readouterr().err
+    loader = BatchLoader(samples, 8, 2)
+    with pytest.raises(ShardError, match=rf"{path}: sha256 differs"):
+        loader.verifier.wait()
+    loader.close()
+
+
 # --- two writers of one file -------------------------------------------------------------------------
 
 

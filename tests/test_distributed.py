@@ -439,3 +439,24 @@ def test_zero2_optimizer_offload_steps_cpu_adam_matches_one_process_and_lora_res
     assert resumed["adam_steps"] == [6]  # 3 restored from the checkpoint, 3 made
     assert len(straight) == 6 and straight[-1] < straight[0]
     assert losses(tmp_path / "broken") == pytest.approx(straight, abs=1e-6)  # measured: bit for bit
+
+
+def test_validation_is_the_same_on_any_number_of_ranks_and_through_a_resume_on_fewer(tiny_data, tmp_path):
+    """`train.eval_batches` x micro_batch_size held-out windows per source in all, shared out between the ranks
+    (here 3: windows 0 and 2 on rank 0, window 1 and a stand-in pass on rank 1): 2 FSDP ranks log the val_loss
+    of one process, and a 2-rank run resumed on 1 rank logs that of the unbroken 2-rank run."""
+    common = ["train.steps=4", "train.micro_batch_size=1", "train.eval_every=2", "train.eval_batches=3"]
+    train(tiny_config(tiny_data, tmp_path / "single", *common))
+    run_distributed(tiny_data, tmp_path / "fsdp", *common)
+    run_distributed(tiny_data, tmp_path / "2to1", *common, "train.stop_at=2")
+    train(tiny_config(tiny_data, tmp_path / "2to1", *common))  # `single` reads the FSDP checkpoint
+    single, fsdp, resumed = (val_losses(tmp_path / run) for run in ("single", "fsdp", "2to1"))
+    assert sorted(single) == sorted(fsdp) == sorted(resumed) == [2, 4]
+    assert [fsdp[s] for s in (2, 4)] == pytest.approx([single[s] for s in (2, 4)], abs=1e-5)
+    assert [resumed[s] for s in (2, 4)] == pytest.approx([fsdp[s] for s in (2, 4)], abs=1e-5)
+    tokens = {}
+    for run in ("single", "fsdp", "2to1"):
+        records = map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+        tokens[run] = [{k: v for k, v in r.items() if k.startswith("val_tokens/")} for r in records if "val_loss" in r]
+    assert tokens["fsdp"] == tokens["single"] == tokens["2to1"]
+    assert tokens["fsdp"][0] == {f"val_tokens/{s}": 3 * 32 for s in tiny_data["sources"]}  # 3 windows of 32 targets

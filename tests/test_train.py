@@ -319,3 +319,81 @@ def test_a_stopped_run_puts_signal_handlers_back(tiny_data, tmp_path, monkeypatc
     with pytest.raises(NonFiniteLoss):
         train(tiny_config(tiny_data, tmp_path / "run", "train.steps=4"))
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_gradient_clipping_gives_the_update_of_the_clipped_gradient(tiny_data, tmp_path):
+    """Two `train_step`s with optim.grad_clip far below the gradient norm move the weights as AdamW does on
+    the gradients scaled down to that norm (torch's clip_grad_norm_ written out), not on the raw ones: the
+    first step already differs (AdamW's eps), the second by the two steps' unequal scaling."""
+    import copy
+
+    from data_pipeline.loader import BatchLoader
+    from pretrain.optim import build_scheduler
+    from pretrain.parallel.single import SingleDevice
+    from pretrain.trainer import load_data, train_step
+
+    clip = 0.05
+    cfg = tiny_config(tiny_data, tmp_path, f"optim.grad_clip={clip}")
+    strategy = SingleDevice(cfg)
+    torch.manual_seed(0)
+    model, optimizer = strategy.setup(cfg)
+    loader = BatchLoader(load_data(cfg), cfg.train.global_batch_tokens // cfg.data.seq_len, cfg.train.micro_batch_size)
+    batches = [loader.next_batch() for _ in range(2)]
+    loader.close()
+    by_hand = {}
+    for clipped in (True, False):
+        reference = copy.deepcopy(model)
+        reference_optimizer = strategy.build_optimizer(reference, cfg)
+        reference_scheduler = build_scheduler(reference_optimizer, cfg.optim, cfg.train.steps)
+        for micro_batches in batches:
+            for inputs, targets in micro_batches:
+                (reference(inputs, targets) / len(micro_batches)).backward()
+            grads = [p.grad for p in reference.parameters()]
+            norm = torch.stack([g.norm() for g in grads]).norm()
+            for g in grads:
+                g.mul_(min(1.0, clip / (float(norm) + 1e-6)) if clipped else 1.0)
+            reference_optimizer.step()
+            reference_optimizer.zero_grad(set_to_none=True)
+            reference_scheduler.step()
+        by_hand[clipped] = torch.cat([p.detach().flatten() for p in reference.parameters()])
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    norms = [float(train_step(model, mb, optimizer, scheduler, strategy, clip)[1]) for mb in batches]
+    assert min(norms) > 10 * clip  # the norm returned is the one before clipping
+    ours = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert (ours - by_hand[True]).abs().max() < 1e-6
+    assert (by_hand[False] - by_hand[True]).abs().max() > 1e-4  # unclipped, the update is another one
+
+
+def test_evaluation_weighs_each_held_out_window_by_its_scored_tokens(tiny_data, tmp_path):
+    """The first `batches x micro_batch_size` held-out windows, each target the loss scores counted once: the
+    figures of an SFT source (targets masked out) are those of its windows scored one by one, however the
+    windows are grouped into micro-batches."""
+    import numpy as np
+    from test_loader_shards import write_source
+
+    from data_pipeline.loader import IGNORE_INDEX, targets
+    from pretrain.evaluation import evaluate, held_out_sets
+    from pretrain.parallel.single import SingleDevice
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 512, n) for n in (100, 37, 250, 61)]
+    like = tiny_data["root"] / tiny_data["sources"][0]
+    write_source(tmp_path / "tokens" / "sft", like, {"train-00000": docs, "val-00000": docs}, masked=True)
+    cfg = tiny_config(tiny_data, tmp_path / "run", f"data.root={tmp_path / 'tokens'}")
+    strategy = SingleDevice(cfg)
+    torch.manual_seed(0)
+    model, _ = strategy.setup(cfg)
+    sets = held_out_sets(cfg)
+    loss_sum, scored = 0.0, 0
+    with torch.no_grad():
+        for window in range(6):
+            tokens, _, _, mask = sets["sft"].batch([window])
+            labels = targets(tokens, mask)
+            count = int((labels != IGNORE_INDEX).sum())
+            loss_sum += float(model(torch.from_numpy(tokens[:, :-1]), torch.from_numpy(labels))) * count
+            scored += count
+    assert 0 < scored < 6 * cfg.data.seq_len  # some targets masked out
+    for batches, micro_batch_size in [(6, 1), (3, 2), (2, 3), (1, 6)]:
+        record = evaluate(model, sets, strategy, batches, micro_batch_size, documents=False)
+        assert record["val_loss/sft"] == pytest.approx(loss_sum / scored, abs=1e-6)
+        assert record["val_tokens/sft"] == scored
