@@ -166,12 +166,21 @@ def main(args: argparse.Namespace) -> None:
     from pretrain.parallel.single import SingleDevice
 
     cfg = checkpoint_experiment(args.checkpoint, args.overrides)
-    strategy = SingleDevice(cfg) if int(os.environ.get("WORLD_SIZE", "1")) == 1 else _ranks(cfg)
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    sharded = ranks > 1 and cfg.peft.quantize == "none"  # a QLoRA base is NF4 under one process's strategy only
+    strategy = SingleDevice(cfg) if ranks == 1 else _sharded(cfg, args.checkpoint) if sharded else _ranks(cfg)
     sets = held_out_sets(cfg, args.sources.split(",") if args.sources else None, quiet=not strategy.is_main)
     if not sets:
         raise ConfigError(f"{cfg.data.root}: no source has a held-out window of {cfg.data.seq_len + 1} tokens")
-    model = load_for_inference(args.checkpoint, strategy.device)
-    model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
+    if sharded:  # each rank keeps its shard only, as in training: a 65B checkpoint on the GPUs that trained it
+        model = strategy.build_model(strategy.eval_cfg)
+        model.eval()
+        if strategy.is_main:
+            n = strategy.world_size
+            print(f"the model sharded over {n} ranks (FSDP): each holds 1/{n} of it")
+    else:
+        model = load_for_inference(args.checkpoint, strategy.device)
+        model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
     batches = args.batches or cfg.train.eval_batches
     start = time.perf_counter()
     if strategy.is_main:
@@ -194,6 +203,29 @@ def main(args: argparse.Namespace) -> None:
         import torch.distributed as dist
 
         dist.destroy_process_group()
+
+
+def _sharded(cfg: ExperimentConfig, checkpoint: Path):
+    """Evaluation under torchrun with the model sharded by FSDP2 over the ranks, its weights read from
+    `checkpoint` one tensor at a time (`train.init_from`), each rank keeping its shard."""
+    from dataclasses import replace
+
+    from pretrain.config import Checkpointing
+    from pretrain.parallel.fsdp import FSDP
+
+    train = replace(
+        cfg.train,
+        strategy="fsdp",
+        init_from=str(checkpoint),
+        tensor_parallel=1,
+        fsdp_shard_size=0,
+        activation_checkpointing=Checkpointing.none,
+        compile=False,
+    )
+    eval_cfg = replace(cfg, train=train, peft=replace(cfg.peft, init_from=None))
+    strategy = FSDP(eval_cfg)
+    strategy.eval_cfg = eval_cfg
+    return strategy
 
 
 def _ranks(cfg: ExperimentConfig):

@@ -40,6 +40,8 @@ def _evaluate_cli(checkpoint, out, batches: int, ranks: int) -> dict:
         cmd = ["-m", "torch.distributed.run", f"--nproc-per-node={ranks}", "--standalone", *cmd]
     done = subprocess.run([sys.executable, *cmd], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+    if ranks > 1:  # under torchrun the model is sharded, never whole on a rank
+        assert f"the model sharded over {ranks} ranks (FSDP): each holds 1/{ranks} of it" in done.stdout, done.stdout
     return json.loads(out.read_text())
 
 
@@ -405,3 +407,13 @@ def test_profile_steps_are_checked():
 
     with pytest.raises(ConfigError, match=r"train.profile_steps=\[3, 2\]: give \[first, last\]"):
         load_config("debug", ["train.profile_steps=[3,2]"])
+
+
+def test_an_adapter_checkpoint_evaluated_sharded_on_two_ranks_equals_one_process(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    lora = ["peft.method=lora", "peft.rank=4", "optim.lr=1e-2", "train.steps=2", "train.micro_batch_size=2"]
+    train(tiny_config(tiny_data, run, *lora))
+    checkpoint = run / "checkpoints" / "step-00000002"
+    one_process = _evaluate_cli(checkpoint, tmp_path / "one.json", batches=3, ranks=1)
+    two_ranks = _evaluate_cli(checkpoint, tmp_path / "two.json", batches=3, ranks=2)  # base + adapter, sharded
+    assert two_ranks["val_loss"] == pytest.approx(one_process["val_loss"], abs=1e-6)

@@ -262,7 +262,12 @@ def initial_values(cfg: ExperimentConfig) -> Callable[[str], torch.Tensor]:
     if cfg.peft.method == "none":
         return base
     adapter = adapter_initial_values(cfg, base)
-    return lambda name: adapter(name) if is_adapter_name(name) else base(name)
+    trained = set(reader.shapes) if reader is not None else set()  # an adapter checkpoint's own adapter
+
+    def value(name: str) -> torch.Tensor:
+        return adapter(name) if is_adapter_name(name) and name not in trained else base(name)
+
+    return value
 
 
 def init_from_weights(cfg: ExperimentConfig):
@@ -274,7 +279,10 @@ def init_from_weights(cfg: ExperimentConfig):
 
     try:
         reader = WeightReader(cfg.train.init_from)
-        reader.check(param_shapes(cfg.model))
+        shapes = param_shapes(cfg.model)  # an adapter checkpoint of this run's adapter may carry it too
+        adapter = all_param_shapes(cfg) if cfg.peft.method != "none" else {}
+        shapes.update({name: adapter[name] for name in reader.shapes if name in adapter and is_adapter_name(name)})
+        reader.check(shapes)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"train.init_from: {e}") from None
     return reader
