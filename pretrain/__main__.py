@@ -8,10 +8,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from pretrain.config import ConfigError, ExperimentConfig, load_config, to_dict
+from pretrain.config import (
+    CommandLineError,
+    ConfigError,
+    ExperimentConfig,
+    check_paths,
+    config_source,
+    divisors,
+    load_config,
+    path_not_found,
+    to_dict,
+)
 from pretrain.errors import NonFiniteLoss
 
 OVERRIDES_HELP = "key=value overrides (keys below), e.g. train.steps=100"
@@ -26,6 +37,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     if trainer is not None and hasattr(trainer, "NonFiniteLoss"):  # its own class, until it imports pretrain.errors
         errors.append(trainer.NonFiniteLoss)
     return tuple(errors)
+
+
+def launched_rank() -> int:
+    """This process's rank under a launcher (torchrun, deepspeed), else 0."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def budget_text(cfg: ExperimentConfig) -> str:
@@ -52,11 +68,10 @@ def cmd_info(
 ) -> None:
     """Print what a config means: parameters, FLOPs per token, batch and total compute; with a cluster
     (--gpus, --gpu), the predicted days and GPU-hours of its best layout."""
-    from data_pipeline.configfile import resolve_config_path
     from pretrain.model import count_params, flops_per_token, tensor_parallel_params
 
     cfg = load_config(config, overrides)
-    source = resolve_config_path(config)
+    source = config_source(config)
     m, seq = cfg.model, cfg.data.seq_len
     total, non_embedding = count_params(m)
     fpt = flops_per_token(m, seq)
@@ -132,6 +147,7 @@ def cmd_plan(config: str, overrides: list[str], tokens: list[str], total: float 
     from data_pipeline.shards import Manifest
 
     cfg = load_config(config, overrides)
+    check_paths(cfg, ["data.root"])
     given = {}
     for item in tokens:
         name, _, value = item.partition("=")
@@ -230,12 +246,36 @@ def cmd_layout(args: argparse.Namespace) -> int:
     return 0 if any(p.fits for p in predictions) else 1
 
 
+def check_launch(cfg: ExperimentConfig) -> None:
+    """The global batch against the data-parallel ranks of this launch (WORLD_SIZE), before any rank starts: a
+    batch that does not split is one `CommandLineError`, the same on every rank."""
+    t, seq = cfg.train, cfg.data.seq_len
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if t.strategy == "single" or world % t.tensor_parallel:  # one process each; a bad split: the strategy says so
+        return
+    ranks, micro_batches = world // t.tensor_parallel, t.global_batch_tokens // (t.micro_batch_size * seq)
+    if micro_batches % ranks:
+        *fewer, most = [str(n * t.tensor_parallel) for n in divisors(micro_batches)]
+        fits = f"{', '.join(fewer)} or {most}" if fewer else most
+        raise CommandLineError(
+            f"train.global_batch_tokens={t.global_batch_tokens} is {micro_batches} micro-batches of "
+            f"train.micro_batch_size={t.micro_batch_size} x data.seq_len={seq}, which do not split over the {ranks} "
+            f"data-parallel ranks of this launch (WORLD_SIZE={world}); launch {fits} processes, or make "
+            f"train.global_batch_tokens a multiple of {t.micro_batch_size * seq * ranks}"
+        )
+
+
 def cmd_train(config: str, overrides: list[str]) -> None:
-    """Train, then draw the plot and say where everything went."""
+    """Say which config file is read, train, then draw the plot and say where everything went."""
     from pretrain.plot import plot_metrics
     from pretrain.trainer import train
 
-    summary = train(load_config(config, overrides))
+    cfg = load_config(config, overrides)
+    check_launch(cfg)
+    check_paths(cfg, ["data.tokenizer", "data.root", "train.init_from"])
+    if launched_rank() == 0:
+        print(f"read {config_source(config)}", flush=True)
+    summary = train(cfg)
     if summary.get("already_finished"):  # the trainer said so, with the last logged loss
         return
     if summary["rank"] == 0 and Path(summary["metrics"]).is_file():
@@ -275,7 +315,12 @@ def cmd_generate(checkpoint: Path, tokenizer: Path | None, prompts: list[str], o
     from pretrain.quantize import nf4_bytes, nf4_weights, quantize_nf4
 
     device = torch.device(opts.device if opts.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    sp = spm.SentencePieceProcessor(model_file=str(find_tokenizer(checkpoint, tokenizer)))
+    path = find_tokenizer(checkpoint, tokenizer)
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except RuntimeError:  # sentencepiece's error for a file it cannot parse
+        what = f"--tokenizer {path}" if tokenizer is not None else f"{checkpoint}: its tokenizer {path}"
+        raise ConfigError(f"{what}: not a SentencePiece model") from None
     model = load_for_inference(checkpoint, device)
     if virtual_positions(model):
         print(f"--- {virtual_positions(model)} virtual positions of its adapter in front: no key/value cache")
@@ -415,12 +460,31 @@ def main(argv: list[str] | None = None) -> int:
         "each rank scores its own slice.",
     )
     p.add_argument("checkpoint", type=Path, help="a checkpoint folder, e.g. runs/debug/checkpoints/step-00000160")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value overrides of the checkpoint's config: data.*, train.eval_batches, train.micro_batch_size, "
+        "train.loss_chunk_tokens, train.device, train.precision, train.reshard_after_forward (the model and the run "
+        "are the checkpoint's)",
+    )
     p.add_argument("--sources", help="comma-separated sources (default: all of the run's)")
-    p.add_argument("--batches", type=int, help="micro-batches per source per rank (default: train.eval_batches)")
+    p.add_argument(
+        "--batches",
+        type=int,
+        help="micro-batches per source in total, shared out between the ranks (default: train.eval_batches)",
+    )
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)  # overrides after an option come back here: taken in order
     try:
+        taking = hasattr(args, "overrides")
+        stray = [token for token in extra if not (taking and "=" in token and not token.startswith("-"))]
+        if stray:
+            what = "neither a key=value override nor an option" if taking else "not an option"
+            raise CommandLineError(
+                f"{args.command}: '{stray[0]}' is {what} of it (python -m pretrain {args.command} --help)"
+            )
+        if extra:
+            args.overrides = [*args.overrides, *extra]
         if args.command in READS_CHECKPOINT:
             from pretrain.checkpoint import verify_checkpoint
 
@@ -439,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
             from pretrain.consolidate import checkpoint_config
             from pretrain.export import export_hf
 
+            if args.tokenizer is not None and not args.tokenizer.is_file():
+                raise FileNotFoundError(path_not_found(f"--tokenizer {args.tokenizer}", args.tokenizer))
             print(export_hf(args.checkpoint, args.output, args.tokenizer, args.dtype, merge=args.merge))
             method = checkpoint_config(args.checkpoint).get("peft", {}).get("method", "none")
             if method != "none" and not args.merge:
@@ -473,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics = args.run if args.run.suffix == ".jsonl" else args.run / "metrics.jsonl"
             print(plot_metrics(metrics, args.output or metrics.parent / "plot.png"))
     except user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not isinstance(e, CommandLineError) or launched_rank() == 0:  # the same on every rank: said once
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a training run saves on the first Ctrl-C and only stops here on a second one
         print(f"interrupted (Ctrl-C): {args.command} stopped", file=sys.stderr)

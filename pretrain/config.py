@@ -188,9 +188,68 @@ class ExperimentConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
 
 
+class CommandLineError(ConfigError):
+    """A config or override that cannot run, found from the command line and config files alone, before any
+    rank does work of its own: the same on every rank of a launch, so `python -m pretrain` reports it once."""
+
+
+REPO_ROOT = CONFIGS_DIR.parent  # the default paths of the configs (data/..., runs/...) are relative to it
+
+
+def config_source(name: str | os.PathLike) -> Path:
+    """The YAML file of `name` (`resolve_config_path`); one error line naming the experiments when none is."""
+    try:
+        return resolve_config_path(name)
+    except ConfigError:
+        pass
+    if "=" in str(name):
+        raise ConfigError(f"'{name}' stands where the config goes: give the config first, then key=value overrides")
+    experiments = ", ".join(sorted(path.stem for path in (CONFIGS_DIR / "experiments").glob("*.yaml")))
+    raise ConfigError(
+        f"config file not found: '{name}' is no file relative to {Path.cwd()} or to {CONFIGS_DIR}; a bare name is "
+        f"one of the experiments: {experiments}"
+    )
+
+
+def path_not_found(what: str, path: str | os.PathLike, hint: str = "") -> str:
+    """`WHAT: not found; HINT`, with the folder a relative path was taken relative to (the working directory)."""
+    where = "" if Path(path).is_absolute() else f" (relative to {Path.cwd()})"
+    return f"{what}: not found{where}" + (f"; {hint}" if hint else "")
+
+
+def away_from_root(instead: str = "give an absolute path") -> str:
+    """The remedy for a relative path of a config not found away from the repository root, where the configs'
+    paths are relative to (`data/...`): run from there, or `instead`; "" at the root."""
+    if Path.cwd().resolve() == REPO_ROOT.resolve():
+        return ""
+    return f"run from the repository root ({REPO_ROOT}) or {instead}"
+
+
+def check_paths(cfg: ExperimentConfig, keys: Sequence[str]) -> None:
+    """Refuse the first relative path among `keys` (e.g. data.tokenizer) that is not there, in one line naming
+    the key, the path and what it was taken relative to (absolute ones are left to the code that reads them)."""
+    values, sample = flat_config(to_dict(cfg)), flat_config(to_dict(ExperimentConfig()))  # the sample data's
+    for key in keys:
+        value = values[key]
+        if value is not None and not Path(value).is_absolute() and not Path(value).exists():
+            prepare = "run `python -m data_pipeline prepare` first (the sample data)" if value == sample[key] else ""
+            raise ConfigError(path_not_found(f"{key}={value}", value, away_from_root() or prepare))
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Schema defaults <- YAML (with its defaults) <- `key=value` overrides, then validated."""
-    config: ExperimentConfig = load_structured(ExperimentConfig, path, overrides)
+    """Schema defaults <- YAML (with its defaults) <- `key=value` overrides, then validated. A mistake is a
+    `CommandLineError`: it depends on the command line and the config files only."""
+    try:
+        return _load_config(path, overrides)
+    except ConfigError as e:
+        raise CommandLineError(str(e)) from None
+
+
+def _load_config(path: str | os.PathLike | None, overrides: Sequence[str]) -> ExperimentConfig:
+    """`load_config` before its errors become `CommandLineError`s."""
+    config: ExperimentConfig = load_structured(
+        ExperimentConfig, None if path is None else config_source(path), overrides
+    )
     t = config.train
     last = {key: n for n, o in enumerate(overrides) for key in ("train.steps=", "train.tokens=") if o.startswith(key)}
     if t.tokens is not None and last.get("train.steps=", -1) > last.get("train.tokens=", -1):

@@ -28,7 +28,7 @@ from torch import nn
 from data_pipeline.loader import IGNORE_INDEX, PackedSamples, resolve_sources, targets
 from data_pipeline.shards import SourceShards
 from data_pipeline.tokenizer import file_sha256
-from pretrain.config import ConfigError, ExperimentConfig
+from pretrain.config import CommandLineError, ConfigError, ExperimentConfig, check_paths
 from pretrain.metrics import perplexity
 
 
@@ -157,6 +157,32 @@ def checkpoint_experiment(checkpoint: Path, overrides: Sequence[str]) -> Experim
         return load_config(path, overrides)
 
 
+# The keys of a checkpoint's config that `evaluate` applies: what it scores and how it runs. The model, its
+# adapter and the rest of the run are the checkpoint's own: an override of them would be ignored.
+EVALUATE_KEYS = (
+    "data",
+    "train.eval_batches",
+    "train.micro_batch_size",
+    "train.loss_chunk_tokens",
+    "train.device",
+    "train.precision",
+    "train.reshard_after_forward",  # the FSDP-sharded evaluation under torchrun
+)
+
+
+def evaluate_overrides(overrides: Sequence[str]) -> list[str]:
+    """`overrides`, refusing in one line the first of a key `evaluate` cannot apply (not in `EVALUATE_KEYS`)."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if "=" in item and not any(key == k or key.startswith(k + ".") for k in EVALUATE_KEYS):
+            taken = ", ".join(f"{k}.*" if "." not in k else k for k in EVALUATE_KEYS)
+            raise CommandLineError(
+                f"{item}: evaluate cannot apply {key} to a saved checkpoint (its model, adapter and run are its "
+                f"own); it takes overrides of {taken}"
+            )
+    return list(overrides)
+
+
 def main(args: argparse.Namespace) -> None:
     """Evaluate a checkpoint: one process, or every rank of a torchrun launch on its own slice."""
     import json
@@ -165,7 +191,8 @@ def main(args: argparse.Namespace) -> None:
     from pretrain.generate import load_for_inference
     from pretrain.parallel.single import SingleDevice
 
-    cfg = checkpoint_experiment(args.checkpoint, args.overrides)
+    cfg = checkpoint_experiment(args.checkpoint, evaluate_overrides(args.overrides))
+    check_paths(cfg, ["data.tokenizer", "data.root"])
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     sharded = ranks > 1 and cfg.peft.quantize == "none"  # a QLoRA base is NF4 under one process's strategy only
     strategy = SingleDevice(cfg) if ranks == 1 else _sharded(cfg, args.checkpoint) if sharded else _ranks(cfg)

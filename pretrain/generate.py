@@ -122,14 +122,23 @@ def load_for_inference(checkpoint: str | os.PathLike, device: torch.device | str
 
 
 def find_tokenizer(checkpoint: Path, given: Optional[Path]) -> Path:
-    """The tokenizer: as given, else the folder's own (`import`), else the run's `data.tokenizer`."""
+    """The tokenizer: as given, else the folder's own (`import`), else the run's `data.tokenizer`; one
+    FileNotFoundError naming the path (and what a relative one was taken relative to) when it is not there."""
+    from pretrain.config import away_from_root, path_not_found
+
     if given is not None:
+        if not given.is_file():
+            raise FileNotFoundError(path_not_found(f"--tokenizer {given}", given))
         return given
     if (checkpoint / "tokenizer.model").is_file():
         return checkpoint / "tokenizer.model"
     from pretrain.consolidate import checkpoint_config
 
-    path = Path(checkpoint_config(checkpoint).get("data", {}).get("tokenizer", ""))
+    configured = checkpoint_config(checkpoint).get("data", {}).get("tokenizer")
+    if not configured:
+        raise FileNotFoundError(f"{checkpoint}: no tokenizer.model in it and no data.tokenizer; pass --tokenizer")
+    path = Path(configured)
     if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint}: its tokenizer {path} is not here; pass --tokenizer")
+        what = f"{checkpoint}: its run's data.tokenizer={path}"
+        raise FileNotFoundError(path_not_found(what, path, away_from_root("pass --tokenizer") or "pass --tokenizer"))
     return path

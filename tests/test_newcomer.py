@@ -214,3 +214,106 @@ def test_a_nan_loss_under_the_cli_is_one_error_line(tiny_data, tmp_path, monkeyp
     err = capsys.readouterr().err.strip()
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and "Traceback" not in err and len(errors) == 1 and errors[0].startswith("error: step 1: loss nan")
+
+
+# Traps a newcomer falls into (issue 24): each is one `error:` line and exit code 2, or says what it did.
+
+
+def error_line(capsys, *args: str) -> str:
+    """`python -m pretrain ARGS` in this process: it must fail with exit code 2 and one `error:` line."""
+    capsys.readouterr()
+    code = main(list(args))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), (code, err)
+    return err
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_data, tmp_path_factory) -> Path:
+    """A one-step checkpoint of the tiny config."""
+    run_dir = tmp_path_factory.mktemp("newcomer_run")
+    train(tiny_config(tiny_data, run_dir, "train.steps=1"))
+    return run_dir / "checkpoints" / "step-00000001"
+
+
+def test_a_bare_name_trains_its_experiment_and_says_which_file(tiny_data, tmp_path, capsys):
+    out = cli(capsys, "train", "debug", *tiny_overrides(tiny_data, tmp_path / "run", "train.steps=1"))
+    assert f"read {ROOT / 'configs' / 'experiments' / 'debug.yaml'}\n" in out
+    assert "== debug: a new run" in out
+
+
+def test_an_unknown_config_name_is_one_line_naming_the_experiments(capsys):
+    err = error_line(capsys, "train", "no-such-run")
+    experiments = sorted(path.stem for path in (ROOT / "configs" / "experiments").glob("*.yaml"))
+    assert "'no-such-run'" in err and f"experiments: {', '.join(experiments)}" in err
+    err = error_line(capsys, "train", "train.steps=3", "debug")  # an override where the config goes
+    assert err.startswith("error: 'train.steps=3' stands where the config goes")
+
+
+def test_relative_paths_name_what_they_are_relative_to(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run_dir = f"train.run_dir={tmp_path / 'run'}"
+    away = f"(relative to {Path.cwd()}); run from the repository root ({ROOT}) or give an absolute path"
+    err = error_line(capsys, "train", "debug", run_dir, "wandb.mode=disabled")
+    assert err == f"error: data.tokenizer=data/tokenizer/sample.model: not found {away}"
+    assert not (tmp_path / "run").exists()
+    err = error_line(capsys, "plan", "debug")
+    assert err == f"error: data.root=data/tokens/sample: not found {away}"
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_one_line_from_rank_0(tiny_data, tmp_path):
+    overrides = tiny_overrides(tiny_data, tmp_path / "run", "train.strategy=fsdp")  # 8 sequences, 2 micro-batches
+    launch = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3")
+    result = run(*launch, "-m", "pretrain", "train", "debug", *overrides)
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and len(errors) == 1, result.stdout + result.stderr
+    assert "train.global_batch_tokens=256" in errors[0] and "WORLD_SIZE=3" in errors[0], errors
+    assert "exitcode  : 2" in result.stderr  # every rank exits with the same code
+    assert not (tmp_path / "run").exists()
+
+
+def test_generate_with_a_missing_or_wrong_tokenizer_is_one_line(tiny_checkpoint, tmp_path, capsys):
+    missing = tmp_path / "nope.model"
+    err = error_line(capsys, "generate", str(tiny_checkpoint), "hello", "--tokenizer", str(missing))
+    assert err == f"error: --tokenizer {missing}: not found"
+    wrong = tmp_path / "notes.model"
+    wrong.write_text("not a model")
+    err = error_line(capsys, "generate", str(tiny_checkpoint), "hello", "--tokenizer", str(wrong))
+    assert err.startswith(f"error: --tokenizer {wrong}: not a SentencePiece model")
+
+
+def val_tokens(path: Path) -> set[int]:
+    return {v for k, v in json.loads(path.read_text()).items() if k.startswith("val_tokens/")}
+
+
+def test_evaluate_refuses_overrides_a_checkpoint_cannot_take_and_applies_the_others(
+    tiny_checkpoint, tiny_data, tmp_path, monkeypatch, capsys
+):
+    for override in ("model.dim=512", "optim.lr=1", "peft.method=lora", "train.steps=9", "wandb.mode=online"):
+        err = error_line(capsys, "evaluate", str(tiny_checkpoint), "train.eval_batches=1", override)
+        key = override.split("=")[0]
+        assert err.startswith(f"error: {override}: evaluate cannot apply {key} to a saved checkpoint"), err
+    with monkeypatch.context() as launched:  # rank 1 of a launch: the same refusal, said by rank 0 only
+        launched.setenv("RANK", "1")
+        assert main(["evaluate", str(tiny_checkpoint), "model.dim=512"]) == 2 and capsys.readouterr().err == ""
+    out = tmp_path / "eval.json"
+    cli(
+        capsys,
+        "evaluate",
+        str(tiny_checkpoint),
+        "train.eval_batches=1",
+        f"data.root={tiny_data['root']}",
+        "--json",
+        str(out),
+    )
+    assert val_tokens(out) == {4 * 32}  # 1 micro-batch of 4 windows of data.seq_len=32 per source
+
+
+def test_overrides_after_a_flag_are_taken_and_a_stray_word_is_one_line(tiny_checkpoint, tmp_path, capsys):
+    resolved = json.loads(cli(capsys, "config", "debug", "train.steps=5", "--json", "train.steps=7"))
+    assert resolved["train"]["steps"] == 7
+    out = tmp_path / "eval.json"
+    cli(capsys, "evaluate", str(tiny_checkpoint), "--batches", "1", "train.micro_batch_size=2", "--json", str(out))
+    assert val_tokens(out) == {2 * 32}
+    err = error_line(capsys, "config", "debug", "--json", "steps")
+    assert err.startswith("error: config: 'steps' is neither a key=value override nor an option")
