@@ -30,6 +30,7 @@ from pretrain.parallel import Strategy, build_strategy
 from pretrain.profiling import StepProfiler
 from pretrain.runtime import configure_threads, requeue_slurm_job
 from pretrain.spikes import SpikeMonitor
+from pretrain.step_policy import TroublePolicy
 
 
 def lm_loss(
@@ -317,9 +318,7 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
     model.train()
     last_loss, last_ckpt = float("nan"), resume_from
     skipped, preempted = 0, False
-    skips_in_a_row = 0  # updates skipped since the last applied one
-    rollbacks_in_a_row, rollback_step = 0, 0  # rollbacks since the run last got past the step of one
-    rolled_back_to = 0  # the step of the checkpoint the last rollback went back to
+    policy = TroublePolicy(t.on_nan, t.max_consecutive_skips, monitor)
     steps_done, started = 0, time.perf_counter()  # in this launch, for the ETA
     stop_signal = PreemptionSignal()
     profiler = StepProfiler(t.profile_steps, run_dir, strategy.rank, strategy.device)
@@ -340,39 +339,14 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
             steps_done += 1
             if (traced := profiler.after(step)) is not None:
                 say(f"step {step:>6} | profile of steps {t.profile_steps[0]}-{step} written to {traced}")
-            trouble = None
-            if not applied:
-                trouble = f"loss {loss.item()}, grad norm {grad_norm.item()}"
-                if t.on_nan == "stop":
-                    raise NonFiniteLoss(f"step {step}: {trouble}; stopped (train.on_nan=skip skips such steps)")
-            elif monitor.enabled:
-                trouble = monitor.check(step, loss.item(), grad_norm.item())
-            if trouble is None:
-                skips_in_a_row = 0
-                if step >= rollback_step:
-                    rollbacks_in_a_row = 0
-            else:
-                rollback = applied or t.on_nan == "rollback"  # a spike, or a NaN with on_nan=rollback
-                if rollback:
-                    rollbacks_in_a_row, rollback_step = rollbacks_in_a_row + 1, max(rollback_step, step)
-                    count, what = rollbacks_in_a_row, f"rollbacks in a row without getting past step {rollback_step}"
-                else:
-                    skips_in_a_row += 1
-                    count, what = skips_in_a_row, "skipped updates in a row"
-                if t.max_consecutive_skips and count > t.max_consecutive_skips:
-                    raise NonFiniteLoss(
-                        f"step {step}: {trouble}; {count} {what} (train.max_consecutive_skips="
-                        f"{t.max_consecutive_skips}): stopped. Look at the data and the learning rate around step "
-                        f"{step}, then resume (README: loss spikes)"
-                    )
-                if rollback:  # a retry that failed again goes one checkpoint further back than the last
-                    before = step if rollbacks_in_a_row == 1 else min(step, rolled_back_to)
-                    kind = "loss" if trouble.startswith("loss") else "gradient-norm"
-                    why = f"{kind} spike, {trouble}" if applied else f"non-finite {trouble}"
-                    step = rolled_back_to = go_back(step, why, before)
-                    continue
+            decision = policy.judge(step, loss, grad_norm, applied)
+            if decision.action == "rollback":
+                step = go_back(step, decision.why, decision.before)
+                policy.rolled_back(step)
+                continue
+            if decision.action == "skip":
                 skipped += 1
-                say(f"step {step}: {trouble}; update skipped ({skipped} so far)")
+                say(f"step {step}: {decision.why}; update skipped ({skipped} so far)")
             if step % t.log_every == 0 or step in (1, last_step):
                 last_loss = loss.item()
                 elapsed = time.perf_counter() - started
