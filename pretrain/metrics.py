@@ -97,21 +97,68 @@ def wandb_mode(mode: str) -> str:
 # Charts of these metrics get tokens seen as their x-axis (wandb's define_metric); the others keep the step.
 TOKEN_AXIS_METRICS = ("loss", "val_loss", "val_ppl", "val_loss/*", "val_ppl/*", "lm_eval/*")
 
+# W&B's multi-tenant cloud: it forks runs, and rewinds them where W&B enabled it (a private preview). Self-managed
+# servers do neither; an offline run meets its server only at `wandb sync`.
+WANDB_CLOUD = "https://api.wandb.ai"
+
+
+def server_last_step(mode: str, entity: Optional[str], project: str, run_id: str) -> Optional[int]:
+    """The last step of `run_id` on a server that can branch runs (W&B's cloud; -1: no history); None offline, on
+    any other server, or when the server does not answer."""
+    if mode != "online":
+        return None
+    import wandb
+
+    try:
+        api = wandb.Api()
+        if api.settings["base_url"] != WANDB_CLOUD:
+            return None
+        return api.run(f"{entity or api.default_entity}/{project}/{run_id}").lastHistoryStep
+    except Exception as e:  # no such run (it never reached the server), no network
+        print(f"wandb: the server gave no last step of run {run_id} ({e})", flush=True)
+        return None
+
+
+def wandb_scalars(record: dict[str, Any]) -> dict[str, Any]:
+    """What wandb gets of a metrics.jsonl record: its values but `step` and nulls; an event's as `events/<name>` = 1
+    and its numeric fields as `events/<name>/<field>`."""
+    if "event" not in record:
+        return {k: v for k, v in record.items() if v is not None and k != "step"}
+    name = record["event"]
+    fields = {k: v for k, v in record.items() if k not in ("step", "event") and _is_number(v)}
+    return {f"events/{name}": 1, **{f"events/{name}/{k}": v for k, v in fields.items()}}
+
+
+def new_run_id() -> str:
+    """A fresh wandb run id (as the trainer makes one)."""
+    return uuid.uuid4().hex[:12]
+
 
 class MetricLogger:
     """One record per log step, to the console, metrics.jsonl, wandb and TensorBoard (rank 0 only).
 
     On a resume from a checkpoint at step S, and on `rewind(S)` (a rollback), every history goes back to S:
-    metrics.jsonl keeps the records of steps <= S, the wandb run is rewound to S (`wandb.history=rewind`:
-    `resume_from="<id>?_step=S"`, the same run id) or forked at S (`fork`: a new run, whose id is `run_id`
-    from then on: the trainer saves it in its checkpoints), and TensorBoard purges the events after S.
+    metrics.jsonl keeps the records of steps <= S, TensorBoard purges the events after S, and wandb gets a run whose
+    history is metrics.jsonl up to S. metrics.jsonl is the source of truth (written and flushed at every log step):
+    wandb may lack rows a killed process never wrote out (offline it writes whole 32 KiB blocks), so the rows after
+    the point where wandb's history surely agrees with it are sent again from it. Where that point is depends on
+    the server (`server_last_step`):
+
+    - W&B's cloud: B = min(S - 1, the last step it holds); the run is rewound to B (`wandb.history=rewind`,
+      `resume_from`, the same id; where W&B enabled it), else forked at B (`fork_from`, a new id), else a new run;
+      the rows after B are sent again (row S too, so that a rollback event at S joins it, as in metrics.jsonl).
+    - Offline and on other servers (self-managed: neither rewind nor fork), nothing to branch from: the run carries
+      the whole history, every row sent again. Offline with `rewind`, it keeps its id and the earlier segments of
+      that id move to `<run>/wandb/superseded`, so `wandb sync` uploads one run whatever the server; otherwise
+      (`fork`, a segment of that id synced already, or online) it is a new run.
+
+    A new id is `run_id` from then on: the trainer saves it in its checkpoints.
     """
 
     def __init__(self, run_dir: Path, cfg: ExperimentConfig, run_id: str, resume_step: int, enabled: bool = True):
         self.enabled, self.path, self.run_dir, self.cfg = enabled, run_dir / "metrics.jsonl", run_dir, cfg
         self.run_id = run_id
         self.run, self.tensorboard = None, None
-        self._wandb_floor = 0  # the lowest step wandb takes: the one after the step it was rewound to
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +170,8 @@ class MetricLogger:
             self._start_tensorboard(resume_step)
 
     def _start_wandb(self, step: int) -> None:
-        """A wandb run for the history after `step`: new (step 0), rewound to `step`, or forked at `step`."""
+        """A wandb run whose history is metrics.jsonl (already cut at `step`): new at step 0, else branched where
+        the server allows it (see the class docstring), and the rows wandb may lack sent again."""
         import wandb
 
         w = self.cfg.wandb
@@ -139,32 +187,60 @@ class MetricLogger:
             mode=self.mode,
             tags=list(w.tags),
         )
-        if step == 0:
-            self.run = wandb.init(id=self.run_id, resume="allow", **common)
-        else:
-            tries = [("rewind", self._rewind_kwargs(step))] if w.history == "rewind" else []
-            tries += [("fork", self._fork_kwargs(step)), ("resume", dict(id=self.run_id, resume="allow"))]
-            for n, (how, kwargs) in enumerate(tries):
-                try:
-                    self.run = wandb.init(**kwargs, **common)
-                    break
-                except Exception as e:  # an older server without rewind or fork; a run the server never saw
-                    if n == len(tries) - 1:
-                        raise
-                    print(f"wandb: {how} to step {step} failed ({e}); trying {tries[n + 1][0]}", flush=True)
-            if how == "resume":
-                print(f"wandb: run {self.run_id} resumed without a rewind: steps up to its last are not shown again")
-            self.run_id = self.run.id
-        self._wandb_floor = step + 1 if step else 0
+        branches, base, keep_id = [], 0, False
+        last = server_last_step(self.mode, w.entity, w.project, self.run_id) if step else None
+        if last is not None:
+            base = max(0, min(step - 1, last))
+            if w.history == "rewind":
+                branches.append(("rewind", dict(resume_from=f"{self.run_id}?_step={base}")))
+            branches.append(("fork", dict(id=new_run_id(), fork_from=f"{self.run_id}?_step={base}")))
+        for n, (how, kwargs) in enumerate(branches):
+            try:
+                self.run = wandb.init(**kwargs, **common)
+                break
+            except Exception as e:  # rewind not enabled for this account; a run the server never saw
+                then = branches[n + 1][0] if n + 1 < len(branches) else "a new run"
+                print(f"wandb: {how} of run {self.run_id} at step {base} failed ({e}); trying {then}", flush=True)
+        else:  # nothing to branch from: a run that carries the whole history
+            how, base = "new run", 0
+            keep_id = step == 0 or (self.mode == "offline" and w.history == "rewind" and self._set_aside(self.run_id))
+            ident = dict(id=self.run_id, resume="allow") if keep_id else dict(id=new_run_id())
+            self.run = wandb.init(**ident, **common)
         self.run.define_metric("tokens_seen")
         for pattern in TOKEN_AXIS_METRICS:
             self.run.define_metric(pattern, step_metric="tokens_seen")
+        if step:
+            sent = self._send_again(base)
+            if how != "new run":
+                origin = f"{how} of run {self.run_id} at step {base}"
+            else:
+                origin = "its earlier offline segments moved to wandb/superseded" if keep_id else "a new run"
+            print(f"wandb: run {self.run.id} ({origin}): {sent} records of metrics.jsonl sent again", flush=True)
+        self.run_id = self.run.id
 
-    def _rewind_kwargs(self, step: int) -> dict[str, Any]:
-        return dict(resume_from=f"{self.run_id}?_step={step}")
+    def _send_again(self, after: int) -> int:
+        """Log the records of metrics.jsonl after step `after` to wandb again; returns how many."""
+        records = [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.is_file() else []
+        records = [r for r in records if r["step"] > after]
+        for record in records:
+            self.run.log(wandb_scalars(record), step=record["step"])
+        return len(records)
 
-    def _fork_kwargs(self, step: int) -> dict[str, Any]:
-        return dict(id=uuid.uuid4().hex[:12], fork_from=f"{self.run_id}?_step={step}")
+    def _set_aside(self, run_id: str) -> bool:
+        """Move the offline segments of `run_id` to <run>/wandb/superseded, out of `wandb sync`'s reach (the next
+        segment carries their history); False, moving nothing, if one was synced already (the server has it)."""
+        wandb_dir = self.run_dir / "wandb"
+        files = list(wandb_dir.glob(f"offline-run-*/run-{run_id}.wandb"))
+        if any(f.with_suffix(".wandb.synced").exists() for f in files):
+            return False
+        for segment in (f.parent for f in files):
+            target, n = wandb_dir / "superseded" / segment.name, 0
+            while target.exists():  # set aside before (a name reused after a rollback)
+                n += 1
+                target = wandb_dir / "superseded" / f"{segment.name}.{n}"
+            target.parent.mkdir(exist_ok=True)
+            segment.rename(target)
+        return True
 
     def _start_tensorboard(self, step: int) -> None:
         """Event files in <run>/tensorboard; events after `step` left by an earlier run are purged."""
@@ -199,22 +275,20 @@ class MetricLogger:
             return
         step = record["step"]
         record = {**record, "tokens_seen": record.get("tokens_seen", step * self.cfg.train.global_batch_tokens)}
-        self._write(record, {k: v for k, v in record.items() if v is not None and k != "step"}, step)
+        self._write(record)
         print(format_record(record), flush=True)
 
     def event(self, step: int, name: str, fields: Optional[dict[str, Any]] = None) -> None:
         """Record an event (e.g. a rollback): `{"step", "event": name, **fields}` in metrics.jsonl; in wandb and
         TensorBoard `events/<name>` = 1 and its numeric fields as `events/<name>/<field>`, and on the console.
 
-        After `rewind(S)`, log the rollback at step S or later: wandb shows it on the first step after S.
+        After `rewind(S)`, log the rollback at step S or later (wandb's row S was sent again: it joins that row).
         """
         if not self.enabled:
             return
         fields = dict(fields or {})
         record = {"step": step, "event": name, **fields}
-        scalars = {f"events/{name}": 1}
-        scalars.update({f"events/{name}/{k}": v for k, v in fields.items() if _is_number(v)})
-        self._write(record, scalars, step)
+        self._write(record)
         print(format_record(record), flush=True)
         if self.run is not None and self.mode == "online":
             import wandb
@@ -222,11 +296,12 @@ class MetricLogger:
             text = ", ".join(f"{k} {v}" for k, v in fields.items())
             self.run.alert(title=f"{name} at step {step}", text=text or name, level=wandb.AlertLevel.WARN)
 
-    def _write(self, record: dict[str, Any], scalars: dict[str, Any], step: int) -> None:
+    def _write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        step, scalars = record["step"], wandb_scalars(record)
         if self.run is not None:
-            self.run.log(scalars, step=max(step, self._wandb_floor))
+            self.run.log(scalars, step=step)
         if self.tensorboard is not None:
             for key, value in scalars.items():
                 if _is_number(value):

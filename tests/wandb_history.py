@@ -30,6 +30,8 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 def wandb_records(path: Path) -> Iterator[bytes]:
     """The serialized records of one `.wandb` file, in order."""
     data = path.read_bytes()
+    if not data:  # created by a process killed before it wrote the header
+        return
     if data[:4] != b":W&B":
         raise ValueError(f"{path}: not a wandb run file (no :W&B header)")
     pos, pending = HEADER, b""
@@ -71,8 +73,9 @@ class Segment:
     metrics: dict[str, str] = field(default_factory=dict)  # metric name or glob -> its step metric
 
 
-def read_segment(path: Path) -> Segment:
-    """Parse one `.wandb` file."""
+def read_segment(path: Path) -> Optional[Segment]:
+    """Parse one `.wandb` file; None for one without a run record (a process killed before wandb wrote its first
+    block keeps the 7-byte header only: `wandb sync` has nothing to upload from it)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     segment = None
@@ -105,7 +108,7 @@ def read_segment(path: Path) -> Segment:
             m = record.metric
             metrics[m.name or m.glob_name] = m.step_metric
     if segment is None:
-        raise ValueError(f"{path}: no run record")
+        return None
     segment.history, segment.metrics = history, metrics
     return segment
 
@@ -119,7 +122,8 @@ def offline_segments(run_dir: Path) -> list[Segment]:
     if "wandb" in sys.modules:
         sys.modules["wandb"].teardown()
     files = sorted((Path(run_dir) / "wandb").glob("offline-run-*/run-*.wandb"))
-    return sorted((read_segment(f) for f in files), key=lambda s: s.start_time)
+    segments = [s for s in map(read_segment, files) if s is not None]
+    return sorted(segments, key=lambda s: s.start_time)
 
 
 def offline_histories(run_dir: Path) -> dict[str, list[dict]]:
