@@ -156,40 +156,12 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointManager) -> dict[str, Any]:
-    """`train` in its held run folder."""
-    t, run_dir = cfg.train, Path(cfg.train.run_dir)
+    """`train` in its held run folder: where to resume from, the run built (`Run`), then the loop, each step
+    batch -> step -> judge -> log -> evaluate -> save, until the last step or a preemption."""
+    t = cfg.train
     train_data = load_data(cfg)
-    val_sets = held_out_sets(cfg, quiet=not strategy.is_main) if t.eval_every else {}
-    val_weights = blend_weights(cfg, list(val_sets), val_sets)
-    global_batch = t.global_batch_tokens // cfg.data.seq_len
-    loader = PrefetchLoader(
-        BatchLoader(
-            train_data,
-            global_batch,
-            t.micro_batch_size,
-            strategy.data_rank,
-            strategy.data_world_size,
-            with_positions=cfg.data.document_attention,
-        )
-    )
-
     check_init_tokenizer(cfg)
-    resume_from = checkpoints.latest() if t.resume == "auto" else None if t.resume == "never" else Path(t.resume)
-    manual_skip = {"from": str(resume_from), "batches": t.skip_batches} if t.skip_batches else None
-    if manual_skip is not None and resume_from is not None:  # a relaunch of the same command (a requeue)
-        latest = checkpoints.latest()
-        if (
-            latest is not None
-            and latest != resume_from
-            and load_torch(latest / TRAINER).get("manual_skip") == manual_skip
-        ):
-            if strategy.is_main:
-                print(f"train.skip_batches={t.skip_batches} from {resume_from} was applied already: resuming {latest}")
-            resume_from = latest
-    saved: dict[str, Any] = {}  # the checkpoint's common state (trainer.pt), read once before anything is built
-    if resume_from is not None:
-        checkpoints.check(resume_from)  # every file whole (sizes, checksums) before any is read
-        saved = load_torch(resume_from / TRAINER)
+    resume_from, saved, manual_skip = where_to_resume(cfg, strategy, checkpoints)
     # a changed config is refused before anything is built, unless train.resume_changes names the keys
     applied, how = ([], []) if resume_from is None else resume_changes(saved["config"], cfg, resume_from)
     if "scheduler" in saved and saved["step"] >= t.steps:  # a finished run launched again: say so, touch nothing
@@ -200,242 +172,340 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointMan
         problems = [p for p in strategy.gather(base and base_mismatch(saved[BASE_RECORD], base)) if p]
         if problems:
             raise ConfigError(f"{resume_from}: {problems[0]}")
-    torch.manual_seed(t.seed)
-    # a resumed run takes its weights from its checkpoint: `init_from` (and `peft.init_from`) only start a new one,
-    # but an adapter run's frozen base comes from `init_from` again
-    init_from = t.init_from if cfg.peft.method != "none" else None
-    fresh = replace(cfg, train=replace(t, init_from=init_from), peft=replace(cfg.peft, init_from=None))
-    model, optimizer = strategy.setup(cfg if resume_from is None else fresh)
-    scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
-    monitor = SpikeMonitor(cfg.spike, cfg.optim.warmup_steps)
-    step, run_id = 0, uuid.uuid4().hex[:12]
-    last_step = min(t.steps, t.stop_at or t.steps)
+    run = Run(cfg, strategy, checkpoints, train_data, resume_from, manual_skip, base)
+    if resume_from is not None:
+        run.resume(resume_from, applied, how)
+    run.start(resume_from)
 
-    def restore(path: Path, skip_batches: int, at_least: int = 0) -> tuple[dict[str, Any], int]:
+    last_step = min(t.steps, t.stop_at or t.steps)
+    policy = TroublePolicy(t.on_nan, t.max_consecutive_skips, run.monitor)
+    stop_signal = PreemptionSignal()
+    profiler = StepProfiler(t.profile_steps, run.run_dir, strategy.rank, strategy.device)
+    watchdog = HangWatchdog(t.hang_timeout_s, run.run_dir, strategy.rank, strategy.world_size)
+    watchdog.start()
+    try:
+        while run.step < last_step:
+            watchdog.beat(run.step, f"step {run.step + 1}")
+            profiler.before(run.step + 1)
+            lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
+            loss, grad_norm, applied = run.train_one_step()
+            if (traced := profiler.after(run.step)) is not None:
+                run.say(f"step {run.step:>6} | profile of steps {t.profile_steps[0]}-{run.step} written to {traced}")
+            decision = policy.judge(run.step, loss, grad_norm, applied)
+            if decision.action == "rollback":
+                policy.rolled_back(run.go_back(run.step, decision.why, decision.before))
+                continue
+            if decision.action == "skip":
+                run.skipped += 1
+                run.say(f"step {run.step}: {decision.why}; update skipped ({run.skipped} so far)")
+            if run.step % t.log_every == 0 or run.step in (1, last_step):
+                run.log(loss, grad_norm, lr, last_step)
+            else:
+                run.say.heartbeat(run.step, last_step, time.perf_counter() - run.started, run.steps_done)
+            if run.val_sets and (run.step % t.eval_every == 0 or run.step == last_step):
+                watchdog.beat(run.step, "the evaluation")
+                run.evaluate_held_out()
+            if cfg.lm_eval.every and run.step % cfg.lm_eval.every == 0:
+                run.evaluate_benchmarks()
+            watchdog.beat(run.step, "the agreement on preemption and the save")
+            run.preempted = strategy.any(stop_signal.received)
+            checkpoints.poll()  # publish a finished asynchronous save
+            if run.step == last_step or run.preempted:
+                run.save()
+            elif t.save_every and run.step % t.save_every == 0:
+                run.save(asynchronous=t.async_save)
+                run.meter.reset()
+            if run.preempted:
+                where = f"at step {run.step}: saved {run.last_ckpt}"
+                run.say(f"preempted by {stop_signal.name} {where}; the next launch resumes")
+                if stop_signal.name == "SIGUSR1" and strategy.is_main:  # Slurm's warning before the time limit
+                    run.say(requeue_slurm_job())
+                break
+    finally:
+        watchdog.stop()
+        profiler.close()  # a run that ended inside the window: the steps traced so far
+        run.loader.close()
+        stop_signal.restore()
+    return run.finish()
+
+
+def where_to_resume(
+    cfg: ExperimentConfig, strategy: Strategy, checkpoints: CheckpointManager
+) -> tuple[Optional[Path], dict[str, Any], Optional[dict]]:
+    """(the checkpoint to resume, its common state (trainer.pt, read once before anything is built; {} for a
+    new run), the manual skip of `train.skip_batches`). A relaunch of the same `train.resume` +
+    `train.skip_batches` command (a requeue) resumes the newest checkpoint that skip led to instead."""
+    t = cfg.train
+    resume_from = checkpoints.latest() if t.resume == "auto" else None if t.resume == "never" else Path(t.resume)
+    manual_skip = {"from": str(resume_from), "batches": t.skip_batches} if t.skip_batches else None
+    if manual_skip is not None and resume_from is not None:
+        latest = checkpoints.latest()
+        if (
+            latest is not None
+            and latest != resume_from
+            and load_torch(latest / TRAINER).get("manual_skip") == manual_skip
+        ):
+            if strategy.is_main:
+                print(f"train.skip_batches={t.skip_batches} from {resume_from} was applied already: resuming {latest}")
+            resume_from = latest
+    saved: dict[str, Any] = {}
+    if resume_from is not None:
+        checkpoints.check(resume_from)  # every file whole (sizes, checksums) before any is read
+        saved = load_torch(resume_from / TRAINER)
+    return resume_from, saved, manual_skip
+
+
+class Run:
+    """One launch of a run: the model, optimizer, schedule, data, spike window, logger and meters it works with,
+    its counters, and its phases: resume, one step, log, evaluate, save, go back to a checkpoint, finish."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        strategy: Strategy,
+        checkpoints: CheckpointManager,
+        train_data: PackedSamples,
+        resume_from: Optional[Path],
+        manual_skip: Optional[dict],
+        base: Optional[dict],
+    ):
+        t = cfg.train
+        self.cfg, self.strategy, self.checkpoints, self.train_data = cfg, strategy, checkpoints, train_data
+        self.run_dir = Path(t.run_dir)
+        self.manual_skip, self.base = manual_skip, base
+        self.val_sets = held_out_sets(cfg, quiet=not strategy.is_main) if t.eval_every else {}
+        self.val_weights = blend_weights(cfg, list(self.val_sets), self.val_sets)
+        self.global_batch = t.global_batch_tokens // cfg.data.seq_len
+        self.loader = PrefetchLoader(
+            BatchLoader(
+                train_data,
+                self.global_batch,
+                t.micro_batch_size,
+                strategy.data_rank,
+                strategy.data_world_size,
+                with_positions=cfg.data.document_attention,
+            )
+        )
+        torch.manual_seed(t.seed)
+        # a resumed run takes its weights from its checkpoint: `init_from` (and `peft.init_from`) only start a new
+        # one, but an adapter run's frozen base comes from `init_from` again
+        init_from = t.init_from if cfg.peft.method != "none" else None
+        fresh = replace(cfg, train=replace(t, init_from=init_from), peft=replace(cfg.peft, init_from=None))
+        self.model, self.optimizer = strategy.setup(cfg if resume_from is None else fresh)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.steps)
+        self.monitor = SpikeMonitor(cfg.spike, cfg.optim.warmup_steps)
+        self.step, self.run_id = 0, uuid.uuid4().hex[:12]
+        self.skipped, self.preempted, self.steps_done = 0, False, 0
+        self.last_loss, self.last_ckpt = float("nan"), resume_from
+        self.say = Console(strategy.is_main)
+
+    def restore(self, path: Path, skip_batches: int, at_least: int = 0) -> tuple[dict[str, Any], int]:
         """Model, optimizer, schedule, data position and spike window from checkpoint `path`, the data moved
         `skip_batches` batches on (and at least to sample `at_least`). Returns the checkpoint's common
         state and the batches skipped."""
-        state = checkpoints.load(path, model, optimizer, expect_model=to_dict(cfg)["model"])
-        scheduler.load_state_dict(state["scheduler"])
+        state = self.checkpoints.load(path, self.model, self.optimizer, expect_model=to_dict(self.cfg)["model"])
+        self.scheduler.load_state_dict(state["scheduler"])
         data_state = dict(state["data"])  # its token counts are of all ranks: data rank 0 carries them on
-        if strategy.data_rank != 0:
+        if self.strategy.data_rank != 0:
             data_state["tokens_per_source"] = [0] * len(data_state["tokens_per_source"])
-        data_state["index"] = max(data_state["index"] + skip_batches * global_batch, at_least)
-        loader.load_state_dict(data_state)
-        monitor.load_state_dict(state.get("spike_window", []))
-        return state, (data_state["index"] - state["data"]["index"]) // global_batch
+        data_state["index"] = max(data_state["index"] + skip_batches * self.global_batch, at_least)
+        self.loader.load_state_dict(data_state)
+        self.monitor.load_state_dict(state.get("spike_window", []))
+        return state, (data_state["index"] - state["data"]["index"]) // self.global_batch
 
-    if resume_from is not None:
-        state, skipped_now = restore(
+    def resume(self, resume_from: Path, applied: list[str], how: list[str]) -> None:
+        """Continue from checkpoint `resume_from`: its state restored (the data moved on by a manual skip), the
+        changes `train.resume_changes` names applied, and what changed said."""
+        t, manual_skip = self.cfg.train, self.manual_skip
+        state, skipped_now = self.restore(
             resume_from, t.skip_batches if manual_skip and resume_from == Path(manual_skip["from"]) else 0
         )
-        step, run_id = state["step"], state["wandb_run_id"]
-        manual_skip = manual_skip or state.get("manual_skip")  # carried on, so the command stays a no-op to requeue
-        if t.stop_at is not None and t.stop_at <= step:
+        self.step, self.run_id = state["step"], state["wandb_run_id"]
+        self.manual_skip = manual_skip or state.get("manual_skip")  # carried on: the command stays a no-op to requeue
+        if t.stop_at is not None and t.stop_at <= self.step:
             raise ConfigError(
-                f"train.stop_at={t.stop_at}, but {resume_from} is at step {step}: nothing to train; "
+                f"train.stop_at={t.stop_at}, but {resume_from} is at step {self.step}: nothing to train; "
                 "raise train.stop_at or leave it unset"
             )
-        lr_before = scheduler.get_last_lr()[0]
+        lr_before = self.scheduler.get_last_lr()[0]
         if applied:
-            apply_optim_config(optimizer, scheduler, cfg.optim)
-        if strategy.is_main:
+            apply_optim_config(self.optimizer, self.scheduler, self.cfg.optim)
+        if self.strategy.is_main:
             if how:
                 print(f"changed since the checkpoint (how it runs, not what it trains): {'; '.join(how)}")
             if applied:
                 print(
                     f"applied on resume (train.resume_changes): {'; '.join(applied)}; the learning rate of step "
-                    f"{step + 1} is {scheduler.get_last_lr()[0]:.6g} (the checkpoint's schedule: {lr_before:.6g})"
+                    f"{self.step + 1} is {self.scheduler.get_last_lr()[0]:.6g} (the checkpoint's schedule: "
+                    f"{lr_before:.6g})"
                 )
             if skipped_now:
                 print(
                     f"train.skip_batches={t.skip_batches}: the data moves from sample {state['data']['index']:,} "
-                    f"to {state['data']['index'] + skipped_now * global_batch:,}"
+                    f"to {state['data']['index'] + skipped_now * self.global_batch:,}"
                 )
-    if strategy.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        print(startup_banner(cfg, strategy, train_data, val_sets, resume_from, step), flush=True)
-    logger = MetricLogger(run_dir, cfg, run_id, step, enabled=strategy.is_main)
-    meter = ThroughputMeter(
-        t.global_batch_tokens,
-        flops_per_token(cfg.model, cfg.data.seq_len),
-        strategy.world_size,
-        device_peak_flops(strategy.device, cfg.metrics.peak_flops),
-        cfg.metrics.skip_steps,
-    )
-    say = Console(strategy.is_main)
-    predicted = predicted_step(cfg, strategy) if strategy.is_main else None
 
-    def save(asynchronous: bool = False) -> Path:
+    def start(self, resume_from: Optional[Path]) -> None:
+        """The run folder's config and the banner (main rank), the logger and the meters; the model in training
+        mode."""
+        cfg, strategy, t = self.cfg, self.strategy, self.cfg.train
+        if strategy.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            print(startup_banner(cfg, strategy, self.train_data, self.val_sets, resume_from, self.step), flush=True)
+        self.logger = MetricLogger(self.run_dir, cfg, self.run_id, self.step, enabled=strategy.is_main)
+        self.meter = ThroughputMeter(
+            t.global_batch_tokens,
+            flops_per_token(cfg.model, cfg.data.seq_len),
+            strategy.world_size,
+            device_peak_flops(strategy.device, cfg.metrics.peak_flops),
+            cfg.metrics.skip_steps,
+        )
+        self.predicted = predicted_step(cfg, strategy) if strategy.is_main else None
+        self.model.train()
+        self.started = time.perf_counter()  # in this launch, for the ETA
+
+    def train_one_step(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """The next batch through one optimizer step (`train_step`): (global loss, gradient norm, applied)."""
+        t0 = time.perf_counter()
+        micro_batches = self.loader.next_batch()
+        self.meter.step(time.perf_counter() - t0)
+        result = train_step(
+            self.model, micro_batches, self.optimizer, self.scheduler, self.strategy, self.cfg.optim.grad_clip
+        )
+        self.step += 1
+        self.steps_done += 1
+        return result
+
+    def log(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, last_step: int) -> None:
+        """A log step: loss, rate, norm, throughput, every rank's figures, tokens seen, ETA."""
+        strategy, t, step = self.strategy, self.cfg.train, self.step
+        self.last_loss = loss.item()
+        elapsed = time.perf_counter() - self.started
+        window, peak = self.meter.window(), strategy.peak_memory_gb()
+        ranks = rank_stats(strategy, window["step_time_s"], window["data_wait_frac"], peak)
+        predicted = self.predicted
+        self.logger.log(
+            {
+                "step": step,
+                "loss": self.last_loss,
+                "lr": lr,
+                "grad_norm": grad_norm.item(),
+                **window,
+                "peak_mem_gb": peak,
+                **{key: value for key, value in ranks.items() if key != "hosts"},
+                "tokens_seen": step * t.global_batch_tokens,
+                "skipped_steps": self.skipped,
+                "eta_s": elapsed / self.steps_done * (last_step - step),
+                **{f"tokens_seen/{s}": int(n) for s, n in zip(self.train_data.sources, self.tokens_per_source())},
+                **(predicted.record() if predicted and not predicted.logged else {}),
+            }
+        )
+        if predicted and not predicted.logged:
+            predicted.logged = True
+            self.say(predicted.line())
+        if ranks:
+            self.say(f"step {step:>6} | {describe_ranks(ranks)}")
+        self.say.mark()
+        self.meter.reset()
+
+    def evaluate_held_out(self) -> None:
+        """Each held-out source's loss (`pretrain.evaluation.evaluate`), logged."""
+        t, start = self.cfg.train, time.perf_counter()
+        self.say(f"step {self.step:>6} | evaluating {len(self.val_sets)} held-out sources ...")
+        record = evaluate(
+            self.model,
+            self.val_sets,
+            self.strategy,
+            t.eval_batches,
+            t.micro_batch_size,
+            self.cfg.data.document_attention,
+            self.val_weights,
+        )
+        self.logger.log({"step": self.step, **record, "eval_time_s": time.perf_counter() - start})  # + tokens_seen
+        self.meter.reset()
+
+    def evaluate_benchmarks(self) -> None:
+        """lm-eval's tasks on the live model (`lm_eval.every`), logged."""
+        from pretrain.lm_eval import scores_in_training
+
+        cfg, start = self.cfg, time.perf_counter()
+        self.say(f"step {self.step:>6} | lm-eval {','.join(cfg.lm_eval.tasks)} ...")
+        scores = scores_in_training(self.model, cfg, self.strategy)
+        self.logger.log({"step": self.step, **scores})  # the logger adds tokens_seen
+        self.say(f"step {self.step:>6} | lm-eval done in {time.perf_counter() - start:.1f} s")
+        self.meter.reset()
+
+    def save(self, asynchronous: bool = False) -> Path:
+        """Checkpoint this step (model, optimizer and the common state); returns its folder."""
         state = {
-            "scheduler": scheduler.state_dict(),
-            "data": {**loader.state_dict(), "tokens_per_source": tokens_per_source()},
-            "config": to_dict(cfg),
-            "wandb_run_id": logger.run_id,  # a forked wandb run has a new id
-            "spike_window": monitor.state_dict(),
-            "manual_skip": manual_skip,  # a relaunch of the same train.resume + train.skip_batches resumes here
-            BASE_RECORD: base,  # an adapter run: the frozen base it needs (not in the checkpoint)
+            "scheduler": self.scheduler.state_dict(),
+            "data": {**self.loader.state_dict(), "tokens_per_source": self.tokens_per_source()},
+            "config": to_dict(self.cfg),
+            "wandb_run_id": self.logger.run_id,  # a forked wandb run has a new id
+            "spike_window": self.monitor.state_dict(),
+            "manual_skip": self.manual_skip,  # a relaunch of the same train.resume + train.skip_batches resumes here
+            BASE_RECORD: self.base,  # an adapter run: the frozen base it needs (not in the checkpoint)
         }
         start = time.perf_counter()
-        path = checkpoints.save(step, model, optimizer, state, asynchronous)
-        how = "writing in the background" if checkpoints.pending else "saved"
-        say(f"step {step:>6} | checkpoint {path.name} {how} ({time.perf_counter() - start:.1f} s)")
+        path = self.checkpoints.save(self.step, self.model, self.optimizer, state, asynchronous)
+        how = "writing in the background" if self.checkpoints.pending else "saved"
+        self.say(f"step {self.step:>6} | checkpoint {path.name} {how} ({time.perf_counter() - start:.1f} s)")
+        self.last_ckpt = path
         return path
 
-    def tokens_per_source() -> list[int]:
+    def tokens_per_source(self) -> list[int]:
         """Tokens seen per source by all ranks together (each data-parallel rank counts its own slice)."""
-        counts = torch.tensor(loader.tokens_per_source, dtype=torch.float64, device=strategy.device)
-        return (strategy.reduce_mean(counts) * strategy.data_world_size).round().long().tolist()
+        counts = torch.tensor(self.loader.tokens_per_source, dtype=torch.float64, device=self.strategy.device)
+        return (self.strategy.reduce_mean(counts) * self.strategy.data_world_size).round().long().tolist()
 
-    def go_back(bad_step: int, why: str, before: int) -> int:
+    def go_back(self, bad_step: int, why: str, before: int) -> int:
         """Back to the last checkpoint before step `before` (`bad_step`, or further back after a failed retry);
         returns its step. The data moves `spike.skip_batches` batches on from the checkpoint's position, and
         at least past the batch of `bad_step` (so a spike long after the checkpoint, or a second one before
         the next save, never meets the same data)."""
-        checkpoints.wait()
-        target = checkpoints.latest_before(before)
+        cfg = self.cfg
+        self.checkpoints.wait()
+        target = self.checkpoints.latest_before(before)
         if target is None:
             where = "before it" if before == bad_step else f"before step {before}, where the last retry started"
             raise NonFiniteLoss(
                 f"step {bad_step}: {why}; no checkpoint {where} to go back to (train.save_every, train.keep_every)"
             )
         start = time.perf_counter()
-        state, skipped_batches = restore(target, cfg.spike.skip_batches, at_least=loader.state_dict()["index"])
-        back = state["step"]
+        state, skipped_batches = self.restore(
+            target, cfg.spike.skip_batches, at_least=self.loader.state_dict()["index"]
+        )
+        back = self.step = state["step"]
         changed, _ = resume_changes(state["config"], cfg, target)
         if changed:  # the checkpoint predates train.resume_changes: apply them again, as at launch
-            apply_optim_config(optimizer, scheduler, cfg.optim)
-        logger.rewind(back)
-        logger.event(back, "rollback", {"from_step": bad_step, "skipped_batches": skipped_batches, "why": why})
-        say(
+            apply_optim_config(self.optimizer, self.scheduler, cfg.optim)
+        self.logger.rewind(back)
+        self.logger.event(back, "rollback", {"from_step": bad_step, "skipped_batches": skipped_batches, "why": why})
+        self.say(
             f"step {bad_step:>6} | {why}: back to {target.name}, data moved {skipped_batches} batches on "
             f"({time.perf_counter() - start:.1f} s)"
         )
-        meter.reset()
+        self.meter.reset()
         return back
 
-    model.train()
-    last_loss, last_ckpt = float("nan"), resume_from
-    skipped, preempted = 0, False
-    policy = TroublePolicy(t.on_nan, t.max_consecutive_skips, monitor)
-    steps_done, started = 0, time.perf_counter()  # in this launch, for the ETA
-    stop_signal = PreemptionSignal()
-    profiler = StepProfiler(t.profile_steps, run_dir, strategy.rank, strategy.device)
-    watchdog = HangWatchdog(t.hang_timeout_s, run_dir, strategy.rank, strategy.world_size)
-    watchdog.start()
-    try:
-        while step < last_step:
-            watchdog.beat(step, f"step {step + 1}")
-            profiler.before(step + 1)
-            t0 = time.perf_counter()
-            micro_batches = loader.next_batch()
-            meter.step(time.perf_counter() - t0)
-            lr = scheduler.get_last_lr()[0]  # the rate this step uses
-            loss, grad_norm, applied = train_step(
-                model, micro_batches, optimizer, scheduler, strategy, cfg.optim.grad_clip
-            )
-            step += 1
-            steps_done += 1
-            if (traced := profiler.after(step)) is not None:
-                say(f"step {step:>6} | profile of steps {t.profile_steps[0]}-{step} written to {traced}")
-            decision = policy.judge(step, loss, grad_norm, applied)
-            if decision.action == "rollback":
-                step = go_back(step, decision.why, decision.before)
-                policy.rolled_back(step)
-                continue
-            if decision.action == "skip":
-                skipped += 1
-                say(f"step {step}: {decision.why}; update skipped ({skipped} so far)")
-            if step % t.log_every == 0 or step in (1, last_step):
-                last_loss = loss.item()
-                elapsed = time.perf_counter() - started
-                window, peak = meter.window(), strategy.peak_memory_gb()
-                ranks = rank_stats(strategy, window["step_time_s"], window["data_wait_frac"], peak)
-                logger.log(
-                    {
-                        "step": step,
-                        "loss": last_loss,
-                        "lr": lr,
-                        "grad_norm": grad_norm.item(),
-                        **window,
-                        "peak_mem_gb": peak,
-                        **{key: value for key, value in ranks.items() if key != "hosts"},
-                        "tokens_seen": step * t.global_batch_tokens,
-                        "skipped_steps": skipped,
-                        "eta_s": elapsed / steps_done * (last_step - step),
-                        **{f"tokens_seen/{s}": int(n) for s, n in zip(train_data.sources, tokens_per_source())},
-                        **(predicted.record() if predicted and not predicted.logged else {}),
-                    }
-                )
-                if predicted and not predicted.logged:
-                    predicted.logged = True
-                    say(predicted.line())
-                if ranks:
-                    say(f"step {step:>6} | {describe_ranks(ranks)}")
-                say.mark()
-                meter.reset()
-            else:
-                say.heartbeat(step, last_step, time.perf_counter() - started, steps_done)
-            if val_sets and (step % t.eval_every == 0 or step == last_step):
-                start = time.perf_counter()
-                say(f"step {step:>6} | evaluating {len(val_sets)} held-out sources ...")
-                watchdog.beat(step, "the evaluation")
-                record = evaluate(
-                    model,
-                    val_sets,
-                    strategy,
-                    t.eval_batches,
-                    t.micro_batch_size,
-                    cfg.data.document_attention,
-                    val_weights,
-                )
-                logger.log({"step": step, **record, "eval_time_s": time.perf_counter() - start})  # + tokens_seen
-                meter.reset()
-            if cfg.lm_eval.every and step % cfg.lm_eval.every == 0:
-                from pretrain.lm_eval import scores_in_training
-
-                start = time.perf_counter()
-                say(f"step {step:>6} | lm-eval {','.join(cfg.lm_eval.tasks)} ...")
-                scores = scores_in_training(model, cfg, strategy)
-                logger.log({"step": step, **scores})  # the logger adds tokens_seen
-                say(f"step {step:>6} | lm-eval done in {time.perf_counter() - start:.1f} s")
-                meter.reset()
-            watchdog.beat(step, "the agreement on preemption and the save")
-            preempted = strategy.any(stop_signal.received)
-            checkpoints.poll()  # publish a finished asynchronous save
-            if step == last_step or preempted:
-                last_ckpt = save()
-            elif t.save_every and step % t.save_every == 0:
-                last_ckpt = save(asynchronous=t.async_save)
-                meter.reset()
-            if preempted:
-                say(f"preempted by {stop_signal.name} at step {step}: saved {last_ckpt}; the next launch resumes")
-                if stop_signal.name == "SIGUSR1" and strategy.is_main:  # Slurm's warning before the time limit
-                    say(requeue_slurm_job())
-                break
-
-    finally:
-        watchdog.stop()
-        profiler.close()  # a run that ended inside the window: the steps traced so far
-        loader.close()
-        stop_signal.restore()
-
-    summary = {
-        "rank": strategy.rank,
-        "step": step,
-        "preempted": preempted,
-        "skipped_steps": skipped,
-        "loss": last_loss,
-        "run_dir": str(run_dir),
-        "checkpoint": str(last_ckpt),
-        "metrics": str(logger.path),
-        "wandb": logger.wandb_location(),
-        **meter.average(),
-        **(predicted.summary() if predicted else {}),
-    }
-    logger.close()
-    return summary
+    def finish(self) -> dict[str, Any]:
+        """The run's summary; the logger closed."""
+        summary = {
+            "rank": self.strategy.rank,
+            "step": self.step,
+            "preempted": self.preempted,
+            "skipped_steps": self.skipped,
+            "loss": self.last_loss,
+            "run_dir": str(self.run_dir),
+            "checkpoint": str(self.last_ckpt),
+            "metrics": str(self.logger.path),
+            "wandb": self.logger.wandb_location(),
+            **self.meter.average(),
+            **(self.predicted.summary() if self.predicted else {}),
+        }
+        self.logger.close()
+        return summary
 
 
 class Console:
