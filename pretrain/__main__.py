@@ -147,7 +147,6 @@ def cmd_plan(config: str, overrides: list[str], tokens: list[str], total: float 
     from data_pipeline.shards import Manifest
 
     cfg = load_config(config, overrides)
-    check_paths(cfg, ["data.root"])
     given = {}
     for item in tokens:
         name, _, value = item.partition("=")
@@ -155,6 +154,8 @@ def cmd_plan(config: str, overrides: list[str], tokens: list[str], total: float 
             given[name] = int(float(value))
         except ValueError:
             raise ConfigError(f"--tokens {item}: expected SOURCE=COUNT, e.g. commoncrawl=852.7e9") from None
+    if not (cfg.data.weights or cfg.data.sources) or any(s not in given for s in cfg.data.sources or cfg.data.weights):
+        check_paths(cfg, ["data.root"])  # some source's tokens come from its shards' manifest
     sources = resolve_sources(cfg.data.root, cfg.data.sources, cfg.data.weights or given)
     available = []
     for source in sources:

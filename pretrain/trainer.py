@@ -49,19 +49,21 @@ def train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     strategy: Strategy,
     grad_clip: float,
+    masked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """One optimizer step over this rank's micro-batches; returns (mean loss, global grad norm, applied).
 
     The loss is the mean over every target of the global batch. Without masked targets every micro-batch
-    holds the same number, so the mean of the micro-batch means is that mean. With targets masked out of
-    the loss (-100: supervised finetuning's prompts), micro-batches count different numbers of targets:
-    each micro-batch's mean is weighted by its share of the targets counted over all ranks. When the
-    loss or the gradient norm is not finite the update is not applied; loss and norm are global, so
-    every rank decides the same. That check is the step's one wait for the device after the forward.
+    holds the same number, so the mean of the micro-batch means is that mean. With `masked` data (targets
+    masked out of the loss, -100: supervised finetuning's prompts), micro-batches count different numbers
+    of targets: each micro-batch's mean is weighted by its share of the targets counted over all ranks
+    (one small all-reduce). When the loss or the gradient norm is not finite the update is not applied;
+    loss and norm are global, so every rank decides the same. That check is the step's one wait for the
+    device after the forward.
     """
-    counts = [int((batch[1] != IGNORE_INDEX).sum()) for batch in micro_batches]  # targets in the loss
     weights = [None] * len(micro_batches)  # the plain mean of the micro-batch means
-    if strategy.any(any(c != batch[1].numel() for c, batch in zip(counts, micro_batches))):
+    if masked:  # the data has a loss mask (every rank reads the same sources: all take this branch)
+        counts = [int((batch[1] != IGNORE_INDEX).sum()) for batch in micro_batches]  # targets in the loss
         total = strategy.reduce_mean(torch.tensor(float(sum(counts)), device=strategy.device))
         total = max(total.item() * strategy.data_world_size, 1.0)  # targets counted by all data-parallel ranks
         weights = [c * strategy.data_world_size / total for c in counts]  # the ranks' gradients are averaged
@@ -370,9 +372,8 @@ class Run:
         t0 = time.perf_counter()
         micro_batches = self.loader.next_batch()
         self.meter.step(time.perf_counter() - t0)
-        result = train_step(
-            self.model, micro_batches, self.optimizer, self.scheduler, self.strategy, self.cfg.optim.grad_clip
-        )
+        args = (self.model, micro_batches, self.optimizer, self.scheduler, self.strategy, self.cfg.optim.grad_clip)
+        result = train_step(*args, masked=True) if self.train_data.masked else train_step(*args)
         self.step += 1
         self.steps_done += 1
         return result

@@ -373,7 +373,7 @@ def test_accumulated_micro_batches_weigh_every_response_token_alike_and_a_prompt
         strategy = build_strategy(cfg)
         model, optimizer = strategy.setup(cfg)
         scheduler = build_scheduler(optimizer, cfg.optim, 10)
-        loss, norm, applied = train_step(model, micro_batches, optimizer, scheduler, strategy, 1.0)
+        loss, norm, applied = train_step(model, micro_batches, optimizer, scheduler, strategy, 1.0, masked=True)
         return loss, norm, applied, [p.detach().clone() for p in model.parameters()]
 
     whole = step([(inputs, targets)])
