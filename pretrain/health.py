@@ -12,7 +12,8 @@ wrote no report: a stopped or dead process; else those whose heartbeat is behind
 with exit code 3, so that
 the launcher stops the job and the scheduler restarts it. A SIGTERM or SIGINT that arrives while the main
 thread is blocked in a collective (its Python handler cannot run then) is seen through the signal wakeup fd:
-when the step does not end within `PREEMPTION_GRACE_S` of it, the watchdog ends the process the same way.
+when the step does not end within 30 s of it (or half `hang_timeout_s`, if shorter), the watchdog ends the
+process the same way.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 HANG_EXIT_CODE = 3
-PREEMPTION_GRACE_S = 30.0  # a signalled rank whose step does not end within this is stuck in the step
+PREEMPTION_GRACE_S = 30.0  # a signalled rank whose step does not end within this (or timeout / 2) is stuck
 
 
 def rank_stats(strategy, step_time_s: float, data_wait_frac: float, peak_mem_gb: float) -> dict[str, Any]:
@@ -72,6 +73,7 @@ class HangWatchdog:
 
     def __init__(self, timeout_s: float, run_dir: str | os.PathLike, rank: int, world_size: int):
         self.timeout_s, self.rank, self.world_size = timeout_s, rank, world_size
+        self.grace_s = min(PREEMPTION_GRACE_S, timeout_s / 2)  # a signalled step that outlasts this is stuck
         self.run_dir = Path(run_dir)
         self.heartbeats = self.run_dir / "heartbeats"
         self.host = socket.gethostname()
@@ -141,7 +143,7 @@ class HangWatchdog:
             now = time.monotonic()
             if now - self.last_beat > self.timeout_s:
                 self._fire(f"no progress for {now - self.last_beat:.0f} s (train.hang_timeout_s={self.timeout_s:g})")
-            elif self._signalled_at is not None and now - self._signalled_at > PREEMPTION_GRACE_S:
+            elif self._signalled_at is not None and now - self._signalled_at > self.grace_s:
                 self._fire(f"signalled {now - self._signalled_at:.0f} s ago, and the step never ended to save")
 
     def silent(self) -> list[str]:
