@@ -104,3 +104,23 @@ def tiny_overrides(tiny_data: dict, run_dir: Path, *overrides: str) -> list[str]
         f"train.run_dir={run_dir}",
         *overrides,
     ]
+
+
+def assert_resumes_exactly(tiny_data: dict, tmp_path: Path, *overrides: str, steps: int = 4) -> list[float]:
+    """Train `steps` steps straight, and again stopped at half and resumed: the losses must be equal, bit for
+    bit. Returns them. (Runs in `tmp_path / "straight"` and `tmp_path / "broken"`.)"""
+    import json
+
+    from pretrain.trainer import train
+
+    common = [*overrides, f"train.steps={steps}"]
+    train(tiny_config(tiny_data, tmp_path / "straight", *common))
+    train(tiny_config(tiny_data, tmp_path / "broken", *common, f"train.stop_at={steps // 2}"))
+    train(tiny_config(tiny_data, tmp_path / "broken", *common))
+
+    def losses(run: Path) -> list[float]:
+        return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    straight = losses(tmp_path / "straight")
+    assert losses(tmp_path / "broken") == straight and len(straight) == steps
+    return straight
