@@ -253,7 +253,6 @@ def adapter_initial_values(cfg: ExperimentConfig, base: Callable[[str], torch.Te
     (name -> full tensor): `peft.init_from`'s weights (a PEFT adapter folder), else `adapter_initial_value`
     seeded by `train.seed`, the prompt from `peft.init_text` (tokenized by `data.tokenizer`)."""
     p = cfg.peft
-    shapes = all_param_shapes(cfg)
     if p.init_from is not None:
         try:
             theirs, state = read_peft_adapter(p.init_from, cfg.model)
@@ -267,6 +266,7 @@ def adapter_initial_values(cfg: ExperimentConfig, base: Callable[[str], torch.Te
             raise ConfigError(f"peft.init_text needs data.tokenizer to tokenize it: {cfg.data.tokenizer} not found")
         init_ids = prompt_init_ids(p.init_text, cfg.data.tokenizer, p.virtual_tokens)
     embedding = base("tok_embeddings.weight") if init_ids is not None else None
+    shapes = all_param_shapes(cfg)
     return lambda name: adapter_initial_value(name, shapes[name], cfg.train.seed, embedding, init_ids)
 
 

@@ -124,26 +124,22 @@ def test_new_lora_starts_as_the_base_model_and_peft_initialises_a_alike():
     assert torch.equal(again.layers[0].attention.wq.lora_A, a)
 
 
-def prompt_pair(virtual: int):
-    ours, base = random_base()
-    trainable = apply_adapters(ours, PeftConfig(method="prompt_tuning", virtual_tokens=virtual))
-    randomise_adapter(ours)
-    theirs = peft.get_peft_model(base, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual))
-    peft.set_peft_model_state_dict(theirs, to_peft_state_dict(adapter_state_dict(ours), ARGS))
-    return ours, theirs, trainable
+PEFT_CONFIGS = {"prompt_tuning": "PromptTuningConfig", "prefix_tuning": "PrefixTuningConfig"}
 
 
-def prefix_pair(virtual: int):
+def virtual_token_pair(method: str, virtual: int):
+    """Our model with a random prompt- or prefix-tuning adapter and PEFT's model with the same weights."""
     ours, base = random_base()
-    trainable = apply_adapters(ours, PeftConfig(method="prefix_tuning", virtual_tokens=virtual))
+    trainable = apply_adapters(ours, PeftConfig(method=method, virtual_tokens=virtual))
     randomise_adapter(ours)
-    theirs = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual))
+    config = getattr(peft, PEFT_CONFIGS[method])(task_type="CAUSAL_LM", num_virtual_tokens=virtual)
+    theirs = peft.get_peft_model(base, config)
     peft.set_peft_model_state_dict(theirs, to_peft_state_dict(adapter_state_dict(ours), ARGS))
     return ours, theirs, trainable
 
 
 def test_prefix_tuning_matches_peft_logits_loss_and_gradients():
-    ours, theirs, trainable = prefix_pair(virtual=5)
+    ours, theirs, trainable = virtual_token_pair("prefix_tuning", virtual=5)
     assert trainable == ["prefix.weight"]  # every layer's keys and values (grouped-query: 2 kv heads of 8)
     assert ours.prefix.weight.shape == (5, ARGS.n_layers * 2 * 2 * ARGS.head_dim)
     tokens = torch.randint(0, ARGS.vocab_size, (3, 40), generator=torch.Generator().manual_seed(2))
@@ -151,14 +147,14 @@ def test_prefix_tuning_matches_peft_logits_loss_and_gradients():
 
 
 def test_prompt_tuning_matches_peft_logits_loss_and_gradients():
-    ours, theirs, trainable = prompt_pair(virtual=6)
+    ours, theirs, trainable = virtual_token_pair("prompt_tuning", virtual=6)
     assert trainable == ["tok_embeddings.prompt"]
     tokens = torch.randint(0, ARGS.vocab_size, (3, 40), generator=torch.Generator().manual_seed(2))
     check_parity(ours, theirs, tokens, virtual=6)
 
 
 def test_prompt_tuning_loss_in_chunks_is_the_loss_at_once():
-    ours, _, _ = prompt_pair(virtual=6)
+    ours, _, _ = virtual_token_pair("prompt_tuning", virtual=6)
     tokens = torch.randint(0, ARGS.vocab_size, (2, 33), generator=torch.Generator().manual_seed(4))
     whole = ours(tokens[:, :-1], tokens[:, 1:])
     ours.loss_chunk_tokens = 7  # the chunks count only the targets that are not ignored
