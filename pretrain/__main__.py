@@ -13,12 +13,14 @@ import sys
 from pathlib import Path
 
 from pretrain.config import (
+    CONFIGS_DIR,
     CommandLineError,
     ConfigError,
     ExperimentConfig,
+    TrainConfig,
+    check_launch,
     check_paths,
     config_source,
-    divisors,
     load_config,
     path_not_found,
     to_dict,
@@ -247,23 +249,30 @@ def cmd_layout(args: argparse.Namespace) -> int:
     return 0 if any(p.fits for p in predictions) else 1
 
 
-def check_launch(cfg: ExperimentConfig) -> None:
-    """The global batch against the data-parallel ranks of this launch (WORLD_SIZE), before any rank starts: a
-    batch that does not split is one `CommandLineError`, the same on every rank."""
-    t, seq = cfg.train, cfg.data.seq_len
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if t.strategy == "single" or world % t.tensor_parallel:  # one process each; a bad split: the strategy says so
+def check_not_a_part(config: str, overrides: list[str]) -> None:
+    """Refuse to train a part of an experiment (a file of `configs/model/`, `configs/data/`, ...: no `defaults`, no
+    `train` section) without a budget: everything it leaves out would take the schema's defaults, a 1T-token run on
+    the default data. One line naming the file and the experiments that use it."""
+    from omegaconf import OmegaConf
+
+    source = config_source(config)
+    content = OmegaConf.to_container(OmegaConf.load(source)) or {}
+    budget = any(o.split("=", 1)[0].strip() in ("train.steps", "train.tokens") for o in overrides)
+    if not isinstance(content, dict) or "defaults" in content or "train" in content or budget:
         return
-    ranks, micro_batches = world // t.tensor_parallel, t.global_batch_tokens // (t.micro_batch_size * seq)
-    if micro_batches % ranks:
-        *fewer, most = [str(n * t.tensor_parallel) for n in divisors(micro_batches)]
-        fits = f"{', '.join(fewer)} or {most}" if fewer else most
-        raise CommandLineError(
-            f"train.global_batch_tokens={t.global_batch_tokens} is {micro_batches} micro-batches of "
-            f"train.micro_batch_size={t.micro_batch_size} x data.seq_len={seq}, which do not split over the {ranks} "
-            f"data-parallel ranks of this launch (WORLD_SIZE={world}); launch {fits} processes, or make "
-            f"train.global_batch_tokens a multiple of {t.micro_batch_size * seq * ranks}"
-        )
+    part = f"{source.parent.name}/{source.stem}"
+    users = sorted(
+        path.stem
+        for path in (CONFIGS_DIR / "experiments").glob("*.yaml")
+        if part in (OmegaConf.load(path).get("defaults") or [])
+    )
+    use = f"one that uses it ({' or '.join(users)})" if users else "one of configs/experiments/"
+    raise CommandLineError(
+        f"{source} sets only {', '.join(f'{key}.*' for key in content)}: a run of it would take the defaults of "
+        f"everything else (train.steps={TrainConfig.steps}, train.global_batch_tokens="
+        f"{TrainConfig.global_batch_tokens}). Train an experiment, {use}: python -m pretrain train NAME; or give "
+        f"train.steps=N or train.tokens=T"
+    )
 
 
 def cmd_train(config: str, overrides: list[str]) -> None:
@@ -272,6 +281,7 @@ def cmd_train(config: str, overrides: list[str]) -> None:
     from pretrain.trainer import train
 
     cfg = load_config(config, overrides)
+    check_not_a_part(config, overrides)
     check_launch(cfg)
     check_paths(cfg, ["data.tokenizer", "data.root", "train.init_from"])
     if launched_rank() == 0:
@@ -489,7 +499,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in READS_CHECKPOINT:
             from pretrain.checkpoint import verify_checkpoint
 
-            verify_checkpoint(args.checkpoint)
+            # under torchrun (`evaluate`, `lm-eval`) each rank checks a share; a rank that refuses ends the launch
+            verify_checkpoint(
+                args.checkpoint, rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1))
+            )
         if args.command == "config":
             cmd_config(args.config, args.overrides, args.json)
         elif args.command == "info":

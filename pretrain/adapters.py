@@ -608,19 +608,50 @@ def base_record(cfg: ExperimentConfig) -> dict:
 
 
 def weights_sha256(path: Path) -> str:
-    """sha256 of a weights file; of a folder, the sha256 of its files' list (relative name and sha256 of each)."""
+    """The identity of base weights `path`. A checkpoint folder (with checksums.json) is named by the sha256 of
+    that listing (every file's name, size and checksum, taken when it was written), so nothing but the listing
+    is read: a 7B base is not hashed again at every start and every open. Anything else (a weights file, an
+    imported folder) by the sha256 of its bytes (`files_sha256`), taken once per process for the same files."""
+    from pretrain.checkpoint import CHECKSUMS, read_listing
+
+    if path.is_dir() and (path / CHECKSUMS).is_file():
+        algorithm, files = read_listing(path)
+        listing = json.dumps({"algorithm": algorithm, "files": files}, sort_keys=True)
+        return hashlib.sha256(listing.encode()).hexdigest()
+    return files_sha256(path)
+
+
+def files_sha256(path: Path) -> str:
+    """sha256 of a weights file; of a folder, the sha256 of its files' list (relative name and sha256 of each).
+    Remembered for files of the same sizes and modification times."""
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    return _files_sha256(path, tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=8)
+def _files_sha256(path: Path, files: tuple) -> str:
     from data_pipeline.tokenizer import file_sha256
 
     if path.is_file():
         return file_sha256(path)
-    files = sorted(f for f in path.rglob("*") if f.is_file())
-    return hashlib.sha256("".join(f"{f.relative_to(path)}\0{file_sha256(f)}\n" for f in files).encode()).hexdigest()
+    names = sorted(Path(f) for f, _, _ in files)
+    return hashlib.sha256("".join(f"{f.relative_to(path)}\0{file_sha256(f)}\n" for f in names).encode()).hexdigest()
+
+
+def same_base(recorded: str, path: Path) -> bool:
+    """Whether base `path` is the one recorded with sha256 `recorded` (`weights_sha256`; an adapter checkpoint
+    written before checkpoint bases were named by their listing recorded `files_sha256`, compared then)."""
+    return weights_sha256(path) == recorded or (
+        path.is_dir() and (path / "checksums.json").is_file() and files_sha256(path) == recorded
+    )
 
 
 def base_mismatch(saved: dict, now: dict) -> Optional[str]:
     """Why base `now` (`base_record` of this run) is not the base `saved` an adapter checkpoint was trained on,
     or None when it is (the same sha256 wherever the files are now, or the same seeded initialisation)."""
-    if saved["sha256"] == now["sha256"] and saved["seed"] == now["seed"]:
+    if saved["seed"] == now["seed"] and (
+        saved["sha256"] == now["sha256"] or (saved["sha256"] and same_base(saved["sha256"], Path(now["init_from"])))
+    ):
         return None
     was = (
         f"train.init_from={saved['init_from']} (sha256 {saved['sha256']})"
@@ -637,7 +668,8 @@ def base_mismatch(saved: dict, now: dict) -> Optional[str]:
 
 def open_base(record: dict, model: dict, where: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], Callable]:
     """The base weights an adapter-only checkpoint (`where`) names in `record`: (shapes by name, name -> full fp32
-    tensor), after checking its files still have the recorded sha256; the seeded initialisation of the
+    tensor), after checking it is the recorded base (`same_base`) and, a checkpoint, that its files have their
+    sizes (their checksums are the ones the recorded listing names); the seeded initialisation of the
     checkpoint's `model` section when it started from none."""
     args = ModelArgs(**model)
     shapes = param_shapes(args)
@@ -650,7 +682,11 @@ def open_base(record: dict, model: dict, where: str | os.PathLike) -> tuple[dict
     path = Path(record["init_from"])
     if not path.exists():
         raise FileNotFoundError(f"{where} holds an adapter only; its base {path} is gone (sha256 {record['sha256']})")
-    if weights_sha256(path) != record["sha256"]:
+    if not same_base(record["sha256"], path):
         raise ValueError(f"{where} holds an adapter only; its base {path} changed since (sha256 {record['sha256']})")
+    from pretrain.checkpoint import CHECKSUMS, damaged_files
+
+    if path.is_dir() and (path / CHECKSUMS).is_file() and (problems := damaged_files(path, hashes=False)):
+        raise ValueError(f"{where} holds an adapter only; its base {path} is damaged: {'; '.join(problems)}")
     reader = WeightReader(path)
     return {name: shape for name, shape in reader.shapes.items()}, reader

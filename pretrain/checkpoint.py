@@ -2,8 +2,9 @@
 
 The strategy writes model and optimizer state in its own form; this module adds what every strategy
 shares (scheduler, data position, RNG of every rank, step, resolved config, code version, wandb run
-id). A checkpoint is written under `step-XXXXXXXX.tmp`, listed with the size and sha256 of every file
-in `checksums.json` (written last), and renamed when complete; `latest` is updated after that, and
+id). A checkpoint is written under `step-XXXXXXXX.tmp`, listed with the size and checksum of every file
+in `checksums.json` (written last; checksums computed as the files are written, `pretrain.digests`), and
+renamed when complete; `latest` is updated after that, and
 a folder is renamed to `step-XXXXXXXX.deleting` before it is deleted. So a process killed at any
 point leaves `latest` on a complete checkpoint, every `step-XXXXXXXX` folder complete, and only
 `.tmp` / `.deleting` leftovers, which the next run removes when it takes the run folder's lock. (One
@@ -26,19 +27,19 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
 from data_pipeline.shards import atomic_write_bytes
-from data_pipeline.tokenizer import file_sha256
 from pretrain.config import ConfigError
+from pretrain.digests import ALGORITHM, HashingFileSystem, bytes_digest, file_digest
 from pretrain.parallel.base import Strategy
 
 LATEST = "latest"
 TRAINER = "trainer.pt"
-CHECKSUMS = "checksums.json"  # {"files": {relative path: [size, sha256 or null]}}, the last file written
+CHECKSUMS = "checksums.json"  # {"algorithm": .., "files": {relative path: [size, digest or null]}}, written last
 LOCK = "run.lock"  # in the run folder, held (fcntl.flock) by rank 0 of the trainer using it
 TMP, DELETING = ".tmp", ".deleting"
 
@@ -103,11 +104,13 @@ def fsync_tree(folder: Path) -> None:
         fsync_dir(Path(root))
 
 
-def save_torch(obj: Any, path: Path) -> None:
-    """`torch.save` through the one atomic write, so a failed write raises the OSError (errno) itself."""
+def save_torch(obj: Any, path: Path) -> list:
+    """`torch.save` through the one atomic write, so a failed write raises the OSError (errno) itself; returns
+    the file's [size, checksum], taken from the bytes in memory."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getbuffer())
+    return [buffer.getbuffer().nbytes, bytes_digest(buffer.getbuffer())]
 
 
 def load_torch(path: Path) -> Any:
@@ -126,49 +129,113 @@ def checkpoint_files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
 
 
-def describe_files(folder: Path, names: list[str], hashes: bool) -> dict[str, list]:
-    """[size, sha256] of each named file (sha256 None without `hashes`), each flushed to disk as it goes."""
+def owner(name: str, index: int, world_size: int) -> int:
+    """The rank that checksums file `name` (the `index`-th of the checkpoint's sorted files) on save and
+    on load: a rank's own DCP file and RNG state that rank (it writes them, and at the same world size it
+    is the one that reads them back), DCP's `.metadata` and trainer.pt rank 0, any other file every
+    `world_size`-th rank."""
+    base = name.rsplit("/", 1)[-1]
+    writer = None
+    if base.startswith("__") and base.endswith(".distcp"):  # __{rank}_{n}.distcp
+        writer = base[2:].split("_", 1)[0]
+    elif base.startswith("rng-rank") and base.endswith(".pt"):
+        writer = base[len("rng-rank") : -3]
+    if writer is not None and writer.isdigit():
+        return int(writer) % world_size
+    if base in (".metadata", TRAINER):
+        return 0
+    return index % world_size
+
+
+def is_dcp_data(name: str) -> bool:
+    """Whether checkpoint file `name` is one of DCP's data files (`dcp/__0_0.distcp`): the bulk of a checkpoint,
+    checksummed as they are read."""
+    return name.endswith(".distcp")
+
+
+def relative_name(file: str | os.PathLike, folder: Path) -> Optional[str]:
+    """`file`'s path relative to checkpoint `folder`, as checksums.json lists it (None when outside it)."""
+    try:
+        return str(Path(file).relative_to(folder))
+    except ValueError:
+        return None
+
+
+def owned(names: list[str], rank: int, world_size: int) -> list[str]:
+    """The files of `names` (sorted) whose checksums `rank` takes care of."""
+    return [name for i, name in enumerate(names) if owner(name, i, world_size) == rank]
+
+
+def describe_files(folder: Path, names: list[str], hashes: bool, known: dict[str, list]) -> dict[str, list]:
+    """[size, checksum] of each named file (checksum None without `hashes`): from `known` when it was taken
+    as the file was written, else read from disk, flushed to disk first (a file written by another library)."""
     described = {}
     for name in names:
+        if hashes and known.get(name, [None])[0] is not None:
+            described[name] = known[name]
+            continue
         path = folder / name
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-        described[name] = [path.stat().st_size, file_sha256(path) if hashes else None]
+        described[name] = [path.stat().st_size, file_digest(path) if hashes else None]
     return described
 
 
-def damaged_files(folder: Path, rank: int = 0, world_size: int = 1, hashes: bool = True) -> list[str]:
-    """What is wrong with this rank's share (every `world_size`-th file) of checkpoint `folder`
-    against its `checksums.json`: a missing file, a size other than written (truncated), a sha256
-    other than written (damaged; checked with `hashes`). Empty when the share is whole."""
+def read_listing(folder: Path) -> tuple[str, dict[str, list]]:
+    """(checksum algorithm, {file: [size, checksum]}) of checkpoint `folder`'s checksums.json (sha256 when the
+    listing names none: written before checksums were taken while writing). Raises CheckpointError."""
     listing = folder / CHECKSUMS
     if not listing.is_file():
-        return [f"{listing} is missing: the checkpoint is incomplete (or written before checksums)"]
+        raise CheckpointError(f"{listing} is missing: the checkpoint is incomplete (or written before checksums)")
     try:
-        expected = json.loads(listing.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        return [f"{listing} is damaged"]
+        content = json.loads(listing.read_text())
+        return content.get("algorithm", "sha256"), dict(content["files"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError):
+        raise CheckpointError(f"{listing} is damaged") from None
+
+
+def damaged_files(
+    folder: Path,
+    rank: int = 0,
+    world_size: int = 1,
+    hashes: bool = True,
+    known: Optional[dict[str, list]] = None,
+    later: Callable[[str], bool] = lambda name: False,
+) -> list[str]:
+    """What is wrong with this rank's share (`owned`) of checkpoint `folder` against its `checksums.json`: a
+    missing file, a size other than written (truncated), a checksum other than written (damaged; checked with
+    `hashes` for the files not left for `later`, taken from `known` {file: [size, checksum]} when it was
+    taken while the file was read, else read from disk). Empty when the share is whole."""
+    try:
+        algorithm, expected = read_listing(folder)
+    except CheckpointError as e:
+        return [str(e)]
+    known = known or {}
     problems = []
-    for name in sorted(expected)[rank::world_size]:
+    for name in owned(sorted(expected), rank, world_size):
         size, digest = expected[name]
         path = folder / name
         if not path.is_file():
             problems.append(f"{path} is missing")
         elif path.stat().st_size != size:
             problems.append(f"{path} is {path.stat().st_size} bytes, {size} when written (truncated or damaged)")
-        elif hashes and digest is not None and file_sha256(path) != digest:
-            problems.append(f"{path} does not match the sha256 it was written with (damaged)")
+        elif hashes and digest is not None and not later(name):
+            seen = known.get(name, [None, None])[1]
+            if (seen if seen is not None else file_digest(path, algorithm)) != digest:
+                problems.append(f"{path} does not match the checksum it was written with (damaged)")
     return problems
 
 
-def verify_checkpoint(folder: str | os.PathLike, hashes: bool = True) -> None:
+def verify_checkpoint(folder: str | os.PathLike, hashes: bool = True, rank: int = 0, world_size: int = 1) -> None:
     """Refuse checkpoint `folder` before anything of it is read when a file its checksums.json lists is
-    missing, truncated or damaged (sizes, and sha256 with `hashes`), naming each file (`damaged_files`). A
-    folder without checksums.json (an `import` folder, one written before checksums) or a file passes."""
+    missing, truncated or damaged (sizes, and checksums with `hashes`), naming each file (`damaged_files`).
+    Of `world_size` processes reading the same checkpoint (a command under torchrun), each checks a share,
+    `rank`'s; one that refuses ends the launch. A folder without checksums.json (an `import` folder, one
+    written before checksums) or a file passes."""
     folder = Path(folder)
     if not (folder / CHECKSUMS).is_file():
         return
-    problems = damaged_files(folder, hashes=hashes)
+    problems = damaged_files(folder, rank, world_size, hashes=hashes)
     if problems:
         others = [p.name for p in sorted(folder.parent.glob("step-" + "[0-9]" * 8)) if p != folder]
         beside = f" (beside it: {', '.join(others[-3:])})" if others else ""
@@ -209,7 +276,7 @@ class CheckpointManager:
     ):
         self.dir = Path(run_dir) / "checkpoints"
         self.strategy, self.keep_last, self.verify, self.keep_every = strategy, keep_last, verify, keep_every
-        self._pending: Optional[tuple[Path, Path, Any]] = None  # (tmp, final, future) of a background save
+        self._pending: Optional[tuple[Path, Path, Any, dict]] = None  # (tmp, final, future, checksums) in progress
         self._checked: Optional[Path] = None  # the checkpoint `check` last found whole
 
     def latest(self) -> Optional[Path]:
@@ -271,14 +338,18 @@ class CheckpointManager:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
             self.strategy.barrier()
-            written = self.strategy.save(tmp, model, optimizer, asynchronous)
-            save_torch(rng_state(), tmp / f"rng-rank{self.strategy.rank:05d}.pt")
+            files = HashingFileSystem() if self.verify else None  # checksums of the files as DCP writes them
+            written = self.strategy.save(tmp, model, optimizer, asynchronous, files)
+            known = {
+                f"rng-rank{self.strategy.rank:05d}.pt": save_torch(
+                    rng_state(), tmp / f"rng-rank{self.strategy.rank:05d}.pt"
+                )
+            }
             if self.strategy.is_main:
-                save_torch({**state, "step": step, "code_version": code_version()}, tmp / TRAINER)
-            if written is not None:
-                self._pending = (tmp, final, written)
-            else:
-                self._publish(tmp, final)
+                known[TRAINER] = save_torch({**state, "step": step, "code_version": code_version()}, tmp / TRAINER)
+            self._pending = (tmp, final, written, known, files)
+            if written is None:
+                self.wait()
         return final
 
     @property
@@ -295,11 +366,14 @@ class CheckpointManager:
         """Finish and publish the background save, if any."""
         if self._pending is None:
             return
-        tmp, final, written = self._pending
+        tmp, final, written, known, files = self._pending
         self._pending = None
         with self._failing_save(tmp):
-            written.result()
-            self._publish(tmp, final)
+            if written is not None:
+                written.result()
+            if files is not None:  # taken in the writer's thread as it wrote
+                known.update({relative_name(file, tmp): entry for file, entry in files.digests.items()})
+            self._publish(tmp, final, known)
 
     @contextlib.contextmanager
     def _failing_save(self, tmp: Path) -> Iterator[None]:
@@ -340,17 +414,20 @@ class CheckpointManager:
                 f"with train.resume={final}"
             ) from None
 
-    def _publish(self, tmp: Path, final: Path) -> None:
-        """List every file of `tmp` in its checksums.json (the share of each rank hashed and flushed by
-        that rank), rename it to `final`, point `latest` at it, prune old checkpoints."""
+    def _publish(self, tmp: Path, final: Path, known: dict[str, list]) -> None:
+        """List every file of `tmp` in its checksums.json (each rank its share, `owned`: the checksums `known`
+        from writing them, any other file read and flushed), rename it to `final`, point `latest` at it, prune
+        old checkpoints."""
         self.strategy.barrier()
         names = checkpoint_files(tmp)
-        mine = describe_files(tmp, names[self.strategy.rank :: self.strategy.world_size], self.verify)
-        described = {name: entry for share in self.strategy.gather(mine) for name, entry in share.items()}
+        mine = owned(names, self.strategy.rank, self.strategy.world_size)
+        described = self.strategy.gather(describe_files(tmp, mine, self.verify, known))
+        described = {name: entry for share in described for name, entry in share.items()}
         if self.strategy.is_main:
             for folder in {(tmp / name).parent for name in names}:
                 fsync_dir(folder)
-            atomic_write_bytes(tmp / CHECKSUMS, json.dumps({"files": described}, indent=1).encode())
+            listing = {"algorithm": ALGORITHM, "files": described}
+            atomic_write_bytes(tmp / CHECKSUMS, json.dumps(listing, indent=1).encode())
             replaced = final.with_name(final.name + DELETING)
             if final.exists():  # saved again (a run resumed from an earlier step): set the old one aside first
                 shutil.rmtree(replaced, ignore_errors=True)
@@ -366,10 +443,12 @@ class CheckpointManager:
     def load(self, path: str | os.PathLike, model, optimizer, expect_model: Optional[dict] = None) -> dict[str, Any]:
         """Restore model, optimizer and this rank's RNG from `path`; return the common state.
 
-        Every file is first checked against `checksums.json` (sizes always, sha256 unless
-        `train.verify_checkpoints=false`; each rank checks a share), so a truncated or damaged file is
-        named before anything is read. With `expect_model` (the `model` section of the config), a
-        checkpoint of another shape is refused with the keys that differ, before any tensor is loaded.
+        Every file is first checked against `checksums.json` for its size (`check`), so a truncated or missing
+        file is named before anything is read; checksums (unless `train.verify_checkpoints=false`) are taken
+        while DCP reads the files (each rank those it owns, `owned`; files nothing read, from disk) and a
+        file that differs is named before anything of the checkpoint is used. With `expect_model` (the `model`
+        section of the config), a checkpoint of another shape is refused with the keys that differ, before
+        any tensor is loaded.
         """
         path = Path(path)
         if path != self._checked:
@@ -387,32 +466,53 @@ class CheckpointManager:
                     f"{path} holds a different model ({'; '.join(diff)}); "
                     "set train.resume=never or another train.run_dir to start a new run"
                 )
-        self.strategy.load(path, model, optimizer)
+        rank, world_size = self.strategy.rank, self.strategy.world_size
+        files = None
+        if self.verify and self.strategy.reads_through_files and (path / CHECKSUMS).is_file():
+            algorithm, listed = read_listing(path)
+            mine = {name for name in owned(sorted(listed), rank, world_size) if is_dcp_data(name)}
+            files = HashingFileSystem(lambda file: relative_name(file, path) in mine, algorithm)
+        try:
+            self.strategy.load(path, model, optimizer, files)
+        except Exception:
+            if files is not None:  # a damaged file that DCP could not even read: name it
+                self._refuse_damaged(path, damaged_files(path, rank, world_size, True))
+            raise
+        if files is not None:
+            known = {relative_name(file, path): entry for file, entry in files.digests.items()}
+            self._refuse_damaged(path, damaged_files(path, rank, world_size, True, known))
         rng = path / f"rng-rank{self.strategy.rank:05d}.pt"
         if rng.is_file():  # absent when resuming on more ranks than saved: this rank keeps its seeded state
             set_rng_state(load_torch(rng))
         return state
 
     def check(self, path: Path) -> None:
-        """Every file of checkpoint `path` against its checksums.json, each rank a share (sizes only with
-        `verify` off; nothing to compare in a folder without checksums.json then), and trainer.pt read;
-        raises on every rank, naming each file that is missing, truncated or damaged."""
+        """Every file of checkpoint `path` against its checksums.json, each rank a share (nothing to compare in
+        a folder without checksums.json), and trainer.pt read; raises on every rank, naming each file that is
+        missing, truncated or damaged. Sizes of all; checksums (unless `verify` is off) of all but DCP's data
+        files, whose checksums `load` takes as it reads them."""
         if not (path / TRAINER).is_file():
             raise FileNotFoundError(f"{path}: not a checkpoint folder (no {TRAINER})")
         listed = (path / CHECKSUMS).is_file()
         if listed or self.verify:
             if not listed and "scheduler" not in (state := load_torch(path / TRAINER)):
                 self._refuse_weights_only(path, state)  # an `import` folder: say what it is for
-            mine = damaged_files(path, self.strategy.rank, self.strategy.world_size, self.verify)
-            problems = list(dict.fromkeys(p for share in self.strategy.gather(mine) for p in share))
-            if problems:
-                hint = "" if listed else ", or set train.verify_checkpoints=false"
-                raise CheckpointError(
-                    f"{path} is damaged: {'; '.join(problems)}. Resume from another checkpoint "
-                    f"(train.resume=<folder>){hint}"
-                )
+            later = is_dcp_data if self.strategy.reads_through_files else lambda name: False
+            self._refuse_damaged(
+                path, damaged_files(path, self.strategy.rank, self.strategy.world_size, self.verify, later=later)
+            )
         load_torch(path / TRAINER)
         self._checked = path
+
+    def _refuse_damaged(self, path: Path, mine: list[str]) -> None:
+        """Raise on every rank when any rank found something wrong with its share of checkpoint `path`."""
+        problems = list(dict.fromkeys(p for share in self.strategy.gather(mine) for p in share))
+        if problems:
+            hint = "" if (path / CHECKSUMS).is_file() else ", or set train.verify_checkpoints=false"
+            raise CheckpointError(
+                f"{path} is damaged: {'; '.join(problems)}. Resume from another checkpoint "
+                f"(train.resume=<folder>){hint}"
+            )
 
     @staticmethod
     def _refuse_weights_only(path: Path, state: dict[str, Any]) -> None:

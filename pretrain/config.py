@@ -90,7 +90,7 @@ class TrainConfig:
     async_save: bool = False  # single/fsdp: periodic saves copy to CPU memory, then write in the background
     keep_last: int = 3  # checkpoints kept; older ones are deleted
     keep_every: int = 0  # > 0: checkpoints of steps divisible by this are never deleted (old points to go back to)
-    verify_checkpoints: bool = True  # sha256 of every checkpoint file, written on save and checked on load
+    verify_checkpoints: bool = True  # checksum of every checkpoint file, taken as written and checked as read
     on_nan: str = "stop"  # a NaN/Inf loss or gradient norm: stop | skip the update | rollback (as for a spike)
     max_consecutive_skips: int = 5  # skipped updates or spike rollbacks in a row before the run stops; 0: no limit
     skip_batches: int = 0  # with train.resume=<checkpoint>: move the data this many batches on (a manual spike fix)
@@ -113,7 +113,9 @@ class WandbConfig:
     group: Optional[str] = None  # runs shown together (e.g. one per ablation); None: none
     job_type: str = "train"  # train | eval | ...: a filter in the project's run table
     notes: Optional[str] = None  # a description shown on the run's page
-    history: str = "rewind"  # on resume or rollback: rewind the run to the checkpoint's step | fork a new run
+    # on resume or rollback: auto (online: fork, as W&B recommends; offline: keep the run id) | rewind (online:
+    # rewind the run where W&B enabled that preview, else fork) | fork (always a new run)
+    history: str = "auto"
 
 
 @dataclass
@@ -392,8 +394,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"spike.window must be positive, got {cfg.spike.window}")
     if cfg.lm_eval.every and not cfg.lm_eval.tasks:
         raise ConfigError(f"lm_eval.every={cfg.lm_eval.every} but lm_eval.tasks is empty; name the tasks to run")
-    if cfg.wandb.history not in ("rewind", "fork"):
-        raise ConfigError(f"wandb.history='{cfg.wandb.history}' must be rewind or fork")
+    if cfg.wandb.history not in ("auto", "rewind", "fork"):
+        raise ConfigError(f"wandb.history='{cfg.wandb.history}' must be auto, rewind or fork")
     if cfg.wandb.mode not in ("auto", "online", "offline", "disabled"):
         raise ConfigError(f"wandb.mode='{cfg.wandb.mode}' must be auto, online, offline or disabled")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
@@ -492,6 +494,25 @@ def tensor_parallel_degrees(cfg: ExperimentConfig, limit: int = 64) -> list[int]
     """The tensor-parallel degrees up to `limit` that divide everything tensor parallelism splits."""
     shapes = tensor_parallel_shapes(cfg).values()
     return [t for t in range(1, limit + 1) if all(value % t == 0 for value in shapes)]
+
+
+def check_launch(cfg: ExperimentConfig) -> None:
+    """The global batch against the data-parallel ranks of this launch (WORLD_SIZE), before any rank starts: a
+    batch that does not split is one `CommandLineError`, the same on every rank."""
+    t, seq = cfg.train, cfg.data.seq_len
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if t.strategy == "single" or world % t.tensor_parallel:  # one process each; a bad split: the strategy says so
+        return
+    ranks, micro_batches = world // t.tensor_parallel, t.global_batch_tokens // (t.micro_batch_size * seq)
+    if micro_batches % ranks:
+        *fewer, most = [str(n * t.tensor_parallel) for n in divisors(micro_batches)]
+        fits = f"{', '.join(fewer)} or {most}" if fewer else most
+        raise CommandLineError(
+            f"train.global_batch_tokens={t.global_batch_tokens} is {micro_batches} micro-batches of "
+            f"train.micro_batch_size={t.micro_batch_size} x data.seq_len={seq}, which do not split over the {ranks} "
+            f"data-parallel ranks of this launch (WORLD_SIZE={world}); launch {fits} processes, or make "
+            f"train.global_batch_tokens a multiple of {t.micro_batch_size * seq * ranks}"
+        )
 
 
 def check_tensor_parallel(cfg: ExperimentConfig) -> None:

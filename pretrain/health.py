@@ -1,7 +1,10 @@
 """Each rank's health in a long multi-node run: what every rank measured at a log step, and a hang watchdog.
 
 `rank_stats` gathers, at each log step, every rank's step time, data wait, peak memory and host, so the
-slowest rank and the rank nearest its memory limit are named in the log, not only rank 0's figures.
+slowest rank and the rank nearest its memory limit are named in the log, not only rank 0's figures. On GPUs
+it gathers each GPU's SM clock, temperature and power draw too (`gpu_health`, NVML through torch.cuda): under
+NCCL the ranks wait for each other inside every step, so a throttled GPU makes every rank's step slow alike,
+and its low clock (or high temperature) is what names it, as in Megatron-LM's straggler detector.
 
 `HangWatchdog` (`train.hang_timeout_s` > 0) is a thread on every rank. The trainer beats it after each step,
 evaluation and save, and each beat also writes the rank's step to `<run_dir>/heartbeats/rank<N>` (the run
@@ -34,16 +37,51 @@ HANG_EXIT_CODE = 3
 PREEMPTION_GRACE_S = 30.0  # a signalled rank whose step does not end within this (or timeout / 2) is stuck
 
 
-def rank_stats(strategy, step_time_s: float, data_wait_frac: float, peak_mem_gb: float) -> dict[str, Any]:
-    """Every rank's step time, data wait and peak memory, gathered (one small all-gather); the slowest rank
-    and its lag over the median, the most data-starved rank and the highest peak memory. Empty on one process."""
-    rows = strategy.gather((socket.gethostname(), step_time_s, data_wait_frac, peak_mem_gb))
+def gpu_health(device) -> Optional[tuple[float, float, float]]:
+    """(SM clock MHz, temperature C, power W) of GPU `device` from NVML (torch.cuda's pynvml calls; about 0.1 ms
+    each), or None on the CPU or without NVML."""
+    import torch
+
+    if getattr(device, "type", None) != "cuda":
+        return None
+    try:
+        return (
+            float(torch.cuda.clock_rate(device)),
+            float(torch.cuda.temperature(device)),
+            torch.cuda.power_draw(device) / 1000.0,  # mW
+        )
+    except Exception:  # no pynvml / amdsmi, or a GPU NVML cannot read
+        return None
+
+
+def rank_stats(
+    strategy, step_time_s: float, data_wait_frac: float, peak_mem_gb: float, gpu: Optional[tuple] = None
+) -> dict[str, Any]:
+    """Every rank's step time, data wait and peak memory, and `gpu` (`gpu_health`) when every rank has one,
+    gathered (one small all-gather); the slowest rank and its lag over the median, the most data-starved rank,
+    the highest peak memory, and the lowest GPU clock, highest temperature and their ranks. Empty on one
+    process."""
+    rows = strategy.gather((socket.gethostname(), step_time_s, data_wait_frac, peak_mem_gb, gpu))
     if len(rows) < 2:
         return {}
     times, waits, mems = ([row[i] for row in rows] for i in (1, 2, 3))
     slowest, starved, fullest = (max(range(len(rows)), key=v.__getitem__) for v in (times, waits, mems))
     median = statistics.median(times)
+    gpus = {}
+    if all(row[4] is not None for row in rows):
+        clocks, temps, powers = ([row[4][i] for row in rows] for i in range(3))
+        lowest = min(range(len(rows)), key=clocks.__getitem__)
+        hottest = max(range(len(rows)), key=temps.__getitem__)
+        gpus = {
+            "gpu_clock_mhz_min": clocks[lowest],
+            "gpu_clock_mhz_min_rank": lowest,
+            "gpu_clock_mhz_median": statistics.median(clocks),
+            "gpu_temp_c_max": temps[hottest],
+            "gpu_temp_c_max_rank": hottest,
+            "gpu_power_w_min": min(powers),
+        }
     return {
+        **gpus,
         "slowest_rank": slowest,
         "slowest_rank_step_time_s": times[slowest],
         "slowest_rank_lag": times[slowest] / median - 1 if median > 0 else 0.0,
@@ -65,6 +103,13 @@ def describe_ranks(stats: dict[str, Any]) -> Optional[str]:
         f"{stats['slowest_rank_step_time_s'] * 1000:.0f} ms/step, {100 * stats['slowest_rank_lag']:+.0f}% vs median"
         f" | data wait max {100 * stats['data_wait_frac_max']:.1f}% (rank {stats['data_wait_frac_max_rank']})"
         f" | peak mem max {stats['peak_mem_gb_max']:.2f} GB (rank {stats['peak_mem_gb_max_rank']})"
+        + (
+            f" | GPU clock min {stats['gpu_clock_mhz_min']:.0f} MHz (rank {stats['gpu_clock_mhz_min_rank']}, "
+            f"median {stats['gpu_clock_mhz_median']:.0f}) | temp max {stats['gpu_temp_c_max']:.0f} C "
+            f"(rank {stats['gpu_temp_c_max_rank']})"
+            if "gpu_clock_mhz_min" in stats
+            else ""
+        )
     )
 
 

@@ -2,7 +2,8 @@
 
 Three ways in, with the same scores:
 - `python -m pretrain lm-eval CHECKPOINT --tasks ...` on our checkpoint of any strategy: our model,
-  loaded in one process, behind `PretrainLM` (an lm-eval `LM`);
+  loaded in one process, behind `PretrainLM` (an lm-eval `LM`); under `torchrun --nproc-per-node N` the
+  model sharded by FSDP2 over the N ranks, each scoring its slice of the documents (`load_lm_on_ranks`);
 - the same command on a Hugging Face export folder (it has a `config.json`): lm-eval's own `HFLM`;
 - `scores_in_training(model, cfg, strategy)`: the live model under the trainer's strategy, each rank
   scoring its own slice of the requests.
@@ -21,6 +22,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -254,6 +256,31 @@ def load_lm(checkpoint: str | Path, device: str = "cpu", batch_size: int = 8, to
     return _lm_class()(model, find_tokenizer(checkpoint, tokenizer), model.args.max_seq_len, device, batch_size)
 
 
+def load_lm_on_ranks(checkpoint: Path, device: str, batch_size: int, tokenizer: Optional[Path] = None):
+    """Under torchrun: a `PretrainLM` of our training checkpoint sharded by FSDP2 over the ranks, each keeping
+    its shard (as `evaluate`: a 65B checkpoint is scored on the GPUs that trained it), lm-eval's documents split
+    between the ranks, fp32. A QLoRA checkpoint (an NF4 base, one process's strategy only) is whole on each
+    rank, the documents still split."""
+    from pretrain.evaluation import _ranks, _sharded, checkpoint_experiment
+    from pretrain.generate import find_tokenizer, load_for_inference
+
+    overrides = ["train.precision=fp32", *(["train.device=cpu"] if device == "cpu" else [])]
+    cfg = checkpoint_experiment(checkpoint, overrides)
+    if cfg.peft.quantize == "none":
+        strategy = _sharded(cfg, checkpoint)
+        model = strategy.build_model(strategy.eval_cfg)
+        if strategy.is_main:
+            n = strategy.world_size
+            print(f"the model sharded over {n} ranks (FSDP): each holds 1/{n} of it", file=sys.stderr, flush=True)
+    else:
+        strategy = _ranks(cfg)
+        model = load_for_inference(checkpoint, strategy.device)
+    model.eval()
+    return _lm_class()(
+        model, find_tokenizer(checkpoint, tokenizer), cfg.model.max_seq_len, strategy.device, batch_size, strategy
+    )
+
+
 @contextlib.contextmanager
 def _kept_rng() -> Iterator[None]:
     """lm-eval seeds Python's, NumPy's and torch's generators: give the caller's states back afterwards."""
@@ -395,10 +422,25 @@ def main(args: argparse.Namespace) -> None:
         raise ValueError("--tasks: name at least one task, e.g. --tasks sample_continuation")
     limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
     start = time.perf_counter()
-    lm = load_lm(args.checkpoint, args.device, args.batch_size, args.tokenizer)
+    on_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_hf_folder(args.checkpoint)
+    if on_ranks:  # torchrun: the model sharded, the documents split
+        require_lm_eval()
+        lm = load_lm_on_ranks(args.checkpoint, args.device, args.batch_size, args.tokenizer)
+    else:
+        lm = load_lm(args.checkpoint, args.device, args.batch_size, args.tokenizer)
+    main_rank = not on_ranks or lm.strategy.is_main
     kind = "Hugging Face (HFLM)" if is_hf_folder(args.checkpoint) else "ours (PretrainLM)"
-    print(f"lm-eval: {', '.join(tasks)} on {args.checkpoint} [{kind}]", file=sys.stderr, flush=True)
-    results = run(lm, tasks, limit, args.num_fewshot, args.include_path)
+    if main_rank:
+        print(f"lm-eval: {', '.join(tasks)} on {args.checkpoint} [{kind}]", file=sys.stderr, flush=True)
+    try:
+        results = run(lm, tasks, limit, args.num_fewshot, args.include_path)
+    finally:
+        if on_ranks:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if not main_rank:
+        return
     seconds = time.perf_counter() - start
     print(format_table(results))
     print(f"took {seconds:.1f} s")
@@ -411,6 +453,7 @@ def main(args: argparse.Namespace) -> None:
             "tasks": tasks,
             "limit": limit,
             "num_fewshot": args.num_fewshot,
+            "ranks": lm.strategy.world_size if on_ranks else 1,
             "lm_eval_version": lm_eval.__version__,
             "seconds": round(seconds, 2),
             "results": results,

@@ -144,12 +144,14 @@ class MetricLogger:
     the point where wandb's history surely agrees with it are sent again from it. Where that point is depends on
     the server (`server_last_step`):
 
-    - W&B's cloud: B = min(S - 1, the last step it holds); the run is rewound to B (`wandb.history=rewind`,
-      `resume_from`, the same id; where W&B enabled it), else forked at B (`fork_from`, a new id), else a new run;
+    - W&B's cloud: B = min(S - 1, the last step it holds); the run is forked at B (`fork_from`, a new id; W&B
+      recommends fork) or, with `wandb.history=rewind`, rewound to B (`resume_from`, the same id; where W&B enabled
+      that preview) and forked where that fails; else a new run;
       the rows after B are sent again (row S too, so that a rollback event at S joins it, as in metrics.jsonl).
     - Offline and on other servers (self-managed: neither rewind nor fork), nothing to branch from: the run carries
-      the whole history, every row sent again. Offline with `rewind`, it keeps its id and the earlier segments of
-      that id move to `<run>/wandb/superseded`, so `wandb sync` uploads one run whatever the server; otherwise
+      the whole history, every row sent again. Offline with `auto` or `rewind`, it keeps its id and the earlier
+      segments of that id move to `<run>/wandb/superseded`, so `wandb sync` uploads one run whatever the server;
+      otherwise
       (`fork`, a segment of that id synced already, or online) it is a new run.
 
     A new id is `run_id` from then on: the trainer saves it in its checkpoints.
@@ -203,7 +205,9 @@ class MetricLogger:
                 print(f"wandb: {how} of run {self.run_id} at step {base} failed ({e}); trying {then}", flush=True)
         else:  # nothing to branch from: a run that carries the whole history
             how, base = "new run", 0
-            keep_id = step == 0 or (self.mode == "offline" and w.history == "rewind" and self._set_aside(self.run_id))
+            keep_id = step == 0 or (
+                self.mode == "offline" and w.history in ("auto", "rewind") and self._set_aside(self.run_id)
+            )
             ident = dict(id=self.run_id, resume="allow") if keep_id else dict(id=new_run_id())
             self.run = wandb.init(**ident, **common)
         self.run.define_metric("tokens_seen")

@@ -19,10 +19,10 @@ from data_pipeline.loader import IGNORE_INDEX, BatchLoader, PackedSamples, Prefe
 from data_pipeline.tokenizer import file_sha256
 from pretrain.adapters import BASE_RECORD, base_mismatch, base_record
 from pretrain.checkpoint import TRAINER, CheckpointManager, RunFolder, load_torch
-from pretrain.config import ConfigError, ExperimentConfig, resume_changes, to_dict, to_yaml
+from pretrain.config import ConfigError, ExperimentConfig, check_launch, resume_changes, to_dict, to_yaml
 from pretrain.errors import NonFiniteLoss
 from pretrain.evaluation import blend_weights, evaluate, held_out_sets
-from pretrain.health import HangWatchdog, describe_ranks, rank_stats
+from pretrain.health import HangWatchdog, describe_ranks, gpu_health, rank_stats
 from pretrain.metrics import MetricLogger, ThroughputMeter, device_peak_flops, duration
 from pretrain.model import flops_per_token
 from pretrain.optim import apply_optim_config, build_scheduler
@@ -150,6 +150,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     The run folder is held from start to end: locked against a second trainer, refused when it cannot
     be written, and cleaned of what a killed save left before anything is read from it.
     """
+    check_launch(cfg)  # a batch that does not split over this launch's ranks: one message, the same on each rank
     strategy = build_strategy(cfg)
     t = cfg.train
     checkpoints = CheckpointManager(t.run_dir, strategy, t.keep_last, t.verify_checkpoints, t.keep_every)
@@ -384,7 +385,8 @@ class Run:
         self.last_loss = loss.item()
         elapsed = time.perf_counter() - self.started
         window, peak = self.meter.window(), strategy.peak_memory_gb()
-        ranks = rank_stats(strategy, window["step_time_s"], window["data_wait_frac"], peak)
+        gpu = gpu_health(strategy.device)
+        ranks = rank_stats(strategy, window["step_time_s"], window["data_wait_frac"], peak, gpu)
         predicted = self.predicted
         self.logger.log(
             {

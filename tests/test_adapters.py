@@ -451,7 +451,13 @@ def test_adapter_checkpoint_names_its_base_by_sha256_and_refuses_another(tiny_da
 
     with pytest.raises(ConfigError, match="its adapter was trained on train.init_from=.*but this run's base is"):
         train(tiny_config(tiny_data, tmp_path / "run", *lora, f"train.init_from={other}"))
-    (moved / "trainer.pt").write_bytes((moved / "trainer.pt").read_bytes() + b"\0")  # the base changed
+    intact = (moved / "trainer.pt").read_bytes()
+    (moved / "trainer.pt").write_bytes(intact + b"\0")  # a file of the base cut or grown
+    with pytest.raises(ValueError, match="holds an adapter only; its base .*copy is damaged: .*trainer.pt is"):
+        WeightReader(checkpoint)
+    (moved / "trainer.pt").write_bytes(intact)
+    shutil.rmtree(moved)
+    shutil.copytree(other, moved)  # another checkpoint where the base was
     with pytest.raises(ValueError, match="holds an adapter only; its base .*copy changed since"):
         WeightReader(checkpoint)
     shutil.rmtree(moved)

@@ -273,7 +273,7 @@ def test_flipped_bytes_in_tensor_data_are_caught_before_resuming(tiny_data, tmp_
     shutil.copytree(run, unchecked)
     train(tiny_config(tiny_data, unchecked, "train.steps=4", "train.verify_checkpoints=false"))
     assert losses(unchecked)[2:] != straight[2:]  # unchecked, the flip resumes silently with other losses
-    with pytest.raises(CheckpointError, match=rf"{re.escape(str(shard))} does not match the sha256 it was written"):
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(shard))} does not match the checksum it was written"):
         train(tiny_config(tiny_data, run, "train.steps=4"))
     flip_weights(run / "checkpoints" / "step-00000002", "layers.0.attention.wq.weight")  # back: resumes exactly
     train(tiny_config(tiny_data, run, "train.steps=4"))
@@ -286,7 +286,7 @@ def test_a_flipped_or_truncated_file_is_named(tiny_data, stopped_run, name):
     path = run / "checkpoints" / "step-00000002" / name
     intact = path.read_bytes()
     flip_byte(path, 0.8)
-    with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))} does not match the sha256 it was written"):
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))} does not match the checksum it was written"):
         train(tiny_config(tiny_data, run, "train.steps=4"))
     path.write_bytes(intact[: len(intact) // 2])  # sizes are compared even with checksums off
     with pytest.raises(
@@ -423,7 +423,7 @@ def test_leftovers_of_a_killed_save_and_a_killed_prune_are_removed_at_the_next_s
 
 # A checkpoint spoilt before a command reads it: (the file, what is done to it, what the error says of it)
 DAMAGE = {
-    "flipped": ("dcp/__0_0.distcp", flip_byte, "does not match the sha256 it was written with (damaged)"),
+    "flipped": ("dcp/__0_0.distcp", flip_byte, "does not match the checksum it was written with (damaged)"),
     "truncated": ("trainer.pt", lambda path: path.write_bytes(path.read_bytes()[:-100]), "is "),
     "deleted": ("dcp/.metadata", Path.unlink, "is missing"),
 }

@@ -111,3 +111,27 @@ def test_hang_timeout_is_checked(value):
 
     with pytest.raises(ConfigError, match="train.hang_timeout_s must be >= 0"):
         load_config("debug", [f"train.hang_timeout_s={value}"])
+
+
+def test_a_throttled_gpu_is_named_by_its_clock_and_temperature(monkeypatch):
+    """Under NCCL every rank's step is as slow as the slowest, so step times cannot name a throttled GPU: its SM
+    clock and temperature (NVML, gathered with the step figures) do. Four ranks' figures as they would come."""
+    import torch
+
+    from pretrain.health import describe_ranks, gpu_health, rank_stats
+
+    class Gathered:  # what the all-gather of four ranks returns; rank 2's GPU throttles at 1005 MHz, 88 C
+        def gather(self, mine):
+            gpus = [(1980.0, 61.0, 690.0), (1980.0, 63.0, 700.0), (1005.0, 88.0, 350.0), (1980.0, 62.0, 695.0)]
+            return [(f"node{r // 2}", 1.2, 0.01, 40.0, gpus[r]) for r in range(4)]
+
+    stats = rank_stats(Gathered(), 1.2, 0.01, 40.0, (1980.0, 61.0, 690.0))
+    assert (stats["gpu_clock_mhz_min"], stats["gpu_clock_mhz_min_rank"]) == (1005.0, 2)
+    assert (stats["gpu_temp_c_max"], stats["gpu_temp_c_max_rank"]) == (88.0, 2) and stats["gpu_power_w_min"] == 350.0
+    line = describe_ranks(stats)
+    assert "GPU clock min 1005 MHz (rank 2, median 1980) | temp max 88 C (rank 2)" in line, line
+    assert gpu_health(torch.device("cpu")) is None  # the CPU: nothing to read, nothing logged
+    monkeypatch.setattr(torch.cuda, "clock_rate", lambda device: 1410)
+    monkeypatch.setattr(torch.cuda, "temperature", lambda device: 70)
+    monkeypatch.setattr(torch.cuda, "power_draw", lambda device: 400_000)  # mW
+    assert gpu_health(torch.device("cuda", 0)) == (1410.0, 70.0, 400.0)

@@ -228,3 +228,26 @@ def test_two_ranks_score_as_one_process(trained, tiny_data, tmp_path, strategy):
         return
     assert ranks[0]["rolling"] + ranks[1]["rolling"] == pytest.approx(rolling, rel=1e-5)
     assert ranks[0]["gen"] == [] and ranks[1]["gen"] == gen
+
+
+def test_the_command_under_torchrun_shards_the_model_and_scores_as_one_process(trained, tmp_path):
+    """`torchrun --nproc-per-node 2 -m pretrain lm-eval CKPT`: FSDP2 shards the model over the 2 ranks (each
+    holds half), each scores half of an odd number of documents, and rank 0 reports the scores of one process;
+    the other rank prints no table."""
+    from pretrain.lm_eval import load_lm, run
+
+    limit = 2 * (LIMIT // 2) + 1
+    alone = run(load_lm(trained["checkpoint"], "cpu", 4), [TASK], limit, bootstrap_iters=0)[TASK]
+    out = tmp_path / "two.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = ["-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", "-m", "pretrain", "lm-eval"]
+    command += [str(trained["checkpoint"]), "--tasks", TASK, "--limit", str(limit), "--device", "cpu"]
+    command += ["--batch-size", "3", "--output", str(out)]
+    done = subprocess.run([sys.executable, *command], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "the model sharded over 2 ranks (FSDP): each holds 1/2 of it" in done.stderr, done.stderr
+    assert done.stdout.count("took ") == 1, done.stdout  # one table, rank 0's
+    record = json.loads(out.read_text())
+    assert record["ranks"] == 2 and record["limit"] == limit
+    two = {k: v for k, v in record["results"][TASK].items() if "stderr" not in k}
+    assert two == pytest.approx({k: v for k, v in alone.items() if "stderr" not in k}, abs=1e-5)

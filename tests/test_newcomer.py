@@ -250,6 +250,20 @@ def test_an_unknown_config_name_is_one_line_naming_the_experiments(capsys):
     assert err.startswith("error: 'train.steps=3' stands where the config goes")
 
 
+def test_a_part_of_an_experiment_is_not_trained_on_the_defaults_of_everything_else(tiny_data, tmp_path, capsys):
+    """`train configs/model/debug.yaml` (a model only) would be a 1T-token run on the default data: one line naming
+    the file and the experiments that use it. With a budget given, it trains."""
+    err = error_line(capsys, "train", "configs/model/debug.yaml")
+    assert err.startswith("error: configs/model/debug.yaml sets only model.*: a run of it would take the defaults")
+    assert "one that uses it (debug)" in err and "train.steps=N" in err
+    err = error_line(capsys, "train", "configs/data/sample.yaml")
+    assert "sets only data.*" in err
+    out = cli(
+        capsys, "train", "configs/model/debug.yaml", *tiny_overrides(tiny_data, tmp_path / "run", "train.steps=1")
+    )
+    assert "== default: a new run" in out
+
+
 def test_relative_paths_name_what_they_are_relative_to(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     run_dir = f"train.run_dir={tmp_path / 'run'}"

@@ -268,29 +268,31 @@ def test_dashboard_dry_run_prints_the_spec_and_bad_input_is_one_line(capsys, mon
     assert "set WANDB_API_KEY" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("rewind_fails", [False, True])
-def test_on_wandb_cloud_the_run_branches_where_the_server_still_agrees(tmp_path, monkeypatch, capsys, rewind_fails):
-    """On W&B's cloud the logger rewinds the run (where rewind fails, as without W&B's preview, forks it) at the
-    last step the server holds, at most S - 1, and sends the rows after it again from metrics.jsonl. Here the
-    server answers step 2 (it lost steps 3 and 4) and the run rolls back to step 3."""
+@pytest.mark.parametrize("branching", ["auto", "rewind", "rewind fails"])
+def test_on_wandb_cloud_the_run_branches_where_the_server_still_agrees(tmp_path, monkeypatch, capsys, branching):
+    """On W&B's cloud the logger forks the run (by default, as W&B recommends) or rewinds it (`wandb.history=rewind`;
+    where rewind fails, as without W&B's preview, it forks) at the last step the server holds, at most S - 1, and
+    sends the rows after it again from metrics.jsonl. Here the server answers step 2 (it lost steps 3 and 4) and
+    the run rolls back to step 3."""
     import wandb
 
     from pretrain import metrics
     from pretrain.metrics import MetricLogger
 
-    logger = MetricLogger(tmp_path, logger_config(tmp_path, "metrics.tensorboard=false"), "firstrun0002", 0)
+    overrides = ["metrics.tensorboard=false", f"wandb.history={branching.split()[0]}"]
+    logger = MetricLogger(tmp_path, logger_config(tmp_path, *overrides), "firstrun0002", 0)
     for step in (1, 2, 3, 4):
         logger.log(train_record(step, float(step)))
     monkeypatch.setattr(metrics, "server_last_step", lambda mode, entity, project, run_id: 2)
-    if rewind_fails:
-        real_init = wandb.init
+    real_init, tried = wandb.init, []
 
-        def init(**kwargs):
-            if "resume_from" in kwargs:
-                raise wandb.errors.CommError("failed to rewind run: unknown mutation rewindRun")
-            return real_init(**kwargs)
+    def init(**kwargs):
+        tried.append("rewind" if "resume_from" in kwargs else "fork" if "fork_from" in kwargs else "new")
+        if "resume_from" in kwargs and branching == "rewind fails":
+            raise wandb.errors.CommError("failed to rewind run: unknown mutation rewindRun")
+        return real_init(**kwargs)
 
-        monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setattr(wandb, "init", init)
     logger.rewind(3)
     logger.event(3, "rollback", {"from_step": 4})
     logger.log(train_record(4, 40.0))
@@ -299,12 +301,13 @@ def test_on_wandb_cloud_the_run_branches_where_the_server_still_agrees(tmp_path,
     segment = offline_segments(tmp_path)[-1]
     assert (segment.branch_run, segment.branch_step) == ("firstrun0002", 2)
     assert [r["step"] for r in segment.history] == [3, 4]  # sent again: step 3 only
-    assert (logger.run_id != "firstrun0002") == rewind_fails
+    assert tried == {"auto": ["fork"], "rewind": ["rewind"], "rewind fails": ["rewind", "fork"]}[branching]
+    assert (logger.run_id != "firstrun0002") == (branching != "rewind")
     history = offline_history(tmp_path, logger.run_id)
     assert [(r["step"], r["loss"]) for r in history] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
     assert history == expected_history(tmp_path)
-    if rewind_fails:
-        assert "rewind of run firstrun0002 at step 2 failed (failed to rewind run" in capsys.readouterr().out
+    failed = "rewind of run firstrun0002 at step 2 failed (failed to rewind run" in capsys.readouterr().out
+    assert failed == (branching == "rewind fails")
 
 
 # --- killed runs: the history wandb lost is sent again from metrics.jsonl --------------------------------------

@@ -6,12 +6,13 @@ import contextlib
 import os
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
@@ -161,8 +162,15 @@ class Strategy:
         """`value` (any picklable object) of every rank, in rank order, on every rank."""
         return [value]
 
+    reads_through_files = True  # `save`/`load` write and read through a DCP file system (`files`)
+
     def save(
-        self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, asynchronous: bool = False
+        self,
+        folder: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        asynchronous: bool = False,
+        files: Optional[FileSystem] = None,
     ) -> Future | None:
         """Write model and optimizer state into `folder` in this strategy's form.
 
@@ -170,27 +178,34 @@ class Strategy:
         read it back, sharded or not, so `single` and `fsdp` resume each other's checkpoints. Frozen
         parameters (an adapter's base) are not written: the checkpoint names its base instead. With
         `asynchronous`, the state is copied to CPU memory now and written by a background thread:
-        the returned future completes when the files are written.
+        the returned future completes when the files are written. DCP writes through `files` when given
+        (`pretrain.digests.HashingFileSystem`: checksums taken as it writes).
         """
         model_state, optim_state = get_state_dict(model, optimizer, options=state_dict_options(model))
-        state, path = {"model": model_state, "optimizer": optim_state}, str(folder / DCP_DIR)
+        state, writer = {"model": model_state, "optimizer": optim_state}, FileSystemWriter(folder / DCP_DIR)
+        if files is not None:
+            writer.fs = files
         if asynchronous:
             if not dist.is_initialized():
-                return dcp.async_save(state, checkpoint_id=path, no_dist=True)
+                return dcp.async_save(state, storage_writer=writer, no_dist=True)
             if self._checkpoint_group is None:  # a gloo group, so the background save never races the trainer's NCCL
                 self._checkpoint_group = dist.new_group(backend="gloo")
-            return dcp.async_save(state, checkpoint_id=path, process_group=self._checkpoint_group)
+            return dcp.async_save(state, storage_writer=writer, process_group=self._checkpoint_group)
         with dcp_without_process_group():
-            dcp.save(state, checkpoint_id=path)
+            dcp.save(state, storage_writer=writer)
         return None
 
-    def load(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Read model and optimizer state written by `save`."""
+    def load(
+        self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, files: Optional[FileSystem] = None
+    ) -> None:
+        """Read model and optimizer state written by `save` (through `files` when given, as for `save`)."""
         options = state_dict_options(model)
         model_state, optim_state = get_state_dict(model, optimizer, options=options)
-        state = {"model": model_state, "optimizer": optim_state}
+        state, reader = {"model": model_state, "optimizer": optim_state}, FileSystemReader(folder / DCP_DIR)
+        if files is not None:
+            reader.fs = files
         with dcp_without_process_group():
-            dcp.load(state, checkpoint_id=str(folder / DCP_DIR))
+            dcp.load(state, storage_reader=reader)
         set_state_dict(
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
         )

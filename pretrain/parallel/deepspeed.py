@@ -225,9 +225,12 @@ class DeepSpeed(DataParallelStrategy):
         norm = torch.tensor(math.nan if norm is None else float(norm))
         return norm, bool(self.engine.was_step_applied() and torch.isfinite(loss) and torch.isfinite(norm))
 
+    reads_through_files = False  # DeepSpeed reads and writes with torch.save/load: checksums are read from disk
+
     def save(
-        self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, asynchronous: bool = False
+        self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, asynchronous: bool = False, files=None
     ) -> None:
+        """DeepSpeed's own checkpoint (`files` unused: DeepSpeed writes with torch.save; checksums are read back)."""
         frozen = any(not p.requires_grad for p in self.engine.module.parameters())  # an adapter's base: not saved
         self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False, exclude_frozen_parameters=frozen)
         if self.is_main:
@@ -235,7 +238,7 @@ class DeepSpeed(DataParallelStrategy):
             (folder / TAG / LAYOUT).write_text(json.dumps(layout))
         return None
 
-    def load(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def load(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, files=None) -> None:
         if not (folder / TAG / LAYOUT).is_file():
             raise ConfigError(
                 f"{folder} was not written by train.strategy=deepspeed; resume it with the strategy that wrote it "
