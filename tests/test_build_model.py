@@ -9,9 +9,8 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from conftest import DEBUG_EXPERIMENT
+from conftest import DEBUG_EXPERIMENT, run_ranks
 from pretrain.config import Checkpointing, ConfigError, Precision, load_config
 from pretrain.model import build_model
 from pretrain.parallel import STRATEGIES, Strategy
@@ -192,7 +191,7 @@ def test_fsdp_in_bf16_computes_in_bf16_and_keeps_fp32_weights_and_gradients(tmp_
     from test_distributed import free_port
 
     overrides = ["train.strategy=fsdp", "train.device=cpu", "train.precision=bf16", "train.loss_chunk_tokens=8"]
-    mp.spawn(_fsdp_bf16_worker, args=(free_port(), overrides, tmp_path), nprocs=1)
+    run_ranks(_fsdp_bf16_worker, (free_port(), overrides, tmp_path), 1)
     result = json.loads((tmp_path / "fsdp.json").read_text())
     assert result["policies"] == [["torch.bfloat16", "torch.float32", False], ["torch.bfloat16", "torch.float32", True]]
     assert result["compute"] == ["torch.bfloat16", "torch.bfloat16"]  # weights gathered in bf16, bf16 activations

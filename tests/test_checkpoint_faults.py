@@ -10,7 +10,6 @@ on the loss curve of the unbroken run, bit for bit.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import re
 import shutil
@@ -23,13 +22,10 @@ from pathlib import Path
 import pytest
 from test_distributed import STRATEGIES, free_port, losses
 
-from conftest import ROOT, tiny_config, tiny_overrides
+from conftest import FORKSERVER, ROOT, tiny_config, tiny_overrides
 from pretrain.checkpoint import CHECKSUMS, CheckpointError, damaged_files
 from pretrain.config import ConfigError
 from pretrain.trainer import train
-
-FORKSERVER = multiprocessing.get_context("forkserver")
-FORKSERVER.set_forkserver_preload(["torch", "pretrain.trainer", "deepspeed"])
 
 
 def _watch_file_operations(checkpoints: Path, kill: tuple[str, int] | None, record: str | None) -> None:

@@ -6,10 +6,9 @@ import signal
 import time
 
 import pytest
-import torch.multiprocessing as mp
 from test_distributed import free_port, losses, run_distributed
 
-from conftest import tiny_config
+from conftest import start_ranks, tiny_config
 
 
 def _stopping_worker(rank: int, world_size: int, port: int, tiny_data: dict, run_dir, overrides: list) -> None:
@@ -38,13 +37,7 @@ def test_a_stopped_rank_is_named_and_the_others_exit_within_the_timeout(tiny_dat
     # "sigterm": a SIGTERM to rank 0 while it is blocked in a collective with rank 1, before the timeout
     run_dir, timeout = tmp_path / "run", 5 if how == "timeout" else 24  # sigterm: ends after 12 s, not 24
     overrides = ["train.steps=6", "train.micro_batch_size=2", f"train.hang_timeout_s={timeout}"]
-    context = mp.start_processes(
-        _stopping_worker,
-        args=(2, free_port(), tiny_data, run_dir, overrides),
-        nprocs=2,
-        join=False,
-        start_method="spawn",
-    )
+    context = start_ranks(_stopping_worker, (2, free_port(), tiny_data, run_dir, overrides), 2)
     rank0, rank1 = context.processes
     try:
         deadline, stopped_at = time.monotonic() + 120, None

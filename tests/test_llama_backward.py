@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import pretrain.llama_backward as lb
 from pretrain.adapters import apply_adapters
@@ -326,7 +325,9 @@ def _tensor_parallel_worker(rank: int, port: int, out) -> None:
 def test_document_attention_under_tensor_parallel_equals_the_unsplit_block(tmp_path):
     from test_distributed import free_port
 
-    mp.spawn(_tensor_parallel_worker, args=(free_port(), tmp_path), nprocs=2)
+    from conftest import run_ranks
+
+    run_ranks(_tensor_parallel_worker, (free_port(), tmp_path), 2)
     for rank in range(2):
         errors = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert max(errors.values()) <= 1e-5, errors

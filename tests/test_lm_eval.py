@@ -192,9 +192,9 @@ def test_two_ranks_score_as_one_process(trained, tiny_data, tmp_path, strategy):
     generations of very different lengths per rank (one rank has none) finish, as in one process. Under
     tensor parallel 2 both ranks score every example together, sequences padded to an even length,
     and greedy generation reads the last real position, not the padding."""
-    import torch.multiprocessing as mp
     from test_distributed import free_port
 
+    from conftest import start_ranks
     from pretrain.lm_eval import load_lm, run
 
     limit = 2 * (LIMIT // 2) + 1
@@ -206,7 +206,7 @@ def test_two_ranks_score_as_one_process(trained, tiny_data, tmp_path, strategy):
     overrides += [f"train.init_from={trained['checkpoint']}", "train.precision=fp32"]
     overrides += [f"lm_eval.tasks=[{TASK}]", f"lm_eval.limit={limit}", "lm_eval.batch_size=2"]
     args = (2, free_port(), tiny_data, tmp_path / "run", overrides, tmp_path / "out.json")
-    context = mp.start_processes(_rank, args=args, nprocs=2, join=False, start_method="spawn")
+    context = start_ranks(_rank, args, 2)
     deadline = time.monotonic() + 150
     while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
         if time.monotonic() > deadline:

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_ranks
 from pretrain.config import Checkpointing, Precision, load_config
 from pretrain.memory import activation_elements_per_token, fewest_gpus, plan_memory
 
@@ -154,11 +154,10 @@ def _saved_bytes_worker(rank: int, port: int, modes: list, out) -> None:
 def test_activation_formula_under_tensor_parallel_2_matches_the_measured_saved_bytes(tmp_path):
     import json
 
-    import torch.multiprocessing as mp
     from test_distributed import free_port
 
     modes = ["none", "full", "llama"]  # selective keeps its outputs inside torch.utils.checkpoint: not seen here
-    mp.spawn(_saved_bytes_worker, args=(free_port(), modes, tmp_path), nprocs=2)
+    run_ranks(_saved_bytes_worker, (free_port(), modes, tmp_path), 2)
     args = load_config("debug").model
     for rank in range(2):
         measured = json.loads((tmp_path / f"rank{rank}.json").read_text())

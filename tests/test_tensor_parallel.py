@@ -13,10 +13,9 @@ import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from test_distributed import free_port, inject_fault, losses
 
-from conftest import tiny_config
+from conftest import run_ranks, start_ranks, tiny_config
 from pretrain.config import ConfigError
 from pretrain.trainer import train
 
@@ -89,13 +88,7 @@ def _jobs_worker(rank: int, world_size: int, port: int, tiny_data: dict, jobs: l
 def run_jobs(tiny_data: dict, out, jobs: list, world_size: int, limit: float = 600) -> None:
     """Run `jobs` ((kind, name, overrides[, inject]) in order) on `world_size` gloo ranks; fail rather than hang.
     `inject`: a fault, as `test_distributed.inject_fault` takes it."""
-    context = mp.start_processes(
-        _jobs_worker,
-        args=(world_size, free_port(), tiny_data, jobs, out),
-        nprocs=world_size,
-        join=False,
-        start_method="spawn",
-    )
+    context = start_ranks(_jobs_worker, (world_size, free_port(), tiny_data, jobs, out), world_size)
     deadline = time.monotonic() + limit
     while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
         if time.monotonic() > deadline:
@@ -416,7 +409,7 @@ def _block_worker(rank: int, port: int, out) -> None:
 
 
 def test_hand_written_block_under_tp2_equals_autograd_saves_half_and_needs_every_collective(tmp_path):
-    mp.spawn(_block_worker, args=(free_port(), tmp_path), nprocs=2)
+    run_ranks(_block_worker, (free_port(), tmp_path), 2)
     for rank in range(2):
         r = json.loads((tmp_path / f"block-rank{rank}.json").read_text())
         assert r["output"] <= 1e-6 and r["input_grad"] <= 1e-6, r
