@@ -434,6 +434,8 @@ def main(args: argparse.Namespace) -> None:
         print(f"lm-eval: {', '.join(tasks)} on {args.checkpoint} [{kind}]", file=sys.stderr, flush=True)
     try:
         results = run(lm, tasks, limit, args.num_fewshot, args.include_path)
+        if on_ranks:  # rank 0 aggregates (bootstrapped standard errors) while the others would already tear down
+            lm.strategy.barrier()
     finally:
         if on_ranks:
             import torch.distributed as dist

@@ -190,7 +190,7 @@ def markers(output: Path) -> dict[str, int]:
     return {str(p.relative_to(output)): p.stat().st_mtime_ns for p in output.rglob("*.done.json")}
 
 
-@pytest.mark.parametrize("machines", [2, 3])
+@pytest.mark.parametrize("machines", [3])  # 3 machines: parts that do not split evenly (2 added nothing more)
 def test_slurm_arrays_give_the_local_bytes_and_resume_after_a_killed_task(local_run, tmp_path, machines):
     _, _, reference = local_run
     cfg = sample_config(tmp_path, tmp_path / "out")
