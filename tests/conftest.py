@@ -32,9 +32,9 @@ def start_ranks(worker, args: tuple, nprocs: int):
     return mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="forkserver")
 
 
-def run_ranks(worker, args: tuple, nprocs: int, limit: float = 300) -> None:
+def run_ranks(worker, args: tuple, nprocs: int, limit: float = 300, what: str = "") -> None:
     """`start_ranks`, joined: raises when a rank fails, fails the test (killing them) when they are still running
-    after `limit` seconds."""
+    after `limit` seconds, saying `what` they ran."""
     import time
 
     context = start_ranks(worker, args, nprocs)
@@ -43,7 +43,7 @@ def run_ranks(worker, args: tuple, nprocs: int, limit: float = 300) -> None:
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
-            pytest.fail(f"ranks of {worker.__name__} still running after {limit} s")
+            pytest.fail(f"ranks of {worker.__name__} still running after {limit} s{what and ': ' + what}")
 
 
 CORPUS = ROOT / "data_pipeline" / "sample_corpus"

@@ -4,11 +4,10 @@ import json
 import math
 import os
 import socket
-import time
 
 import pytest
 
-from conftest import run_ranks, start_ranks, tiny_config
+from conftest import run_ranks, tiny_config
 from pretrain.trainer import train
 
 
@@ -63,13 +62,7 @@ def run_distributed(tiny_data: dict, run_dir, *overrides: str, world_size: int =
     """
     overrides = ("train.strategy=fsdp", *overrides)
     args = (world_size, free_port(), tiny_data, run_dir, list(overrides), inject)
-    context = start_ranks(_worker, args, world_size)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"ranks still running after 120 s: {overrides}")
+    run_ranks(_worker, args, world_size, limit=120, what=str(overrides))
 
 
 def val_losses(run_dir) -> dict[int, float]:

@@ -8,12 +8,11 @@ import os
 import random
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import CORPUS, ROOT, tiny_config
+from conftest import CORPUS, ROOT, run_ranks, tiny_config
 from pretrain.lm_eval import INSTALL
 from pretrain.trainer import train
 
@@ -194,7 +193,6 @@ def test_two_ranks_score_as_one_process(trained, tiny_data, tmp_path, strategy):
     and greedy generation reads the last real position, not the padding."""
     from test_distributed import free_port
 
-    from conftest import start_ranks
     from pretrain.lm_eval import load_lm, run
 
     limit = 2 * (LIMIT // 2) + 1
@@ -206,13 +204,7 @@ def test_two_ranks_score_as_one_process(trained, tiny_data, tmp_path, strategy):
     overrides += [f"train.init_from={trained['checkpoint']}", "train.precision=fp32"]
     overrides += [f"lm_eval.tasks=[{TASK}]", f"lm_eval.limit={limit}", "lm_eval.batch_size=2"]
     args = (2, free_port(), tiny_data, tmp_path / "run", overrides, tmp_path / "out.json")
-    context = start_ranks(_rank, args, 2)
-    deadline = time.monotonic() + 150
-    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("ranks still running after 150 s: a forward pass missing on one rank?")
+    run_ranks(_rank, args, 2, limit=150, what="a forward pass missing on one rank?")
     one = load_lm(trained["checkpoint"])
     expected = run(one, [TASK], limit=limit)[TASK]
     one._max_length, one.batch_size = 32, 2

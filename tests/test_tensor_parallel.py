@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 
 import pytest
 import torch
 from test_distributed import free_port, inject_fault, losses
 
-from conftest import run_ranks, start_ranks, tiny_config
+from conftest import run_ranks, tiny_config
 from pretrain.config import ConfigError
 from pretrain.trainer import train
 
@@ -88,13 +87,8 @@ def _jobs_worker(rank: int, world_size: int, port: int, tiny_data: dict, jobs: l
 def run_jobs(tiny_data: dict, out, jobs: list, world_size: int, limit: float = 600) -> None:
     """Run `jobs` ((kind, name, overrides[, inject]) in order) on `world_size` gloo ranks; fail rather than hang.
     `inject`: a fault, as `test_distributed.inject_fault` takes it."""
-    context = start_ranks(_jobs_worker, (world_size, free_port(), tiny_data, jobs, out), world_size)
-    deadline = time.monotonic() + limit
-    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"ranks still running after {limit} s: {[j[:2] for j in jobs]}")
+    what = str([j[:2] for j in jobs])
+    run_ranks(_jobs_worker, (world_size, free_port(), tiny_data, jobs, out), world_size, limit=limit, what=what)
 
 
 def test_tensor_parallel_layouts_match_one_process_and_resume_across_layouts(tiny_data, tmp_path):
