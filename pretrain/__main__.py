@@ -500,9 +500,7 @@ def main(argv: list[str] | None = None) -> int:
             from pretrain.checkpoint import verify_checkpoint
 
             # under torchrun (`evaluate`, `lm-eval`) each rank checks a share; a rank that refuses ends the launch
-            verify_checkpoint(
-                args.checkpoint, rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1))
-            )
+            verify_checkpoint(args.checkpoint, rank=launched_rank(), world_size=int(os.environ.get("WORLD_SIZE", "1")))
         if args.command == "config":
             cmd_config(args.config, args.overrides, args.json)
         elif args.command == "info":

@@ -261,6 +261,7 @@ def load_lm_on_ranks(checkpoint: Path, device: str, batch_size: int, tokenizer: 
     its shard (as `evaluate`: a 65B checkpoint is scored on the GPUs that trained it), lm-eval's documents split
     between the ranks, fp32. A QLoRA checkpoint (an NF4 base, one process's strategy only) is whole on each
     rank, the documents still split."""
+    require_lm_eval()
     from pretrain.evaluation import _ranks, _sharded, checkpoint_experiment
     from pretrain.generate import find_tokenizer, load_for_inference
 
@@ -424,7 +425,6 @@ def main(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     on_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_hf_folder(args.checkpoint)
     if on_ranks:  # torchrun: the model sharded, the documents split
-        require_lm_eval()
         lm = load_lm_on_ranks(args.checkpoint, args.device, args.batch_size, args.tokenizer)
     else:
         lm = load_lm(args.checkpoint, args.device, args.batch_size, args.tokenizer)
